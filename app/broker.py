@@ -1,0 +1,203 @@
+"""chatqueue's queues on RabbitMQ and the per-process publishing pools.
+
+Queues (names from :class:`config.Settings`):
+
+* the input queue (``RABBITMQ_QUEUE``), durable: what clients publish to;
+* the task queue (``<ns>.tasks``), durable: Celery's, from the consumer to the tasks;
+* the dead-letter queue (``<ns>.dead-letter``), durable: rejected requests,
+  with the reason in their headers;
+* ``response_<uid>``, one per request, declared once at acceptance with
+  ``x-expires`` so that nobody's forgotten queue lives for ever;
+* ``<ns>.claim.<uid>``, one per uid for ``DEDUP_WINDOW`` seconds: a register
+  that holds at most one message and refuses a second publish, so the broker
+  itself tells the first request with a uid from a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from typing import Any
+
+from amqp.exceptions import MessageNacked, NotFound, PreconditionFailed
+from kombu import Connection, Exchange, Producer, Queue
+from kombu.pools import ProducerPool
+from kombu.transport.pyamqp import Channel
+
+from config import Settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EXCHANGE = Exchange("")
+# A publish that fails because the broker went away is retried on a new
+# connection for up to about 10 s before the caller hears of it.
+RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
+
+
+def input_queue(settings: Settings) -> Queue:
+    return Queue(settings.rabbitmq_queue, DEFAULT_EXCHANGE, settings.rabbitmq_queue, durable=True)
+
+
+def task_queue(settings: Settings) -> Queue:
+    return Queue(settings.task_queue, DEFAULT_EXCHANGE, settings.task_queue, durable=True)
+
+
+def dead_letter_queue(settings: Settings) -> Queue:
+    return Queue(
+        settings.dead_letter_queue, DEFAULT_EXCHANGE, settings.dead_letter_queue, durable=True
+    )
+
+
+def response_queue_arguments(settings: Settings) -> dict[str, Any]:
+    return {"x-expires": settings.response_queue_ttl * 1000}
+
+
+def declare_response_queue(channel: Channel, settings: Settings, uid: str) -> Channel:
+    """Declare ``response_<uid>``; return the channel to go on with.
+
+    A queue the client declared itself with other arguments is used as it is:
+    RabbitMQ closes the channel on the mismatch, so a fresh one is returned.
+    """
+    name = settings.response_queue(uid)
+    try:
+        channel.queue_declare(
+            queue=name,
+            durable=False,
+            auto_delete=False,
+            arguments=response_queue_arguments(settings),
+        )
+    except PreconditionFailed:
+        logger.info("uid=%s: %s exists with other arguments; using it as it is", uid, name)
+        channel = channel.connection.channel()
+    return channel
+
+
+CLAIM_TOKEN_HEADER = "x-chatqueue-claim"
+
+
+def _claim_queue(channel: Channel, settings: Settings, uid: str) -> str:
+    name = f"{settings.claim_prefix}{uid}"
+    channel.queue_declare(
+        queue=name,
+        durable=True,
+        auto_delete=False,
+        arguments={
+            "x-max-length": 1,
+            "x-overflow": "reject-publish",
+            "x-expires": settings.dedup_window * 1000,
+        },
+    )
+    return name
+
+
+def claim_uid(
+    channel: Channel, settings: Settings, uid: str, *, token: str = "", owner: str = ""
+) -> bool:
+    """Claim ``uid`` for ``DEDUP_WINDOW`` seconds; False when it was claimed before.
+
+    The claim holds ``token`` (a secret of the submitter, which it sends along
+    in the ``x-chatqueue-claim`` header so the consumer knows the claim is the
+    request's own) and ``owner`` (a hash of the API key that may read the
+    answer). The channel must be in confirm mode (``confirm_publish``).
+    """
+    name = _claim_queue(channel, settings, uid)
+    body = json.dumps({"token": token, "owner": owner}).encode()
+    try:
+        channel.basic_publish(channel.prepare_message(body), exchange="", routing_key=name)
+    except MessageNacked:
+        return False
+    return True
+
+
+def read_claim(connection: Connection, settings: Settings, uid: str) -> dict[str, str] | None:
+    """The claim of ``uid`` (``token``, ``owner``), or None when there is none.
+
+    Uses a channel of its own: a missing queue closes the channel it is asked on.
+    """
+    name = f"{settings.claim_prefix}{uid}"
+    channel = connection.channel()
+    try:
+        channel.queue_declare(queue=name, passive=True)
+        message = channel.basic_get(queue=name, no_ack=False)
+        if message is None:
+            return None
+        channel.basic_reject(message.delivery_tag, requeue=True)
+    except NotFound:
+        return None
+    finally:
+        if channel.is_open:
+            channel.close()
+    try:
+        claim = json.loads(message.body)
+    except ValueError:
+        return None
+    return claim if isinstance(claim, dict) else None
+
+
+def cancel_exchange(settings: Settings) -> Exchange:
+    """Fanout exchange on which a uid asks every worker to stop its stream."""
+    return Exchange(settings.cancel_exchange, "fanout", durable=False, auto_delete=False)
+
+
+def request_cancel(producer: Producer, settings: Settings, uid: str) -> None:
+    """Ask the worker streaming ``uid`` to stop (its client went away)."""
+    exchange = cancel_exchange(settings)
+    producer.publish(
+        uid,
+        exchange=exchange,
+        routing_key="",
+        declare=[exchange],
+        content_type="text/plain",
+        content_encoding="utf-8",
+        retry=True,
+        retry_policy=RETRY_POLICY,
+    )
+
+
+class Pools:
+    """Publishing connections of one process, made on first use after a fork.
+
+    ``confirmed`` waits for the broker's confirm of every publish (hand-offs,
+    dead letters); ``chunks`` carries the streamed answers and confirms only
+    with ``CONFIRM_CHUNKS``.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._confirmed: ProducerPool | None = None
+        self._chunks: ProducerPool | None = None
+
+    def _make(self, confirm: bool) -> ProducerPool:
+        connection = Connection(
+            self.settings.rabbitmq_url,
+            transport_options={"confirm_publish": confirm},
+            heartbeat=0,
+        )
+        limit = self.settings.publish_pool_size
+        return ProducerPool(connection.Pool(limit=limit), limit=limit)
+
+    def _ensure(self) -> None:
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._confirmed = self._make(confirm=True)
+                    self._chunks = (
+                        self._confirmed if self.settings.confirm_chunks else self._make(False)
+                    )
+                    self._pid = os.getpid()
+
+    @property
+    def confirmed(self) -> ProducerPool:
+        self._ensure()
+        assert self._confirmed is not None
+        return self._confirmed
+
+    @property
+    def chunks(self) -> ProducerPool:
+        self._ensure()
+        assert self._chunks is not None
+        return self._chunks

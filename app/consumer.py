@@ -1,0 +1,208 @@
+"""The consumer bootstep: raw JSON from the input queue, handed to the task.
+
+It runs inside the worker's consumer loop, so its callback stays small and
+never waits for the LLM: decode, validate, claim the uid, declare the response
+queue, ``apply_async(task_id=uid)`` with the broker's confirm, then ack. Every
+synchronous broker call is made on a pooled publishing connection, never on
+the consumer's own (see PITFALLS.md: re-entrant deliveries).
+
+A request that cannot be served is dead-lettered to ``<ns>.dead-letter`` with
+the reason in its headers, and, where its uid or ``reply_to`` is known, the
+client gets an error object and ``[DONE]``. Nothing escapes the callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+from amqp.exceptions import AMQPError
+from celery import bootsteps
+from kombu import Consumer, Message
+from kombu.exceptions import OperationalError
+from kombu.transport.pyamqp import Channel
+
+from app.broker import (
+    CLAIM_TOKEN_HEADER,
+    RETRY_POLICY,
+    claim_uid,
+    dead_letter_queue,
+    declare_response_queue,
+    input_queue,
+    read_claim,
+)
+from app.errors import DuplicateRequest, RequestError
+from app.protocol import ResponseStream
+from app.tasknames import STREAM_CHAT
+from app.request import decode_body, parse_request
+
+logger = logging.getLogger(__name__)
+
+# Connection trouble while handing a request off: the request goes back to
+# the queue (it is fine, the broker is not), to be taken again after reconnect.
+BROKER_ERRORS = (AMQPError, OperationalError, ConnectionError, OSError)
+
+
+class RequestConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
+    """Consumes ``RABBITMQ_QUEUE`` in every worker."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.app = parent.app
+
+    def get_consumers(self, channel: Channel) -> list[Consumer]:
+        settings = self.app.settings
+        dead_letter_queue(settings)(channel).declare()
+        logger.info(
+            "consuming requests from %s (prefetch %d)",
+            settings.rabbitmq_queue,
+            settings.input_prefetch,
+        )
+        return [
+            Consumer(
+                channel,
+                queues=[input_queue(settings)],
+                on_message=Intake(self.app).on_message,
+                prefetch_count=settings.input_prefetch,
+            )
+        ]
+
+
+class Intake:
+    """Takes one input message at a time: accept it, or reject it with a reason."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.settings = app.settings
+
+    def on_message(self, message: Message) -> None:
+        try:
+            self.accept(message)
+        except RequestError as exc:
+            self.on_bad_request(message, exc)
+        except BROKER_ERRORS as exc:
+            logger.warning("broker error while accepting a request, requeued: %r", exc)
+            self._settle(message, requeue=True)
+        except Exception:
+            logger.exception("unexpected error while accepting a request; dead-lettering it")
+            self.on_bad_request(message, RequestError("internal error", code="internal_error"))
+
+    def accept(self, message: Message) -> None:
+        props = message.properties
+        data = decode_body(message.body, self.settings.max_body_bytes)
+        request = parse_request(
+            data,
+            default_model=self.settings.openai_model,
+            correlation_id=props.get("correlation_id"),
+            reply_to=props.get("reply_to"),
+        )
+        redelivered = bool(message.delivery_info.get("redelivered"))
+        task = self.app.tasks[STREAM_CHAT]
+        with self.app.pools.confirmed.acquire(block=True) as producer:
+            channel = producer.channel
+            token = (message.headers or {}).get(CLAIM_TOKEN_HEADER)
+            if not claim_uid(channel, self.settings, request.uid) and not self._own_claim(
+                producer, request.uid, token, redelivered
+            ):
+                raise DuplicateRequest(
+                    f"uid {request.uid} was already accepted in the last "
+                    f"{self.settings.dedup_window} s; this copy is dropped"
+                )
+            if request.reply_to is None:
+                channel = declare_response_queue(channel, self.settings, request.uid)
+                producer.revive(channel)
+            task.apply_async(
+                args=[request.to_task()],
+                task_id=request.uid,
+                producer=producer,
+                retry=True,
+                retry_policy=RETRY_POLICY,
+            )
+        message.ack()
+        logger.info(
+            "uid=%s: accepted (model %s, stream %s, user %s)",
+            request.uid,
+            request.model,
+            request.stream,
+            request.username,
+        )
+
+    def _own_claim(self, producer: Any, uid: str, token: object, redelivered: bool) -> bool:
+        """Whether a taken claim is this request's own, so it goes on."""
+        if redelivered:
+            # Our own earlier attempt claimed it and died before the ack:
+            # hand it off again (at least once beats at most once).
+            logger.info("uid=%s: redelivered after its claim; handing off again", uid)
+            return True
+        if not isinstance(token, str) or not token:
+            return False
+        claim = read_claim(producer.connection, self.settings, uid)
+        return claim is not None and secrets.compare_digest(str(claim.get("token")), token)
+
+    def on_bad_request(self, message: Message, error: RequestError) -> None:
+        """Dead-letter the message and tell the client, if it can be reached."""
+        uid = error.uid
+        logger.warning(
+            "uid=%s: rejected (%s): %s", uid or "-", error.code, error.message
+        )
+        try:
+            with self.app.pools.confirmed.acquire(block=True) as producer:
+                headers = dict(message.headers or {})
+                headers.update(
+                    {
+                        "x-chatqueue-reason": error.message[:1000],
+                        "x-chatqueue-error-code": error.code,
+                        "x-chatqueue-source-queue": self.settings.rabbitmq_queue,
+                    }
+                )
+                if uid:
+                    headers["x-chatqueue-uid"] = uid
+                producer.publish(
+                    message.body,
+                    exchange="",
+                    routing_key=self.settings.dead_letter_queue,
+                    content_type=message.content_type or "application/octet-stream",
+                    content_encoding=message.content_encoding or "binary",
+                    headers=headers,
+                    delivery_mode=2,
+                    retry=True,
+                    retry_policy=RETRY_POLICY,
+                )
+                if not isinstance(error, DuplicateRequest):
+                    self._tell_client(producer, error)
+        except BROKER_ERRORS as exc:
+            logger.warning("uid=%s: could not dead-letter (%r); requeued", uid or "-", exc)
+            self._settle(message, requeue=True)
+            return
+        self._settle(message, requeue=False)
+
+    def _tell_client(self, producer: Any, error: RequestError) -> None:
+        if error.reply_to:
+            queue = error.reply_to
+        elif error.uid:
+            channel = declare_response_queue(producer.channel, self.settings, error.uid)
+            producer.revive(channel)
+            queue = self.settings.response_queue(error.uid)
+        else:
+            return
+
+        def publish(body: str, routing_key: str, properties: dict[str, Any]) -> None:
+            producer.publish(body, exchange="", routing_key=routing_key, **properties)
+
+        ResponseStream(publish, queue, error.uid or "").fail(
+            error.to_error_object(), error.status
+        )
+
+    @staticmethod
+    def _settle(message: Message, *, requeue: bool) -> None:
+        try:
+            if requeue:
+                message.requeue()
+            else:
+                message.ack()
+        except Exception as exc:  # the channel is gone: the broker redelivers
+            logger.warning("could not settle an input message: %r", exc)
+

@@ -1,0 +1,58 @@
+"""Builds the Celery app of ``celery -A app``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, signals
+
+from app.broker import Pools
+from app.tasknames import STREAM_CHAT
+from config import Settings, load_settings
+from config.celery import celery_config
+
+
+class ChatqueueCelery(Celery):  # type: ignore[misc]
+    """The Celery app, with the settings and the publishing pools of its process."""
+
+    settings: Settings
+    pools: Pools
+
+
+def create_app(settings: Settings | None = None) -> ChatqueueCelery:
+    from app.consumer import RequestConsumer
+    from tasks.chat import stream_chat
+
+    settings = settings or load_settings()
+    app = ChatqueueCelery("chatqueue", set_as_current=False)
+    app.settings = settings
+    app.pools = Pools(settings)
+    app.config_from_object(celery_config(settings))
+    app.task(
+        name=STREAM_CHAT,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+    )(stream_chat)
+    app.steps["consumer"].add(RequestConsumer)
+
+    level = logging.getLevelName(settings.log_level.upper())
+
+    def set_level(logger: logging.Logger, **_: Any) -> None:
+        logger.setLevel(level)
+        # One line per HTTP request to the LLM is noise at info level.
+        for name in ("httpx", "httpx2", "httpcore"):
+            logging.getLogger(name).setLevel(max(level, logging.WARNING))
+
+    def start_cancel_listener(**_: Any) -> None:
+        from tasks.cancel import listener
+
+        listener(settings)
+
+    signals.worker_process_init.connect(start_cancel_listener, weak=False)
+    signals.worker_ready.connect(start_cancel_listener, weak=False)
+    signals.after_setup_logger.connect(set_level, weak=False)
+    signals.after_setup_task_logger.connect(set_level, weak=False)
+    return app

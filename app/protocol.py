@@ -1,0 +1,92 @@
+"""The response protocol: the messages on ``response_<uid>`` (DESIGN.md).
+
+Each message body is one OpenAI streaming ``data:`` payload, in order, and the
+last one is always ``[DONE]``. Properties: ``content_type``, ``correlation_id``
+(the uid), ``type`` (``chunk``, ``completion``, ``error``, ``done``) and the
+header ``seq`` (0, 1, 2, ...). A stream that a worker had to start again
+(its first worker died) carries the header ``restart: true`` on every message:
+its ``seq`` starts at 0 again and a reader drops what it had.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DONE = "[DONE]"
+JSON = "application/json"
+TEXT = "text/plain"
+
+
+class Kind(StrEnum):
+    CHUNK = "chunk"
+    COMPLETION = "completion"
+    ERROR = "error"
+    DONE = "done"
+
+
+# publish(body, routing_key, properties) -> None
+Publish = Callable[[str, str, dict[str, Any]], None]
+
+
+class ResponseStream:
+    """Writes one answer onto its response queue, numbering the messages.
+
+    ``publish`` sends one message; the stream owns the order and the
+    properties. Once :meth:`done` has been sent nothing more goes out.
+    """
+
+    def __init__(self, publish: Publish, queue: str, uid: str, *, restart: bool = False) -> None:
+        self._publish = publish
+        self.queue = queue
+        self.uid = uid
+        self.restart = restart
+        self.seq = 0
+        self.finished = False
+
+    @property
+    def started(self) -> bool:
+        """Whether anything went out yet (after that, no retry is possible)."""
+        return self.seq > 0
+
+    def chunk(self, payload: str) -> None:
+        self._send(payload, Kind.CHUNK, JSON)
+
+    def completion(self, payload: str) -> None:
+        self._send(payload, Kind.COMPLETION, JSON)
+
+    def error(self, error_object: dict[str, Any], status: int) -> None:
+        self._send(json.dumps(error_object), Kind.ERROR, JSON, status=status)
+
+    def done(self) -> None:
+        self._send(DONE, Kind.DONE, TEXT)
+        self.finished = True
+
+    def fail(self, error_object: dict[str, Any], status: int) -> None:
+        """End the stream with an error object and ``[DONE]``."""
+        self.error(error_object, status)
+        self.done()
+
+    def _send(self, body: str, kind: Kind, content_type: str, **headers: Any) -> None:
+        if self.finished:
+            raise RuntimeError(f"the stream of {self.uid} is finished")
+        headers["seq"] = self.seq
+        if self.restart:
+            headers["restart"] = True
+        self._publish(
+            body,
+            self.queue,
+            {
+                "content_type": content_type,
+                "content_encoding": "utf-8",
+                "correlation_id": self.uid,
+                "type": str(kind),
+                "headers": headers,
+            },
+        )
+        self.seq += 1

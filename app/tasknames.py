@@ -1,0 +1,3 @@
+"""Names of chatqueue's Celery tasks."""
+
+STREAM_CHAT = "chatqueue.stream_chat"

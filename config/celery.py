@@ -1,0 +1,44 @@
+"""Celery settings derived from :class:`config.Settings`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Exchange, Queue
+
+from config.settings import Settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    tasks = Queue(settings.task_queue, Exchange(""), settings.task_queue, durable=True)
+    return {
+        "broker_url": settings.rabbitmq_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_pool_limit": settings.publish_pool_size,
+        # With AMQP heartbeats on, Celery's green loop drains the event
+        # connection for up to 100 ms on every cycle, which delays each task
+        # by as much. Dead connections are still found by py-amqp's TCP
+        # keepalive and TCP_USER_TIMEOUT socket options.
+        "broker_heartbeat": 0,
+        "task_queues": [tasks],
+        "task_default_queue": settings.task_queue,
+        "task_default_exchange": "",
+        "task_default_routing_key": settings.task_queue,
+        "task_create_missing_queues": False,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_backend": None,
+        "task_ignore_result": True,
+        # At-least-once: a task message is acknowledged when its answer is
+        # out, and given back to the broker when its worker dies.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_prefetch_multiplier": 1,
+        # Flower: events from the worker, and task-sent from the consumer.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": True,
+        "worker_redirect_stdouts": False,
+    }

@@ -1,0 +1,203 @@
+"""The typed settings object and its loader."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+# Queue and exchange names go on the wire and into RabbitMQ: keep them tame.
+_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+
+
+class ConfigError(ValueError):
+    """A setting from the environment is missing or malformed."""
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return raw
+
+    return parse
+
+
+def _name(raw: str) -> str:
+    if not _NAME.match(raw):
+        raise ValueError("use 1 to 200 characters of A-Z a-z 0-9 - _ . :")
+    return raw
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be a whole number of at least 1")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be a whole number of at least 0")
+    return value
+
+
+def _seconds(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be a number of seconds greater than 0")
+    return value
+
+
+def _log_level(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return "warning" if value == "warn" else value
+
+
+def _keys(raw: str) -> frozenset[str]:
+    return frozenset(k.strip() for k in raw.split(",") if k.strip())
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _env(
+    parse: Callable[[str], T], default: str, doc: str, *, secret: bool = False
+) -> Any:
+    """A field read from the environment variable of the same name (upper case)."""
+    return field(default=parse(default), metadata={"parse": parse, "doc": doc, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All of chatqueue's settings. Field ``foo_bar`` is read from ``FOO_BAR``."""
+
+    rabbitmq_url: str = _env(
+        _url("amqp", "amqps"),
+        "amqp://guest:guest@localhost:5672/",
+        "the RabbitMQ broker",
+        secret=True,
+    )
+    rabbitmq_queue: str = _env(_name, "default-queue", "the input queue clients publish to")
+    response_queue_prefix: str = _env(_name, "response_", "response queue name = prefix + uid")
+    response_queue_ttl: int = _env(
+        _positive_int, "600", "seconds an unread response queue lives (x-expires)"
+    )
+    chatqueue_namespace: str = _env(
+        _name,
+        "chatqueue",
+        "prefix of chatqueue's own queues: <ns>.tasks, <ns>.dead-letter, <ns>.claim.<uid>",
+    )
+    dedup_window: int = _env(
+        _positive_int, "600", "seconds during which a second request with the same uid is a duplicate"
+    )
+    max_body_bytes: int = _env(
+        _positive_int, "1048576", "largest request body accepted, in bytes"
+    )
+    input_prefetch: int = _env(
+        _positive_int, "64", "unacknowledged input messages one worker takes at a time"
+    )
+    publish_pool_size: int = _env(
+        _positive_int, "32", "broker connections a process keeps for publishing"
+    )
+    openai_api_key: str = _env(str, "dummy-token", "key sent to the LLM server", secret=True)
+    openai_url: str = _env(
+        _url("http", "https"),
+        "http://localhost:11434/v1",
+        "base URL of the OpenAI-compatible LLM server",
+    )
+    openai_model: str = _env(str, "deepseek-r1:8b", "model used when a request names none")
+    llm_connect_timeout: float = _env(_seconds, "5", "seconds to connect to the LLM")
+    llm_read_timeout: float = _env(
+        _seconds, "60", "seconds the LLM may stay silent before the call fails"
+    )
+    llm_max_retries: int = _env(
+        _non_negative_int,
+        "3",
+        "retries (exponential backoff) on 408/409/429/5xx, refused connections and timeouts "
+        "before the first token",
+    )
+    llm_max_connections: int = _env(
+        _positive_int, "2000", "HTTP connections one process keeps open to the LLM"
+    )
+    confirm_chunks: bool = _env(
+        _bool, "false", "wait for the broker's confirm of every streamed chunk (slower)"
+    )
+    log_level: str = _env(_log_level, "info", "debug, info, warn or error")
+    port: int = _env(_positive_int, "8080", "port of the web front")
+    api_keys: frozenset[str] = _env(
+        _keys, "", "comma-separated API keys for the web front; empty: no auth", secret=True
+    )
+
+    @property
+    def task_queue(self) -> str:
+        return f"{self.chatqueue_namespace}.tasks"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.chatqueue_namespace}.dead-letter"
+
+    @property
+    def claim_prefix(self) -> str:
+        return f"{self.chatqueue_namespace}.claim."
+
+    @property
+    def cancel_exchange(self) -> str:
+        return f"{self.chatqueue_namespace}.cancel"
+
+    def response_queue(self, uid: str) -> str:
+        return f"{self.response_queue_prefix}{uid}"
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, meaning) for each setting, for the README and ``--help``."""
+        return [
+            (f.name.upper(), _raw_default(f.default), f.metadata["doc"]) for f in fields(cls)
+        ]
+
+
+def _raw_default(value: object) -> str:
+    if isinstance(value, frozenset):
+        return ",".join(sorted(value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from ``environ`` (default: ``os.environ``).
+
+    Raises :class:`ConfigError` naming every variable that is wrong.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for f in fields(Settings):
+        var = f.name.upper()
+        raw = env.get(var)
+        if raw is None:
+            continue
+        try:
+            values[f.name] = f.metadata["parse"](raw)
+        except ValueError as exc:
+            shown = "<hidden>" if f.metadata["secret"] else repr(raw)
+            problems.append(f"{var}={shown}: {exc} ({f.metadata['doc']})")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return Settings(**values)

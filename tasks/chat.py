@@ -1,0 +1,160 @@
+"""The task: call the LLM and stream its answer onto the response queue.
+
+The task message is acknowledged late and given back when its worker dies,
+so every accepted request is answered at least once. A stream a second worker
+takes over starts again from ``seq`` 0 with the header ``restart: true``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Reject
+from kombu.pools import ProducerPool
+from openai.types.chat import ChatCompletionChunk
+
+from app.broker import RETRY_POLICY
+from app.protocol import ResponseStream
+from app.request import ChatRequest
+from config import Settings
+from tasks import cancel, llm
+
+logger = logging.getLogger(__name__)
+
+# uids being answered in this process: a second copy of a task (a duplicate
+# that slipped through the claim) is dropped rather than answered twice.
+_running: set[str] = set()
+_running_lock = threading.Lock()
+
+
+class PublishFailed(Exception):
+    """The broker would not take a response message, even after retries."""
+
+
+def _publisher(pool: ProducerPool) -> Any:
+    def publish(body: str, routing_key: str, properties: dict[str, Any]) -> None:
+        try:
+            with pool.acquire(block=True) as producer:
+                producer.publish(
+                    body,
+                    exchange="",
+                    routing_key=routing_key,
+                    delivery_mode=1,
+                    retry=True,
+                    retry_policy=RETRY_POLICY,
+                    **properties,
+                )
+        except Exception as exc:
+            raise PublishFailed(str(exc)) from exc
+
+    return publish
+
+
+def stream_chat(task: Task, payload: dict[str, Any]) -> None:
+    """Answer one request; registered as ``chatqueue.stream_chat``."""
+    settings: Settings = task.app.settings
+    request = ChatRequest.from_task(payload)
+    uid = request.uid
+    with _running_lock:
+        if uid in _running:
+            logger.warning("uid=%s: already being answered in this process; copy dropped", uid)
+            return
+        _running.add(uid)
+    try:
+        redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+        stream = ResponseStream(
+            _publisher(task.app.pools.chunks),
+            request.reply_to or settings.response_queue(uid),
+            uid,
+            restart=redelivered,
+        )
+        if redelivered:
+            logger.warning("uid=%s: redelivered; the answer starts again", uid)
+        answer(stream, request, settings)
+    except PublishFailed as exc:
+        # The broker is unreachable: give the request back to be answered later.
+        logger.error("uid=%s: cannot publish the answer (%s); requeued", uid, exc)
+        raise Reject(exc, requeue=True) from exc
+    finally:
+        with _running_lock:
+            _running.discard(uid)
+
+
+def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> None:
+    """Stream the LLM's answer, or an error object, then ``[DONE]``."""
+    uid = request.uid
+    cancels = cancel.listener(settings)
+    if cancels.cancelled(uid):
+        logger.info("uid=%s: cancelled before it started", uid)
+        return
+    client = llm.client(settings)
+    started = time.monotonic()
+    for attempt in range(settings.llm_max_retries + 1):
+        try:
+            if request.stream:
+                with client.chat.completions.create(
+                    model=request.model,
+                    messages=request.messages,  # type: ignore[arg-type]
+                    stream=True,
+                    **request.params,
+                ) as chunks:
+                    # The opening chunk (the role, no token) is held back until
+                    # a token follows, so a stream that breaks before its first
+                    # token can be tried again from a clean start.
+                    held: str | None = None
+                    for chunk in chunks:
+                        if cancels.cancelled(uid):
+                            # Leaving the block closes the HTTP stream: the
+                            # LLM stops generating.
+                            logger.info("uid=%s: cancelled after %d chunks", uid, stream.seq)
+                            return
+                        payload = chunk.to_json(indent=None)
+                        if not stream.started and held is None and _no_token(chunk):
+                            held = payload
+                            continue
+                        if held is not None:
+                            stream.chunk(held)
+                            held = None
+                        stream.chunk(payload)
+                    if held is not None:
+                        stream.chunk(held)
+            else:
+                completion = client.chat.completions.create(
+                    model=request.model,
+                    messages=request.messages,  # type: ignore[arg-type]
+                    stream=False,
+                    **request.params,
+                )
+                stream.completion(completion.to_json(indent=None))
+        except PublishFailed:
+            raise
+        except Exception as exc:
+            # The SDK already retried what failed before the answer started;
+            # a stream that broke before its first chunk is tried again here.
+            if not stream.started and attempt < settings.llm_max_retries and llm.retryable(exc):
+                delay = min(0.5 * 2**attempt, 8.0)
+                logger.warning("uid=%s: LLM failed before the first chunk (%r); retry in %.1f s",
+                               uid, exc, delay)
+                time.sleep(delay)
+                continue
+            error, status = llm.describe(exc)
+            logger.warning("uid=%s: LLM failed after %d messages: %s", uid, stream.seq,
+                           error["error"]["message"])
+            stream.fail(error, status)
+            return
+        stream.done()
+        logger.info("uid=%s: answered in %.2f s (%d messages)", uid,
+                    time.monotonic() - started, stream.seq)
+        return
+
+
+def _no_token(chunk: ChatCompletionChunk) -> bool:
+    """A chunk that only opens the answer: no content, no tool call, no end."""
+    return all(
+        not c.delta.content and not c.delta.tool_calls and c.finish_reason is None
+        for c in chunk.choices
+    )

@@ -1,0 +1,97 @@
+"""Fixtures: a real RabbitMQ (queue names of this run only), the development
+LLM over a real socket, and real ``celery -A app worker`` processes started
+from the Procfile line."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pika
+import pytest
+
+from devllm.testing import DevLLM
+from tests.support import Broker, Process, environ, procfile_command, wait_for_consumer
+
+RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/")
+RUN = uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session")
+def llm() -> Iterator[DevLLM]:
+    with DevLLM(token_delay=0.002, tokens=12) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def names() -> dict[str, str]:
+    """Queue names of this test run, so runs never see each other's messages."""
+    return {
+        "RABBITMQ_URL": RABBITMQ_URL,
+        "RABBITMQ_QUEUE": f"cq-{RUN}-input",
+        "RESPONSE_QUEUE_PREFIX": f"cq-{RUN}-response_",
+        "CHATQUEUE_NAMESPACE": f"cq-{RUN}",
+        "RESPONSE_QUEUE_TTL": "120",
+        "DEDUP_WINDOW": "120",
+    }
+
+
+@pytest.fixture(scope="session")
+def worker_env(names: dict[str, str], llm: DevLLM) -> dict[str, str]:
+    return environ(
+        **names,
+        OPENAI_URL=llm.base_url,
+        OPENAI_MODEL="devllm",
+        LLM_READ_TIMEOUT="3",
+        LLM_MAX_RETRIES="2",
+        LOG_LEVEL="info",
+    )
+
+
+WorkerFactory = Callable[..., Process]
+
+
+@pytest.fixture(scope="session")
+def start_worker(worker_env: dict[str, str]) -> Iterator[WorkerFactory]:
+    """Start a real worker from the Procfile line; all are stopped at the end."""
+    started: list[Process] = []
+
+    def start(name: str = "w", env: dict[str, str] | None = None, **extra: str) -> Process:
+        argv = procfile_command("worker") + ["--hostname", f"{name}-{RUN}-{len(started)}@%h"]
+        merged = {**(env or worker_env), **extra}
+        proc = Process(argv, merged, f"worker-{name}")
+        started.append(proc)
+        wait_for_consumer(RABBITMQ_URL, merged["RABBITMQ_QUEUE"], proc=proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def worker(start_worker: WorkerFactory) -> Process:
+    return start_worker("main")
+
+
+@pytest.fixture
+def broker(names: dict[str, str]) -> Iterator[Broker]:
+    client = Broker(RABBITMQ_URL, names)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_run_queues(names: dict[str, str]) -> Iterator[None]:
+    yield
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    channel = connection.channel()
+    ns = names["CHATQUEUE_NAMESPACE"]
+    for queue in (names["RABBITMQ_QUEUE"], f"{ns}.tasks", f"{ns}.dead-letter"):
+        channel.queue_delete(queue)
+    connection.close()
+
+
+def new_uid() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,83 @@
+"""config/: the environment read in one place, bad values named at start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from config import ConfigError, Settings, load_settings
+from tests.support import ROOT, environ
+
+
+def test_defaults_are_the_contract() -> None:
+    s = load_settings({})
+    assert s.rabbitmq_url == "amqp://guest:guest@localhost:5672/"
+    assert s.rabbitmq_queue == "default-queue"
+    assert s.response_queue_prefix == "response_"
+    assert s.openai_api_key == "dummy-token"
+    assert s.openai_url == "http://localhost:11434/v1"
+    assert s.openai_model == "deepseek-r1:8b"
+    assert s.log_level == "info"
+    assert s.port == 8080
+    assert s.response_queue("abc") == "response_abc"
+
+
+def test_values_are_parsed_and_typed() -> None:
+    s = load_settings(
+        {"RESPONSE_QUEUE_TTL": "30", "LLM_READ_TIMEOUT": "2.5", "LOG_LEVEL": "WARN",
+         "API_KEYS": "a, b,,c", "CONFIRM_CHUNKS": "yes"}
+    )
+    assert s.response_queue_ttl == 30
+    assert s.llm_read_timeout == 2.5
+    assert s.log_level == "warning"
+    assert s.api_keys == frozenset({"a", "b", "c"})
+    assert s.confirm_chunks is True
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "words"),
+    [
+        ("RABBITMQ_URL", "http://localhost", "amqp://"),
+        ("OPENAI_URL", "localhost:11434", "http://"),
+        ("RESPONSE_QUEUE_TTL", "0", "at least 1"),
+        ("RESPONSE_QUEUE_TTL", "ten", "invalid literal"),
+        ("LLM_READ_TIMEOUT", "-1", "greater than 0"),
+        ("LOG_LEVEL", "loud", "one of debug"),
+        ("RABBITMQ_QUEUE", "a queue", "A-Z a-z"),
+        ("CONFIRM_CHUNKS", "maybe", "true or false"),
+    ],
+)
+def test_a_bad_value_names_the_variable_and_the_fix(var: str, value: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({var: value})
+    assert f"{var}=" in str(info.value)
+    assert words in str(info.value)
+
+
+def test_secrets_are_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"RABBITMQ_URL": "http://user:secret@host"})
+    assert "secret" not in str(info.value)
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for var, default, _doc in Settings.documented():
+        assert f"`{var}`" in readme, f"{var} is missing from the README's table"
+        if default:
+            assert default in readme, f"the default of {var} ({default}) is not in the README"
+
+
+def test_the_worker_refuses_to_start_on_a_bad_value() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "app", "worker"],
+        env=environ(RESPONSE_QUEUE_TTL="-5"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "RESPONSE_QUEUE_TTL='-5'" in result.stderr + result.stdout
