@@ -107,10 +107,12 @@ class Intake:
             if not claim_uid(channel, self.settings, request.uid) and not self._own_claim(
                 producer, request.uid, token, redelivered
             ):
-                raise DuplicateRequest(
+                duplicate = DuplicateRequest(
                     f"uid {request.uid} was already accepted in the last "
                     f"{self.settings.dedup_window} s; this copy is dropped"
                 )
+                duplicate.uid = request.uid
+                raise duplicate
             if request.reply_to is None:
                 channel = declare_response_queue(channel, self.settings, request.uid)
                 producer.revive(channel)

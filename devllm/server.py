@@ -1,0 +1,331 @@
+"""The chatqueue development LLM: an OpenAI-compatible server with canned answers.
+
+No model runs here. The answers are deterministic (:mod:`devllm.answers`), paced
+token by token, and the server misbehaves on demand, so tests and benchmarks
+can exercise every path of a client of an LLM server. Run it with
+``python -m devllm`` (see ``--help``); tests start it with
+:class:`devllm.testing.DevLLM`.
+
+Routes
+------
+
+``POST /v1/chat/completions``
+    OpenAI Chat Completions, streaming (``"stream": true``: SSE frames
+    ``data: <chat.completion.chunk>``, then ``data: [DONE]``) or not.
+    ``max_tokens`` / ``max_completion_tokens`` cut the answer
+    (``finish_reason: "length"``); ``stream_options.include_usage`` adds a
+    final usage chunk with ``choices: []``.
+``GET /v1/models``
+    The OpenAI list of a few model ids (any model string is accepted anyway).
+``GET /health``
+    ``{"status": "ok"}``.
+``GET /_stats``, ``POST /_reset``
+    Counters (``requests``, ``errors``, ``requests_cancelled``,
+    ``streams_started``, ``streams_completed``, ``streams_cancelled`` (the
+    client left mid-stream), ``streams_faulted`` (``fault=disconnect``),
+    ``active_streams``, ``peak_active_streams``, the most open at once since
+    the last reset) and ``last_requests``, the last 50 request bodies.
+    ``/_reset`` zeroes them, and the ``times=N`` counts.
+
+With ``--api-key KEY``, ``/v1/`` requires ``Authorization: Bearer KEY`` (401
+otherwise); ``/health`` and ``/_stats`` never do.
+
+Behaviour on demand: the model string
+-------------------------------------
+
+The model string is the one field every caller forwards, so it carries the
+behaviour a test wants::
+
+    name;key=value;key=value        e.g.  gpt-4o;status=429;times=2;tag=abc
+
+A model without ``;`` behaves normally. Answers echo the whole string as
+``model``. Unknown keys and bad values are answered with a 400 that says so.
+
+``tokens=N``
+    Length of the filler answer in tokens (default ``--tokens``). Prompts with
+    a canned answer (see :data:`devllm.answers.CANNED`) keep it.
+``delay=S``
+    Seconds before each content chunk (default ``--token-delay``).
+``first_delay=S``
+    Seconds between the first chunk (headers and the role delta) and the
+    first content chunk.
+``hang=S``
+    Seconds before sending anything, headers included: for client timeouts
+    before the first token.
+``status=CODE``
+    Answer HTTP ``CODE`` (400-599) with an OpenAI error object: 400
+    ``invalid_request_error``, 401 ``authentication_error`` /
+    ``invalid_api_key``, 403 ``permission_error``, 404 ``model_not_found``,
+    429 ``rate_limit_exceeded``, 500/502/503/504 ``server_error``...
+``retry_after=S``
+    The ``Retry-After`` (and ``retry-after-ms``) header of the error answer.
+    A 429 has ``Retry-After: 0`` unless this is given.
+``fault=disconnect``
+    After ``at`` content chunks, close the TCP connection abruptly: no
+    terminating chunk, no ``[DONE]``; the client sees a protocol error. A
+    non-streaming request is dropped before any answer.
+``fault=stall``
+    After ``at`` content chunks, send nothing for ``stall`` seconds (default
+    3600) with the connection open, then go on. Non-streaming: wait, then answer.
+``fault=malformed``
+    After ``at`` content chunks, send ``data: {this is not json`` and go on.
+    Non-streaming: the body is not JSON.
+``at=K``
+    Content chunks sent before the fault (default 0; past the end of the
+    answer, the fault comes before the finish chunk).
+``stall=S``
+    Length of ``fault=stall`` in seconds.
+``times=N``
+    Only the first N requests carrying this exact model string fail
+    (``hang``, ``status`` and ``fault`` apply to them); later ones succeed.
+    Counted per full model string in this process, reset by ``/_reset``:
+    ``gpt-4o;status=429;times=2`` answers 429, 429, then normally.
+``tag=X``
+    Ignored: makes a model string, and so its ``times`` count, unique.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+from typing import Any
+
+import gevent
+from flask import Flask, Response, jsonify, request
+from gevent.event import Event
+from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
+from werkzeug.exceptions import HTTPException
+
+from devllm.answers import count_prompt_tokens, reply_tokens
+from devllm.behaviour import Behaviour, BehaviourError, Fault
+from devllm.completions import Completion, InvalidRequest, parse_request
+from devllm.connection import ENVIRON_KEY, ClientConnection
+from devllm.errors import error_object
+from devllm.settings import BACKLOG, Settings
+from devllm.state import State
+from devllm.streaming import stream
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("gpt-4o", "gpt-4o-mini", "deepseek-r1:8b", "llama3.2", "devllm")
+BANNER = "the chatqueue development LLM (canned answers, not a real model)"
+# The status logged for a request whose client left before the answer (nginx's convention).
+CLIENT_GONE = 499
+
+
+def error_response(
+    status: int,
+    message: str | None = None,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    response = jsonify(error_object(status, message, code=code, param=param))
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def _retry_headers(behaviour: Behaviour, status: int) -> dict[str, str]:
+    if behaviour.retry_after is not None:
+        return {
+            "Retry-After": f"{behaviour.retry_after:g}",
+            "retry-after-ms": str(round(behaviour.retry_after * 1000)),
+        }
+    return {"Retry-After": "0"} if status == 429 else {}
+
+
+def create_app(settings: Settings) -> Flask:
+    """The Flask application of the development LLM (serve it with :func:`serve`)."""
+    app = Flask(__name__)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    state = State()
+    app.extensions["devllm.state"] = state
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status)
+        return error_response(status, exc.description, code=code)
+
+    def unauthorized() -> Response | None:
+        if settings.api_key is None:
+            return None
+        if request.headers.get("Authorization") == f"Bearer {settings.api_key}":
+            return None
+        return error_response(
+            401, "Incorrect API key provided: send the one devllm was started with --api-key."
+        )
+
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify(status="ok")
+
+    @app.get("/_stats")
+    def stats() -> Response:
+        return jsonify(state.snapshot())
+
+    @app.post("/_reset")
+    def reset() -> Response:
+        state.reset()
+        return jsonify(state.snapshot())
+
+    @app.get("/v1/models")
+    def models() -> Response:
+        if (denied := unauthorized()) is not None:
+            return denied
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "devllm"} for m in MODELS]
+        return jsonify(object="list", data=data)
+
+    @app.post("/v1/chat/completions")
+    def chat_completions() -> Response:
+        body = request.get_json(force=True, silent=True)
+        state.request_received(body if body is not None else request.get_data(as_text=True))
+        response = unauthorized()
+        if response is None:
+            connection = ClientConnection.from_environ(request.environ)
+            response = _chat_completion(settings, state, body, connection)
+        if 400 <= response.status_code != CLIENT_GONE:
+            state.count("errors")
+        return response
+
+    return app
+
+
+def _chat_completion(
+    settings: Settings, state: State, body: Any, connection: ClientConnection
+) -> Response:
+    try:
+        chat = parse_request(body)
+        behaviour = Behaviour.parse(chat.model)
+    except InvalidRequest as exc:
+        return error_response(400, exc.message, code=exc.code, param=exc.param)
+    except BehaviourError as exc:
+        return error_response(400, str(exc), code="invalid_value", param="model")
+    faulty = behaviour.may_fail and state.take_failure(chat.model, behaviour.times)
+    if faulty and connection.pause(behaviour.hang):
+        logger.info("model %r: the client left while the request hung", chat.model)
+        state.count("requests_cancelled")
+        return Response(b"", status=CLIENT_GONE)
+    if faulty and behaviour.status is not None:
+        logger.info("model %r: answering status %d on demand", chat.model, behaviour.status)
+        return error_response(
+            behaviour.status,
+            f"devllm answers {behaviour.status} on demand (model {chat.model!r}).",
+            headers=_retry_headers(behaviour, behaviour.status),
+        )
+    tokens = reply_tokens(
+        chat.messages, settings.tokens if behaviour.tokens is None else behaviour.tokens
+    )
+    completion = Completion.new(
+        chat.model, tokens, chat.max_tokens, count_prompt_tokens(chat.messages)
+    )
+    delay = settings.token_delay if behaviour.delay is None else behaviour.delay
+    logger.debug("%s: model %r stream=%s", completion.id, chat.model, chat.stream)
+    if chat.stream:
+        frames = stream(
+            completion,
+            behaviour,
+            delay=delay,
+            faulty=faulty,
+            include_usage=chat.include_usage,
+            connection=connection,
+            state=state,
+        )
+        return Response(
+            frames,
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    fault = behaviour.fault if faulty else None
+    return _whole(
+        completion, behaviour, fault=fault, delay=delay, connection=connection, state=state
+    )
+
+
+def _whole(
+    completion: Completion,
+    behaviour: Behaviour,
+    *,
+    fault: Fault | None,
+    delay: float,
+    connection: ClientConnection,
+    state: State,
+) -> Response:
+    """A non-streaming answer, after the time the stream would have taken."""
+    seconds = behaviour.first_delay + delay * len(completion.tokens)
+    if fault == "stall":
+        seconds += behaviour.stall
+    if connection.pause(seconds):
+        state.count("requests_cancelled")
+        return Response(b"", status=CLIENT_GONE)
+    if fault == "disconnect":
+        logger.info("%s: dropping the connection before answering", completion.id)
+        connection.drop()
+        return Response(b"", status=CLIENT_GONE)
+    if fault == "malformed":
+        return Response(b"{this is not json", mimetype="application/json")
+    return jsonify(completion.to_object())
+
+
+class Handler(WSGIHandler):  # type: ignore[misc]
+    """gevent.pywsgi's handler, exposing the client socket to the application."""
+
+    def get_environ(self) -> dict[str, Any]:
+        environ: dict[str, Any] = super().get_environ()
+        environ[ENVIRON_KEY] = self.socket
+        return environ
+
+
+def _raise_file_limit(wanted: int = 65536) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def serve(settings: Settings) -> None:
+    """Serve :func:`create_app` with gevent.pywsgi until SIGTERM or SIGINT.
+
+    Needs ``gevent.monkey.patch_all()`` (``python -m devllm`` does it first).
+    """
+    _raise_file_limit()
+    server = WSGIServer(
+        (settings.host, settings.port),
+        create_app(settings),
+        backlog=BACKLOG,
+        handler_class=Handler,
+        log=LoggingLogAdapter(logging.getLogger("devllm.access"), logging.DEBUG),
+        error_log=LoggingLogAdapter(logging.getLogger("devllm.errors"), logging.ERROR),
+    )
+    server.start()
+    url = f"http://{settings.host}:{server.server_port}/v1"
+    logger.info(
+        "%s listening on %s (token_delay=%gs tokens=%d api_key=%s backlog=%d)",
+        BANNER,
+        url,
+        settings.token_delay,
+        settings.tokens,
+        "required" if settings.api_key else "none",
+        BACKLOG,
+    )
+    wait_for_stop_signal()
+    logger.info("stopping the development LLM at %s", url)
+    server.stop(timeout=1)
+
+
+def wait_for_stop_signal() -> None:
+    """Block this greenlet until SIGTERM or SIGINT."""
+    stop = Event()
+    handlers = [
+        gevent.signal_handler(signum, stop.set) for signum in (signal.SIGTERM, signal.SIGINT)
+    ]
+    try:
+        # With a timeout: a signal watcher alone does not keep gevent's loop alive.
+        while not stop.wait(timeout=3600):
+            pass
+    finally:
+        for handler in handlers:
+            handler.cancel()

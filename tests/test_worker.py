@@ -1,0 +1,227 @@
+"""The worker end to end: pika publishes, a real worker answers on response_<uid>."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pika
+import pytest
+
+from devllm.answers import reply_tokens
+from devllm.testing import DevLLM
+from tests.conftest import new_uid
+from tests.support import Answer, Broker, Process, Received
+
+pytestmark = pytest.mark.usefixtures("worker")
+TOKENS = 12  # the development LLM's answer length in these tests
+
+
+def expected(prompt: str, n: int = TOKENS) -> str:
+    return "".join(reply_tokens([{"role": "user", "content": prompt}], n))
+
+
+def assert_protocol(answer: Answer, uid: str) -> None:
+    """Order, seq, properties, ids and the closing [DONE] of a streamed answer."""
+    messages = answer.messages
+    assert messages, "no answer"
+    assert [m.seq for m in messages] == list(range(len(messages)))
+    assert messages[-1].body == b"[DONE]"
+    assert messages[-1].kind == "done"
+    assert messages[-1].properties.content_type == "text/plain"
+    for m in messages:
+        assert m.properties.correlation_id == uid
+    chunks = messages[:-1]
+    assert all(m.kind == "chunk" for m in chunks), [m.kind for m in chunks]
+    assert all(m.properties.content_type == "application/json" for m in chunks)
+    payloads = [m.json for m in chunks]
+    assert {p["object"] for p in payloads} == {"chat.completion.chunk"}
+    assert len({p["id"] for p in payloads}) == 1
+    assert len({p["created"] for p in payloads}) == 1
+    assert payloads[0]["choices"][0]["delta"]["role"] == "assistant"
+    finishes = [p["choices"][0]["finish_reason"] for p in payloads if p["choices"]]
+    assert finishes[-1] in ("stop", "length")
+    assert all(f is None for f in finishes[:-1])
+
+
+def test_simple_shape_as_in_the_readme(broker: Broker) -> None:
+    uid = "123e4567-e89b-12d3-a456-426614174000"
+    broker.channel.basic_publish(
+        exchange="",
+        routing_key=broker.input_queue,
+        body=json.dumps({"key": uid, "message": "What is the capital of France?"}),
+    )
+    answer = broker.answer(uid)
+    assert_protocol(answer, uid)
+    assert answer.content == expected("What is the capital of France?")
+    assert answer.content == "The capital of France is Paris."
+    assert answer.chunks[0]["model"] == "devllm"  # OPENAI_MODEL of the test worker
+
+
+def test_chat_shape_as_in_the_readme(broker: Broker, llm: DevLLM) -> None:
+    uid = new_uid()
+    broker.channel.basic_publish(
+        exchange="",
+        routing_key=broker.input_queue,
+        body=json.dumps(
+            {"model": "gpt-4o", "messages": [{"role": "user", "content": "Tell me a joke."}],
+             "stream": True, "username": "alice", "uid": uid}
+        ),
+    )
+    answer = broker.answer(uid)
+    assert_protocol(answer, uid)
+    assert answer.content == expected("Tell me a joke.")
+    assert answer.chunks[0]["model"] == "gpt-4o"
+    sent = [r for r in llm.stats()["last_requests"] if r.get("messages") ==
+            [{"role": "user", "content": "Tell me a joke."}] and r.get("model") == "gpt-4o"]
+    assert sent and sent[-1]["stream"] is True
+
+
+def test_the_response_queue_is_declared_with_its_ttl(broker: Broker) -> None:
+    uid = new_uid()
+    broker.publish({"uid": uid, "message": "ttl?"})
+    broker.wait_for_queue(broker.response_queue(uid))
+    # Declaring with the same x-expires succeeds; with another one the broker
+    # says they differ: so the worker declared exactly x-expires = TTL.
+    channel = broker.connection.channel()
+    channel.queue_declare(broker.response_queue(uid), arguments={"x-expires": 120_000})
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="x-expires"):
+        channel.queue_declare(broker.response_queue(uid), arguments={"x-expires": 5_000})
+    assert_protocol(broker.answer(uid), uid)
+
+
+def test_stream_false_gives_one_completion(broker: Broker) -> None:
+    uid = new_uid()
+    broker.publish({"uid": uid, "messages": [{"role": "user", "content": "Tell me a joke."}],
+                    "stream": False})
+    answer = broker.answer(uid)
+    assert [m.kind for m in answer.messages] == ["completion", "done"]
+    assert [m.seq for m in answer.messages] == [0, 1]
+    completion = answer.messages[0].json
+    assert completion["object"] == "chat.completion"
+    assert completion["choices"][0]["message"]["content"] == expected("Tell me a joke.")
+    assert completion["choices"][0]["finish_reason"] == "stop"
+
+
+def test_reply_to_gets_the_answer_instead(broker: Broker) -> None:
+    uid = new_uid()
+    reply = broker.channel.queue_declare("", exclusive=True).method.queue
+    broker.publish({"uid": uid, "message": "Tell me a joke."},
+                   pika.BasicProperties(reply_to=reply))
+    answer = broker.read(reply)
+    assert_protocol(answer, uid)
+    assert answer.content == expected("Tell me a joke.")
+    assert not broker.queue_exists(broker.response_queue(uid))
+
+
+def test_correlation_id_names_the_queue_when_the_body_has_no_uid(broker: Broker) -> None:
+    uid = new_uid()
+    broker.publish({"message": "What is the capital of France?"},
+                   pika.BasicProperties(correlation_id=uid))
+    answer = broker.answer(uid)
+    assert_protocol(answer, uid)
+    assert answer.content == "The capital of France is Paris."
+
+
+def test_sampling_fields_pass_through_and_unknown_ones_do_not(broker: Broker, llm: DevLLM) -> None:
+    uid = new_uid()
+    prompt = f"count for {uid}"
+    broker.publish({"uid": uid, "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 3, "temperature": 0.25, "seed": 7, "stop": ["zz"],
+                    "secret_field": "do not forward", "username": "bob",
+                    "stream_options": {"include_usage": True}})
+    answer = broker.answer(uid)
+    assert_protocol(answer, uid)
+    tokens = reply_tokens([{"role": "user", "content": prompt}], TOKENS)
+    assert answer.content == "".join(tokens[:3])  # cut by max_tokens
+    finishes = [c["choices"][0]["finish_reason"] for c in answer.chunks if c["choices"]]
+    assert finishes[-1] == "length"
+    assert answer.chunks[-1]["usage"]["completion_tokens"] == 3  # include_usage went through
+    sent = next(r for r in llm.stats()["last_requests"]
+                if r.get("messages") == [{"role": "user", "content": prompt}])
+    assert sent["temperature"] == 0.25 and sent["seed"] == 7 and sent["max_tokens"] == 3
+    assert "secret_field" not in sent and "username" not in sent and "uid" not in sent
+
+
+def test_a_duplicate_uid_is_answered_once(broker: Broker) -> None:
+    uid = new_uid()
+    body = {"uid": uid, "message": "Tell me a joke."}
+    broker.publish(body)
+    broker.publish(body)
+    answer = broker.answer(uid)
+    assert_protocol(answer, uid)
+    time.sleep(1.0)  # a second answer would be on its way by now
+    assert broker.get_all(broker.response_queue(uid)) == []
+    dead = wait_dead_letter(broker, lambda m: (m.properties.headers or {}).get(
+        "x-chatqueue-uid") == uid)
+    assert dead.properties.headers["x-chatqueue-error-code"] == "uid_in_use"
+
+
+def test_flower_sees_each_request_as_a_task_named_by_its_uid(
+    broker: Broker, start_worker: Any, worker_env: dict[str, str]
+) -> None:
+    """task-sent (from the bootstep) and task-succeeded events, uid as task id."""
+    from celery import Celery
+
+    events: list[dict[str, Any]] = []
+    probe = Celery(broker=worker_env["RABBITMQ_URL"], set_as_current=False)
+    uid = new_uid()
+    with probe.connection_for_read() as connection:
+        receiver = probe.events.Receiver(
+            connection, handlers={"*": events.append}, node_id=f"probe-{uid}"
+        )
+        capture = receiver.itercapture(limit=None, timeout=20, wakeup=False)
+        next(capture)  # consuming: the first event (a worker heartbeat) is in
+        broker.publish({"uid": uid, "message": "Tell me a joke."})
+        for _ in capture:
+            if any(e["type"] == "task-succeeded" and e.get("uuid") == uid for e in events):
+                break
+    mine = [e["type"] for e in events if e.get("uuid") == uid]
+    assert "task-sent" in mine
+    assert "task-received" in mine
+    assert "task-succeeded" in mine
+    sent = next(e for e in events if e.get("uuid") == uid and e["type"] == "task-sent")
+    assert sent["name"] == "chatqueue.stream_chat"
+
+
+def wait_dead_letter(broker: Broker, match: Any, timeout: float = 20) -> Any:
+    """The dead-lettered message that ``match`` picks (others are left alone)."""
+    queue = broker.env["CHATQUEUE_NAMESPACE"] + ".dead-letter"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        channel = broker.connection.channel()
+        while True:
+            method, properties, body = channel.basic_get(queue, auto_ack=False)
+            if method is None:
+                break
+        
+            message = Received(body, properties)
+            if match(message):
+                channel.basic_ack(method.delivery_tag)
+                channel.close()
+                return message
+        channel.close()  # unacked messages go back for other tests
+        time.sleep(0.1)
+    raise AssertionError("no such dead letter")
+
+
+def test_response_queue_expires_when_nobody_reads_it(
+    start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
+) -> None:
+    env = {**worker_env, "RABBITMQ_QUEUE": names["RABBITMQ_QUEUE"] + "-ttl",
+           "CHATQUEUE_NAMESPACE": names["CHATQUEUE_NAMESPACE"] + "-ttl",
+           "RESPONSE_QUEUE_TTL": "2"}
+    proc: Process = start_worker("ttl", env=env)
+    client = Broker(env["RABBITMQ_URL"], env)
+    try:
+        uid = new_uid()
+        client.publish({"uid": uid, "message": "nobody reads this"})
+        client.wait_for_queue(client.response_queue(uid))
+        # Left alone (a passive declare counts as a use), it goes after 2 s.
+        time.sleep(6)
+        assert not client.queue_exists(client.response_queue(uid))
+    finally:
+        client.channel.queue_delete(env["RABBITMQ_QUEUE"])
+        client.close()
+        proc.stop()
