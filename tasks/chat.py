@@ -94,6 +94,7 @@ def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> 
     client = llm.client(settings)
     started = time.monotonic()
     for attempt in range(settings.llm_max_retries + 1):
+        opened = False  # the LLM answered 200 and its stream began
         try:
             if request.stream:
                 with client.chat.completions.create(
@@ -102,6 +103,7 @@ def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> 
                     stream=True,
                     **request.params,
                 ) as chunks:
+                    opened = True
                     # The opening chunk (the role, no token) is held back until
                     # a token follows, so a stream that breaks before its first
                     # token can be tried again from a clean start.
@@ -133,15 +135,20 @@ def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> 
         except PublishFailed:
             raise
         except Exception as exc:
-            # The SDK already retried what failed before the answer started;
-            # a stream that broke before its first chunk is tried again here.
-            if not stream.started and attempt < settings.llm_max_retries and llm.retryable(exc):
+            # The SDK already retried what failed before the stream opened; a
+            # stream that broke before its first token is tried again here.
+            if (
+                opened
+                and not stream.started
+                and attempt < settings.llm_max_retries
+                and llm.retryable(exc)
+            ):
                 delay = min(0.5 * 2**attempt, 8.0)
                 logger.warning("uid=%s: LLM failed before the first chunk (%r); retry in %.1f s",
                                uid, exc, delay)
                 time.sleep(delay)
                 continue
-            error, status = llm.describe(exc)
+            error, status = llm.describe(exc, started=stream.started)
             logger.warning("uid=%s: LLM failed after %d messages: %s", uid, stream.seq,
                            error["error"]["message"])
             stream.fail(error, status)

@@ -60,8 +60,12 @@ def client(settings: Settings) -> openai.OpenAI:
     return found
 
 
-def describe(exc: BaseException) -> tuple[dict[str, Any], int]:
-    """An exception from the LLM call as (OpenAI error object, HTTP status)."""
+def describe(exc: BaseException, *, started: bool) -> tuple[dict[str, Any], int]:
+    """An exception from the LLM call as (OpenAI error object, HTTP status).
+
+    ``started``: whether the answer had begun (a dropped connection is then a
+    broken stream, not an unreachable LLM).
+    """
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         body = exc.body if isinstance(exc.body, dict) else {}
@@ -75,7 +79,7 @@ def describe(exc: BaseException) -> tuple[dict[str, Any], int]:
             "timeout",
             "llm_timeout",
         ), 504
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, openai.APIConnectionError) and not started:
         return error_object(
             f"the LLM cannot be reached at its URL (OPENAI_URL): {exc}",
             "api_connection_error",

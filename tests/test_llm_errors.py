@@ -1,0 +1,143 @@
+"""A dead or misbehaving LLM: error objects, retries before the first token,
+and a clean end after it. The development LLM misbehaves on demand through
+the model string (see devllm/server.py)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from devllm.answers import reply_tokens
+from devllm.testing import DevLLM
+from tests.conftest import new_uid
+from tests.support import Answer, Broker
+from tests.test_worker import TOKENS, assert_protocol
+
+pytestmark = pytest.mark.usefixtures("worker")
+PROMPT = "Tell me a joke."
+
+
+def ask(broker: Broker, model: str, **extra: Any) -> tuple[str, Answer]:
+    uid = new_uid()
+    broker.publish({"uid": uid, "model": model,
+                    "messages": [{"role": "user", "content": PROMPT}], **extra})
+    return uid, broker.answer(uid, timeout=40)
+
+
+def tag() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def requests_for(llm: DevLLM, model: str) -> int:
+    return sum(1 for r in llm.stats()["last_requests"] if r.get("model") == model)
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type"),
+    [(400, "invalid_request_error"), (401, "authentication_error"), (404, "not_found_error")],
+)
+def test_client_errors_of_the_llm_end_the_stream_at_once(
+    broker: Broker, llm: DevLLM, status: int, error_type: str
+) -> None:
+    model = f"m;status={status};tag={tag()}"
+    uid, answer = ask(broker, model)
+    assert [m.kind for m in answer.messages] == ["error", "done"]
+    error = answer.messages[0]
+    assert error.properties.headers["status"] == status
+    assert error.properties.correlation_id == uid
+    body = error.json["error"]
+    assert set(body) == {"message", "type", "code", "param"}
+    assert str(status) in body["message"]
+    assert requests_for(llm, model) == 1  # not retried
+
+
+def test_a_server_error_is_retried_then_reported(broker: Broker, llm: DevLLM) -> None:
+    model = f"m;status=500;retry_after=0.05;tag={tag()}"
+    _, answer = ask(broker, model)
+    assert [m.kind for m in answer.messages] == ["error", "done"]
+    assert answer.messages[0].properties.headers["status"] == 500
+    assert requests_for(llm, model) == 3  # LLM_MAX_RETRIES=2 in the tests
+
+
+def test_429_twice_then_success(broker: Broker, llm: DevLLM) -> None:
+    model = f"m;status=429;times=2;retry_after=0.05;tag={tag()}"
+    uid, answer = ask(broker, model)
+    assert_protocol(answer, uid)
+    assert answer.content == "".join(reply_tokens([{"role": "user", "content": PROMPT}], TOKENS))
+    assert requests_for(llm, model) == 3
+
+
+def test_a_timeout_before_the_first_token_is_retried(broker: Broker, llm: DevLLM) -> None:
+    model = f"m;hang=10;times=1;tag={tag()}"  # LLM_READ_TIMEOUT=3 in the tests
+    uid, answer = ask(broker, model)
+    assert_protocol(answer, uid)
+    assert answer.content
+    assert requests_for(llm, model) == 2
+
+
+def test_a_stream_broken_before_its_first_token_is_retried(broker: Broker, llm: DevLLM) -> None:
+    model = f"m;fault=disconnect;at=0;times=1;tag={tag()}"
+    uid, answer = ask(broker, model)
+    assert_protocol(answer, uid)
+    assert answer.content == "".join(reply_tokens([{"role": "user", "content": PROMPT}], TOKENS))
+    assert requests_for(llm, model) == 2
+
+
+def assert_broken_after(answer: Answer, tokens: int, code: str, status: int) -> None:
+    kinds = [m.kind for m in answer.messages]
+    assert kinds[-2:] == ["error", "done"]
+    assert set(kinds[:-2]) == {"chunk"}
+    assert [m.seq for m in answer.messages] == list(range(len(answer.messages)))
+    full = reply_tokens([{"role": "user", "content": PROMPT}], TOKENS)
+    assert answer.content == "".join(full[:tokens])
+    error = answer.messages[-2]
+    assert error.json["error"]["code"] == code
+    assert error.properties.headers["status"] == status
+
+
+def test_a_disconnect_mid_stream_ends_with_an_error(broker: Broker, llm: DevLLM) -> None:
+    model = f"m;fault=disconnect;at=3;tag={tag()}"
+    _, answer = ask(broker, model)
+    assert_broken_after(answer, 3, "llm_stream_interrupted", 502)
+    assert requests_for(llm, model) == 1  # never retried after the first token
+
+
+def test_a_malformed_chunk_ends_with_an_error(broker: Broker) -> None:
+    _, answer = ask(broker, f"m;fault=malformed;at=2;tag={tag()}")
+    assert_broken_after(answer, 2, "llm_stream_interrupted", 502)
+
+
+def test_a_stall_past_the_timeout_ends_with_an_error(broker: Broker) -> None:
+    _, answer = ask(broker, f"m;fault=stall;at=4;stall=30;tag={tag()}")
+    assert_broken_after(answer, 4, "llm_timeout", 504)
+
+
+def test_a_non_streaming_failure_is_one_error(broker: Broker) -> None:
+    uid, answer = ask(broker, f"m;status=404;tag={tag()}", stream=False)
+    assert [m.kind for m in answer.messages] == ["error", "done"]
+    assert answer.messages[0].properties.correlation_id == uid
+
+
+def test_a_refused_connection_is_retried_then_reported(
+    start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
+) -> None:
+    env = {**worker_env, "OPENAI_URL": "http://127.0.0.1:9/v1",
+           "RABBITMQ_QUEUE": names["RABBITMQ_QUEUE"] + "-dead-llm",
+           "CHATQUEUE_NAMESPACE": names["CHATQUEUE_NAMESPACE"] + "-dead-llm"}
+    proc = start_worker("dead-llm", env=env)
+    client = Broker(env["RABBITMQ_URL"], env)
+    try:
+        uid = new_uid()
+        client.publish({"uid": uid, "message": PROMPT})
+        answer = client.answer(uid, timeout=60)
+        assert [m.kind for m in answer.messages] == ["error", "done"]
+        error = answer.messages[0]
+        assert error.json["error"]["code"] == "llm_unreachable"
+        assert error.properties.headers["status"] == 502
+        assert proc.output().count("Retrying request") == 2  # LLM_MAX_RETRIES=2
+    finally:
+        client.channel.queue_delete(env["RABBITMQ_QUEUE"])
+        client.close()
+        proc.stop()
