@@ -52,23 +52,45 @@ class RequestConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.app = parent.app
+        self.green = False
+
+    def start(self, c: Any) -> None:
+        # Under the gevent pool each request is accepted in a greenlet of its
+        # own (its broker calls wait on pooled connections, not on the
+        # consumer's), so a burst is accepted at the broker's pace, not one
+        # round trip after another. Celery's gevent pool acks from greenlets too.
+        self.green = type(c.pool).__module__ == "celery.concurrency.gevent"
+        super().start(c)
 
     def get_consumers(self, channel: Channel) -> list[Consumer]:
         settings = self.app.settings
         dead_letter_queue(settings)(channel).declare()
+        handle = Intake(self.app).on_message
+        if self.green:
+            from gevent.pool import Pool
+
+            handle = _spawner(Pool(settings.input_prefetch), Intake(self.app).on_message)
         logger.info(
-            "consuming requests from %s (prefetch %d)",
+            "consuming requests from %s (prefetch %d%s)",
             settings.rabbitmq_queue,
             settings.input_prefetch,
+            ", accepted in parallel greenlets" if self.green else "",
         )
         return [
             Consumer(
                 channel,
                 queues=[input_queue(settings)],
-                on_message=Intake(self.app).on_message,
+                on_message=handle,
                 prefetch_count=settings.input_prefetch,
             )
         ]
+
+
+def _spawner(pool: Any, handle: Any) -> Any:
+    def spawn(message: Message) -> None:
+        pool.spawn(handle, message)
+
+    return spawn
 
 
 class Intake:

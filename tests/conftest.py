@@ -12,7 +12,14 @@ import pika
 import pytest
 
 from devllm.testing import DevLLM
-from tests.support import Broker, Process, environ, procfile_command, wait_for_consumer
+from tests.support import (
+    Broker,
+    Process,
+    Web,
+    environ,
+    procfile_command,
+    wait_for_consumer,
+)
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/")
 RUN = uuid.uuid4().hex[:8]
@@ -95,3 +102,42 @@ def _delete_run_queues(names: dict[str, str]) -> Iterator[None]:
 
 def new_uid() -> str:
     return str(uuid.uuid4())
+
+
+# --- the web front (issue 3) ---------------------------------------------------------------
+
+WebFactory = Callable[..., Web]
+
+
+@pytest.fixture(scope="session")
+def web_env(worker_env: dict[str, str]) -> dict[str, str]:
+    """The worker's settings, plus a short keep-alive so tests see the pings."""
+    return {**worker_env, "SSE_KEEPALIVE": "1", "WEB_ANSWER_TIMEOUT": "30"}
+
+
+@pytest.fixture(scope="session")
+def start_web(web_env: dict[str, str]) -> Iterator[WebFactory]:
+    """Start a real ``gunicorn web:app`` from the Procfile line; all are stopped at the end."""
+    started: list[Web] = []
+
+    def start(name: str = "web", env: dict[str, str] | None = None, **extra: str) -> Web:
+        server = Web({**(env or web_env), **extra}, f"web-{name}")
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def web(start_web: WebFactory, worker: Process) -> Web:
+    """The web front with the default settings (one gevent worker process)."""
+    return start_web("main")
+
+
+@pytest.fixture(scope="session")
+def keyed_web(start_web: WebFactory, worker: Process) -> Web:
+    """A web front with ``API_KEYS``."""
+    return start_web("keyed", API_KEYS="key-alice,key-bob")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,3 +219,179 @@ def environ(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "OPENAI"))}
     env.update(overrides)
     return env
+
+
+def collect(broker: Broker, uids: list[str], timeout: float) -> dict[str, Answer]:
+    """Read the answers of many requests at once on one channel, until each is
+    ``[DONE]`` or ``timeout``. The response queues must exist (declare them first)."""
+    answers = {uid: Answer() for uid in uids}
+    open_ = set(uids)
+    channel = broker.connection.channel()
+    channel.basic_qos(prefetch_count=1000)
+
+    def on_message(uid: str) -> Any:
+        def handle(ch: Any, method: Any, properties: Any, body: bytes) -> None:
+            answers[uid].messages.append(Received(body, properties))
+            if body == b"[DONE]":
+                open_.discard(uid)
+
+        return handle
+
+    for uid in uids:
+        channel.basic_consume(broker.response_queue(uid), on_message(uid), auto_ack=True)
+    deadline = time.monotonic() + timeout
+    while open_ and time.monotonic() < deadline:
+        broker.connection.process_data_events(time_limit=0.2)
+    channel.close()
+    return answers
+
+
+def declare_response_queues(broker: Broker, uids: list[str], ttl: int) -> None:
+    """Declare the response queues as the worker does, so reading can start first."""
+    for uid in uids:
+        broker.channel.queue_declare(
+            broker.response_queue(uid), arguments={"x-expires": ttl * 1000}
+        )
+
+
+# --- the web front ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Web:
+    """A real ``gunicorn web:app`` from the Procfile line, on a free port."""
+
+    def __init__(self, env: Mapping[str, str], name: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = Process(procfile_command("web"), {**env, "PORT": str(self.port)}, name)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.proc.poll() is not None:
+                raise AssertionError(f"{self.process.name} exited:\n{self.output()[-4000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/ping", timeout=2) as response:
+                    if response.read() == b"pong":
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"{self.process.name} never answered /ping:\n{self.output()[-4000:]}")
+
+    def output(self) -> str:
+        return self.process.output()
+
+    def worker_pids(self) -> list[int]:
+        """The gunicorn worker processes (children of the master)."""
+        pid = self.process.proc.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(c) for c in children]
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+@dataclass
+class Event:
+    """One Server-Sent Event, with the time it arrived."""
+
+    data: str
+    id: str | None
+    at: float
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+@dataclass
+class EventStream:
+    status: int
+    headers: dict[str, str]
+    opened: float = 0.0  # when the request was sent
+    events: list[Event] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+    body: bytes = b""
+
+    @property
+    def content(self) -> str:
+        return "".join(
+            e.json["choices"][0]["delta"].get("content") or ""
+            for e in self.events
+            if e.data != "[DONE]" and e.json.get("choices")
+        )
+
+
+def fetch(
+    method: str,
+    url: str,
+    body: bytes | str | dict[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30,
+) -> tuple[int, dict[str, str], bytes]:
+    """One plain HTTP request (urllib, no proxies): status, headers, body."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    if isinstance(data, str):
+        data = data.encode()
+    request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+    if data is not None and "Content-Type" not in request.headers:
+        request.add_header("Content-Type", "application/json")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def read_sse(
+    url: str,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30,
+    until: Callable[[EventStream], bool] | None = None,
+) -> EventStream:
+    """GET ``url`` and read its Server-Sent Events until the server ends the
+    response, or until ``until(stream)`` holds after an event or a comment:
+    then the client hangs up."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        connection.request("GET", f"{parts.path}?{parts.query}", headers=dict(headers or {}))
+        opened = time.monotonic()
+        response = connection.getresponse()
+        stream = EventStream(response.status, dict(response.headers), opened)
+        if response.status != 200:
+            stream.body = response.read()
+            return stream
+        data: list[str] = []
+        event_id: str | None = None
+        while True:
+            raw = response.readline()
+            if not raw:
+                return stream
+            line = raw.decode().rstrip("\r\n")
+            if not line:
+                if data:
+                    stream.events.append(Event("\n".join(data), event_id, time.monotonic()))
+                    data, event_id = [], None
+                    if until is not None and until(stream):
+                        return stream
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "":
+                stream.comments.append(value)
+                if until is not None and until(stream):
+                    return stream
+            elif name == "data":
+                data.append(value)
+            elif name == "id":
+                event_id = value
+    finally:
+        connection.close()

@@ -1,0 +1,95 @@
+"""At least once, from acceptance to [DONE]: a worker killed with SIGKILL while
+it streams loses nothing; another worker answers each request again."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from devllm.answers import reply_tokens
+from tests.conftest import new_uid
+from tests.support import Broker, collect, declare_response_queues
+
+
+def isolated(worker_env: dict[str, str], names: dict[str, str], suffix: str) -> dict[str, str]:
+    """An input queue and namespace of their own: no other worker takes these."""
+    return {**worker_env,
+            "RABBITMQ_QUEUE": f"{names['RABBITMQ_QUEUE']}-{suffix}",
+            "CHATQUEUE_NAMESPACE": f"{names['CHATQUEUE_NAMESPACE']}-{suffix}"}
+
+
+def test_sigkill_mid_stream_loses_no_request(
+    start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
+) -> None:
+    env = isolated(worker_env, names, "kill")
+    client = Broker(env["RABBITMQ_URL"], env)
+    first = start_worker("doomed", env=env)
+    try:
+        model = "m;delay=0.1;tokens=30"  # about 3 s a stream
+        prompts = [f"durable {i}" for i in range(40)]
+        uids = [new_uid() for _ in prompts]
+        declare_response_queues(client, uids, int(env["RESPONSE_QUEUE_TTL"]))
+        for uid, prompt in zip(uids, prompts, strict=True):
+            client.publish({"uid": uid, "model": model,
+                            "messages": [{"role": "user", "content": prompt}]})
+        # Wait until the first worker is streaming every one of them...
+        deadline = time.monotonic() + 30
+        while not all(client.queue_length(client.response_queue(u)) > 1 for u in uids):
+            assert time.monotonic() < deadline, "the first worker never streamed them all"
+            time.sleep(0.1)
+        first.kill()  # ...and kill it mid-stream: SIGKILL, no goodbye.
+        assert first.proc.returncode == -9
+        start_worker("rescuer", env=env)
+        answers = collect(client, uids, timeout=90)
+        for uid, prompt in zip(uids, prompts, strict=True):
+            messages = answers[uid].messages
+            assert messages and messages[-1].body == b"[DONE]", f"{uid} was lost"
+            # The first worker's partial stream, then the whole answer again,
+            # each message of the new one marked restart, seq from 0.
+            partial = [m for m in messages if not (m.properties.headers or {}).get("restart")]
+            again = [m for m in messages if (m.properties.headers or {}).get("restart")]
+            assert partial and partial[-1].body != b"[DONE]"
+            assert [m.seq for m in again] == list(range(len(again)))
+            content = "".join(
+                m.json["choices"][0]["delta"].get("content") or ""
+                for m in again[:-1] if m.json["choices"]
+            )
+            assert content == "".join(reply_tokens([{"role": "user", "content": prompt}], 30))
+    finally:
+        client.channel.queue_delete(env["RABBITMQ_QUEUE"])
+        client.close()
+
+
+def test_requests_waiting_in_the_queue_survive_a_killed_worker(
+    start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
+) -> None:
+    """Requests published while no worker runs, taken by one that is killed at
+    once, are answered by the next: nothing accepted is lost."""
+    env = isolated(worker_env, names, "backlog")
+    client = Broker(env["RABBITMQ_URL"], env)
+    try:
+        client.channel.queue_declare(env["RABBITMQ_QUEUE"], durable=True)
+        uids = [new_uid() for _ in range(300)]
+        declare_response_queues(client, uids, int(env["RESPONSE_QUEUE_TTL"]))
+        for uid in uids:
+            client.publish({"uid": uid, "model": "m;delay=0.05;tokens=10",
+                            "message": "What is the capital of France?"})
+        doomed = start_worker("doomed-backlog", env=env)
+        time.sleep(0.5)  # let it take part of the backlog, then kill it
+        doomed.kill()
+        assert "accepted" in doomed.output()  # it had taken requests when it died
+        start_worker("rescuer-backlog", env=env)
+        answers = collect(client, uids, timeout=90)
+        lost = [u for u in uids if not answers[u].messages
+                or answers[u].messages[-1].body != b"[DONE]"]
+        assert lost == []
+        for uid in uids:
+            last_run = [m for m in answers[uid].messages
+                        if bool((m.properties.headers or {}).get("restart"))
+                        == bool((answers[uid].messages[-1].properties.headers or {}).get("restart"))]
+            text = "".join(m.json["choices"][0]["delta"].get("content") or ""
+                           for m in last_run[:-1] if m.json["choices"])
+            assert text == "The capital of France is Paris."
+    finally:
+        client.channel.queue_delete(env["RABBITMQ_QUEUE"])
+        client.close()
