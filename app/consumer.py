@@ -19,7 +19,8 @@ from typing import Any
 
 from amqp.exceptions import AMQPError
 from celery import bootsteps
-from kombu import Consumer, Message
+from kombu.message import Message
+from kombu.messaging import Consumer
 from kombu.exceptions import OperationalError
 from kombu.transport.pyamqp import Channel
 
@@ -34,8 +35,8 @@ from app.broker import (
 )
 from app.errors import DuplicateRequest, RequestError
 from app.protocol import ResponseStream
-from app.tasknames import STREAM_CHAT
 from app.request import decode_body, parse_request
+from app.tasknames import STREAM_CHAT
 
 logger = logging.getLogger(__name__)
 
@@ -169,9 +170,7 @@ class Intake:
     def on_bad_request(self, message: Message, error: RequestError) -> None:
         """Dead-letter the message and tell the client, if it can be reached."""
         uid = error.uid
-        logger.warning(
-            "uid=%s: rejected (%s): %s", uid or "-", error.code, error.message
-        )
+        logger.warning("uid=%s: rejected (%s): %s", uid or "-", error.code, error.message)
         try:
             with self.app.pools.confirmed.acquire(block=True) as producer:
                 headers = dict(message.headers or {})
@@ -216,9 +215,7 @@ class Intake:
         def publish(body: str, routing_key: str, properties: dict[str, Any]) -> None:
             producer.publish(body, exchange="", routing_key=routing_key, **properties)
 
-        ResponseStream(publish, queue, error.uid or "").fail(
-            error.to_error_object(), error.status
-        )
+        ResponseStream(publish, queue, error.uid or "").fail(error.to_error_object(), error.status)
 
     @staticmethod
     def _settle(message: Message, *, requeue: bool) -> None:
@@ -229,4 +226,3 @@ class Intake:
                 message.ack()
         except Exception as exc:  # the channel is gone: the broker redelivers
             logger.warning("could not settle an input message: %r", exc)
-

@@ -128,7 +128,9 @@ def parse_request(
 ) -> ChatRequest:
     """Validate a decoded request. Raises :class:`RequestError` with ``uid``
     and ``reply_to`` set when they are known, so the caller can answer."""
-    if reply_to is not None and not (isinstance(reply_to, str) and 0 < len(reply_to) <= MAX_REPLY_TO):
+    if reply_to is not None and not (
+        isinstance(reply_to, str) and 0 < len(reply_to) <= MAX_REPLY_TO
+    ):
         reply_to = None
     uid = data.get("uid", data.get("key", correlation_id))
     try:
@@ -193,9 +195,7 @@ def _parse(
     for name, (check, expected) in PASSTHROUGH.items():
         if name in data and data[name] is not None:
             if not check(data[name]):
-                raise RequestError(
-                    f'"{name}" must be {expected}', code="invalid_type", param=name
-                )
+                raise RequestError(f'"{name}" must be {expected}', code="invalid_type", param=name)
             params[name] = data[name]
     if not stream:
         params.pop("stream_options", None)
@@ -224,7 +224,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         role = message.get("role")
         if role not in ROLES:
             raise RequestError(
-                f'{where}.role must be one of {", ".join(sorted(ROLES))}',
+                f"{where}.role must be one of {', '.join(sorted(ROLES))}",
                 code="invalid_type",
                 param=f"{where}.role",
             )

@@ -24,7 +24,9 @@ def _url(*schemes: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         parts = urlsplit(raw)
         if parts.scheme not in schemes or not parts.hostname:
-            raise ValueError(f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+            raise ValueError(
+                f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}"
+            )
         return raw
 
     return parse
@@ -77,9 +79,7 @@ def _bool(raw: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _env(
-    parse: Callable[[str], T], default: str, doc: str, *, secret: bool = False
-) -> Any:
+def _env(parse: Callable[[str], T], default: str, doc: str, *, secret: bool = False) -> Any:
     """A field read from the environment variable of the same name (upper case)."""
     return field(default=parse(default), metadata={"parse": parse, "doc": doc, "secret": secret})
 
@@ -105,11 +105,11 @@ class Settings:
         "prefix of chatqueue's own queues: <ns>.tasks, <ns>.dead-letter, <ns>.claim.<uid>",
     )
     dedup_window: int = _env(
-        _positive_int, "600", "seconds during which a second request with the same uid is a duplicate"
+        _positive_int,
+        "600",
+        "seconds during which a second request with the same uid is a duplicate",
     )
-    max_body_bytes: int = _env(
-        _positive_int, "1048576", "largest request body accepted, in bytes"
-    )
+    max_body_bytes: int = _env(_positive_int, "1048576", "largest request body accepted, in bytes")
     input_prefetch: int = _env(
         _positive_int, "64", "unacknowledged input messages one worker takes at a time"
     )
@@ -144,6 +144,27 @@ class Settings:
     api_keys: frozenset[str] = _env(
         _keys, "", "comma-separated API keys for the web front; empty: no auth", secret=True
     )
+    web_concurrency: int = _env(
+        _positive_int, "1", "gunicorn worker processes of the web front (gevent, one per core)"
+    )
+    web_worker_connections: int = _env(
+        _positive_int, "10000", "concurrent connections (streams) one web worker process serves"
+    )
+    web_streams_per_connection: int = _env(
+        _positive_int,
+        "1000",
+        "response streams the web front reads over one broker connection (one channel each)",
+    )
+    sse_keepalive: float = _env(
+        _seconds,
+        "15",
+        "seconds between keep-alive comments (and WebSocket pings) of a silent stream",
+    )
+    web_answer_timeout: float = _env(
+        _seconds,
+        "600",
+        "seconds the OpenAI drop-in waits for an answer to start before it answers 504",
+    )
 
     @property
     def task_queue(self) -> str:
@@ -167,9 +188,7 @@ class Settings:
     @classmethod
     def documented(cls) -> list[tuple[str, str, str]]:
         """(variable, default, meaning) for each setting, for the README and ``--help``."""
-        return [
-            (f.name.upper(), _raw_default(f.default), f.metadata["doc"]) for f in fields(cls)
-        ]
+        return [(f.name.upper(), _raw_default(f.default), f.metadata["doc"]) for f in fields(cls)]
 
 
 def _raw_default(value: object) -> str:

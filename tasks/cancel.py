@@ -16,7 +16,10 @@ import threading
 import time
 from typing import Any
 
-from kombu import Connection, Consumer, Message, Queue
+from kombu.connection import Connection
+from kombu.entity import Queue
+from kombu.message import Message
+from kombu.messaging import Consumer
 from kombu.mixins import ConsumerMixin
 
 from app.broker import cancel_exchange
@@ -28,7 +31,7 @@ logger = logging.getLogger(__name__)
 REMEMBER_SECONDS = 600.0
 
 
-class CancelListener(ConsumerMixin):  # type: ignore[misc]
+class CancelListener(ConsumerMixin):
     """Consumes the cancel exchange in a daemon thread of this process."""
 
     def __init__(self, settings: Settings) -> None:
@@ -38,7 +41,7 @@ class CancelListener(ConsumerMixin):  # type: ignore[misc]
         self._lock = threading.Lock()
         self.ready = threading.Event()
 
-    def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:
+    def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Consumer]:
         queue = Queue(
             "", cancel_exchange(self.settings), exclusive=True, auto_delete=True, durable=False
         )
@@ -48,7 +51,8 @@ class CancelListener(ConsumerMixin):  # type: ignore[misc]
         self.ready.set()
 
     def on_message(self, message: Message) -> None:
-        uid = bytes(message.body).decode("utf-8", "replace")
+        body = message.body  # str when the message has a content_encoding
+        uid = body if isinstance(body, str) else bytes(body).decode("utf-8", "replace")
         now = time.monotonic()
         with self._lock:
             self._cancelled[uid] = now

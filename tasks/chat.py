@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from celery import Task
 from celery.exceptions import Reject
 from kombu.pools import ProducerPool
-from openai.types.chat import ChatCompletionChunk
+from openai import Stream
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from app.broker import RETRY_POLICY
 from app.protocol import ResponseStream
@@ -97,12 +98,16 @@ def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> 
         opened = False  # the LLM answered 200 and its stream began
         try:
             if request.stream:
-                with client.chat.completions.create(
-                    model=request.model,
-                    messages=request.messages,  # type: ignore[arg-type]
-                    stream=True,
-                    **request.params,
-                ) as chunks:
+                chunks = cast(
+                    Stream[ChatCompletionChunk],
+                    client.chat.completions.create(
+                        model=request.model,
+                        messages=request.messages,  # type: ignore[arg-type]
+                        stream=True,
+                        **request.params,
+                    ),
+                )
+                with chunks:
                     opened = True
                     # The opening chunk (the role, no token) is held back until
                     # a token follows, so a stream that breaks before its first
@@ -125,11 +130,14 @@ def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> 
                     if held is not None:
                         stream.chunk(held)
             else:
-                completion = client.chat.completions.create(
-                    model=request.model,
-                    messages=request.messages,  # type: ignore[arg-type]
-                    stream=False,
-                    **request.params,
+                completion = cast(
+                    ChatCompletion,
+                    client.chat.completions.create(
+                        model=request.model,
+                        messages=request.messages,  # type: ignore[arg-type]
+                        stream=False,
+                        **request.params,
+                    ),
                 )
                 stream.completion(completion.to_json(indent=None))
         except PublishFailed:
@@ -144,18 +152,27 @@ def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> 
                 and llm.retryable(exc)
             ):
                 delay = min(0.5 * 2**attempt, 8.0)
-                logger.warning("uid=%s: LLM failed before the first chunk (%r); retry in %.1f s",
-                               uid, exc, delay)
+                logger.warning(
+                    "uid=%s: LLM failed before the first chunk (%r); retry in %.1f s",
+                    uid,
+                    exc,
+                    delay,
+                )
                 time.sleep(delay)
                 continue
             error, status = llm.describe(exc, started=stream.started)
-            logger.warning("uid=%s: LLM failed after %d messages: %s", uid, stream.seq,
-                           error["error"]["message"])
+            logger.warning(
+                "uid=%s: LLM failed after %d messages: %s",
+                uid,
+                stream.seq,
+                error["error"]["message"],
+            )
             stream.fail(error, status)
             return
         stream.done()
-        logger.info("uid=%s: answered in %.2f s (%d messages)", uid,
-                    time.monotonic() - started, stream.seq)
+        logger.info(
+            "uid=%s: answered in %.2f s (%d messages)", uid, time.monotonic() - started, stream.seq
+        )
         return
 
 

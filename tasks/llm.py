@@ -72,7 +72,9 @@ def describe(exc: BaseException, *, started: bool) -> tuple[dict[str, Any], int]
         message = body.get("message") or exc.message
         kind = body.get("type") or _TYPE_BY_STATUS.get(status, "server_error")
         code = body.get("code") or status
-        return error_object(f"the LLM answered {status}: {message}", kind, code, body.get("param")), status
+        return error_object(
+            f"the LLM answered {status}: {message}", kind, code, body.get("param")
+        ), status
     if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
         return error_object(
             "the LLM did not answer in time (LLM_READ_TIMEOUT); try again later",

@@ -192,7 +192,9 @@ class Broker:
             out.append(Received(body, properties))
 
 
-def wait_for_consumer(url: str, queue: str, timeout: float = 60, proc: Process | None = None) -> None:
+def wait_for_consumer(
+    url: str, queue: str, timeout: float = 60, proc: Process | None = None
+) -> None:
     """Until a consumer (the worker's bootstep) is on ``queue``."""
     deadline = time.monotonic() + timeout
     connection = pika.BlockingConnection(pika.URLParameters(url))

@@ -26,21 +26,35 @@ UNANSWERABLE: list[tuple[str, Any, str]] = [
     ("broken JSON", lambda m: f'{{"uid": "{m}", "message": '.encode(), "invalid_json"),
     ("JSON list", lambda m: json.dumps([m, "hello"]).encode(), "invalid_json"),
     ("JSON string", lambda m: json.dumps(m).encode(), "invalid_json"),
-    ("not UTF-8", lambda m: b'{"uid": "' + m.encode() + b'", "message": "\xff\xfe"}',
-     "invalid_encoding"),
+    (
+        "not UTF-8",
+        lambda m: b'{"uid": "' + m.encode() + b'", "message": "\xff\xfe"}',
+        "invalid_encoding",
+    ),
     ("no uid", lambda m: json.dumps({"message": m}).encode(), "missing_uid"),
     ("empty uid", lambda m: json.dumps({"uid": "", "message": m}).encode(), "invalid_uid"),
     ("path uid", lambda m: json.dumps({"uid": "../x", "message": m}).encode(), "invalid_uid"),
-    ("300-char uid", lambda m: json.dumps({"uid": "u" * 300, "message": m}).encode(),
-     "invalid_uid"),
-    ("uid with spaces", lambda m: json.dumps({"uid": "a b c", "message": m}).encode(),
-     "invalid_uid"),
-    ("unicode uid", lambda m: json.dumps({"uid": "ünïcødé", "message": m}).encode(),
-     "invalid_uid"),
-    ("uid of wrong type", lambda m: json.dumps({"uid": 12345, "message": m}).encode(),
-     "invalid_uid"),
-    ("several MB", lambda m: json.dumps({"uid": m, "message": "x" * 3_000_000}).encode(),
-     "body_too_large"),
+    (
+        "300-char uid",
+        lambda m: json.dumps({"uid": "u" * 300, "message": m}).encode(),
+        "invalid_uid",
+    ),
+    (
+        "uid with spaces",
+        lambda m: json.dumps({"uid": "a b c", "message": m}).encode(),
+        "invalid_uid",
+    ),
+    ("unicode uid", lambda m: json.dumps({"uid": "ünïcødé", "message": m}).encode(), "invalid_uid"),
+    (
+        "uid of wrong type",
+        lambda m: json.dumps({"uid": 12345, "message": m}).encode(),
+        "invalid_uid",
+    ),
+    (
+        "several MB",
+        lambda m: json.dumps({"uid": m, "message": "x" * 3_000_000}).encode(),
+        "body_too_large",
+    ),
 ]
 
 
@@ -84,8 +98,9 @@ def test_wrong_types_tell_the_client(
     assert error.json["error"]["type"] == "invalid_request_error"
     assert error.json["error"]["code"] == code
     assert set(error.json["error"]) == {"message", "type", "code", "param"}
-    dead = wait_dead_letter(broker, lambda m: (m.properties.headers or {}).get(
-        "x-chatqueue-uid") == uid)
+    dead = wait_dead_letter(
+        broker, lambda m: (m.properties.headers or {}).get("x-chatqueue-uid") == uid
+    )
     assert dead.properties.headers["x-chatqueue-error-code"] == code
 
 
@@ -102,8 +117,10 @@ def test_a_hostile_uid_with_reply_to_is_told_on_reply_to(broker: Broker) -> None
 
 def test_a_text_plain_body_from_pika_is_read(broker: Broker) -> None:
     uid = new_uid()
-    broker.publish(json.dumps({"uid": uid, "message": "Tell me a joke."}),
-                   pika.BasicProperties(content_type="text/plain"))
+    broker.publish(
+        json.dumps({"uid": uid, "message": "Tell me a joke."}),
+        pika.BasicProperties(content_type="text/plain"),
+    )
     assert_protocol(broker.answer(uid), uid)
 
 

@@ -13,8 +13,11 @@ from tests.test_durability import isolated
 
 
 def content_of(messages: list[Any]) -> str:
-    return "".join(m.json["choices"][0]["delta"].get("content") or ""
-                   for m in messages[:-1] if m.kind == "chunk" and m.json["choices"])
+    return "".join(
+        m.json["choices"][0]["delta"].get("content") or ""
+        for m in messages[:-1]
+        if m.kind == "chunk" and m.json["choices"]
+    )
 
 
 def test_one_worker_process_holds_1000_streams(
@@ -31,11 +34,17 @@ def test_one_worker_process_holds_1000_streams(
         # Each stream lasts about 30 s, much longer than it takes to start
         # them all: all 1,000 are open together or the peak stays under 1,000.
         for i, uid in enumerate(uids):
-            client.publish({"uid": uid, "model": "m;delay=2;tokens=15",
-                            "messages": [{"role": "user", "content": f"stream {i}"}]})
+            client.publish(
+                {
+                    "uid": uid,
+                    "model": "m;delay=2;tokens=15",
+                    "messages": [{"role": "user", "content": f"stream {i}"}],
+                }
+            )
         answers = collect(client, uids, timeout=240)
-        done = [u for u in uids if answers[u].messages
-                and answers[u].messages[-1].body == b"[DONE]"]
+        done = [
+            u for u in uids if answers[u].messages and answers[u].messages[-1].body == b"[DONE]"
+        ]
         assert len(done) == n, f"{n - len(done)} streams did not finish"
         for i, uid in enumerate(uids):
             expected = "".join(reply_tokens([{"role": "user", "content": f"stream {i}"}], 15))
@@ -63,12 +72,19 @@ def test_a_burst_of_thousands_is_accepted_without_loss(
         declare_response_queues(client, uids, int(env["RESPONSE_QUEUE_TTL"]))
         # The whole burst is waiting when the worker starts: it arrives at once.
         for uid in uids:
-            client.publish({"uid": uid, "model": "m;delay=0;tokens=3", "stream": False,
-                            "message": "What is the capital of France?"})
+            client.publish(
+                {
+                    "uid": uid,
+                    "model": "m;delay=0;tokens=3",
+                    "stream": False,
+                    "message": "What is the capital of France?",
+                }
+            )
         worker = start_worker("burst", env=env)
         answers = collect(client, uids, timeout=240)
-        lost = [u for u in uids if not answers[u].messages
-                or answers[u].messages[-1].body != b"[DONE]"]
+        lost = [
+            u for u in uids if not answers[u].messages or answers[u].messages[-1].body != b"[DONE]"
+        ]
         assert lost == [], f"{len(lost)} of {n} lost"
         for uid in uids:
             kinds = [m.kind for m in answers[uid].messages]

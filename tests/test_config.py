@@ -26,8 +26,13 @@ def test_defaults_are_the_contract() -> None:
 
 def test_values_are_parsed_and_typed() -> None:
     s = load_settings(
-        {"RESPONSE_QUEUE_TTL": "30", "LLM_READ_TIMEOUT": "2.5", "LOG_LEVEL": "WARN",
-         "API_KEYS": "a, b,,c", "CONFIRM_CHUNKS": "yes"}
+        {
+            "RESPONSE_QUEUE_TTL": "30",
+            "LLM_READ_TIMEOUT": "2.5",
+            "LOG_LEVEL": "WARN",
+            "API_KEYS": "a, b,,c",
+            "CONFIRM_CHUNKS": "yes",
+        }
     )
     assert s.response_queue_ttl == 30
     assert s.llm_read_timeout == 2.5
@@ -73,6 +78,7 @@ def test_every_setting_is_documented_in_the_readme() -> None:
 def test_the_worker_refuses_to_start_on_a_bad_value() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "app", "worker"],
+        check=False,
         env=environ(RESPONSE_QUEUE_TTL="-5"),
         cwd=ROOT,
         capture_output=True,

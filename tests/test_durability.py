@@ -13,9 +13,11 @@ from tests.support import Broker, collect, declare_response_queues
 
 def isolated(worker_env: dict[str, str], names: dict[str, str], suffix: str) -> dict[str, str]:
     """An input queue and namespace of their own: no other worker takes these."""
-    return {**worker_env,
-            "RABBITMQ_QUEUE": f"{names['RABBITMQ_QUEUE']}-{suffix}",
-            "CHATQUEUE_NAMESPACE": f"{names['CHATQUEUE_NAMESPACE']}-{suffix}"}
+    return {
+        **worker_env,
+        "RABBITMQ_QUEUE": f"{names['RABBITMQ_QUEUE']}-{suffix}",
+        "CHATQUEUE_NAMESPACE": f"{names['CHATQUEUE_NAMESPACE']}-{suffix}",
+    }
 
 
 def test_sigkill_mid_stream_loses_no_request(
@@ -30,8 +32,9 @@ def test_sigkill_mid_stream_loses_no_request(
         uids = [new_uid() for _ in prompts]
         declare_response_queues(client, uids, int(env["RESPONSE_QUEUE_TTL"]))
         for uid, prompt in zip(uids, prompts, strict=True):
-            client.publish({"uid": uid, "model": model,
-                            "messages": [{"role": "user", "content": prompt}]})
+            client.publish(
+                {"uid": uid, "model": model, "messages": [{"role": "user", "content": prompt}]}
+            )
         # Wait until the first worker is streaming every one of them...
         deadline = time.monotonic() + 30
         while not all(client.queue_length(client.response_queue(u)) > 1 for u in uids):
@@ -52,7 +55,8 @@ def test_sigkill_mid_stream_loses_no_request(
             assert [m.seq for m in again] == list(range(len(again)))
             content = "".join(
                 m.json["choices"][0]["delta"].get("content") or ""
-                for m in again[:-1] if m.json["choices"]
+                for m in again[:-1]
+                if m.json["choices"]
             )
             assert content == "".join(reply_tokens([{"role": "user", "content": prompt}], 30))
     finally:
@@ -72,23 +76,35 @@ def test_requests_waiting_in_the_queue_survive_a_killed_worker(
         uids = [new_uid() for _ in range(300)]
         declare_response_queues(client, uids, int(env["RESPONSE_QUEUE_TTL"]))
         for uid in uids:
-            client.publish({"uid": uid, "model": "m;delay=0.05;tokens=10",
-                            "message": "What is the capital of France?"})
+            client.publish(
+                {
+                    "uid": uid,
+                    "model": "m;delay=0.05;tokens=10",
+                    "message": "What is the capital of France?",
+                }
+            )
         doomed = start_worker("doomed-backlog", env=env)
         time.sleep(0.5)  # let it take part of the backlog, then kill it
         doomed.kill()
         assert "accepted" in doomed.output()  # it had taken requests when it died
         start_worker("rescuer-backlog", env=env)
         answers = collect(client, uids, timeout=90)
-        lost = [u for u in uids if not answers[u].messages
-                or answers[u].messages[-1].body != b"[DONE]"]
+        lost = [
+            u for u in uids if not answers[u].messages or answers[u].messages[-1].body != b"[DONE]"
+        ]
         assert lost == []
         for uid in uids:
-            last_run = [m for m in answers[uid].messages
-                        if bool((m.properties.headers or {}).get("restart"))
-                        == bool((answers[uid].messages[-1].properties.headers or {}).get("restart"))]
-            text = "".join(m.json["choices"][0]["delta"].get("content") or ""
-                           for m in last_run[:-1] if m.json["choices"])
+            last_run = [
+                m
+                for m in answers[uid].messages
+                if bool((m.properties.headers or {}).get("restart"))
+                == bool((answers[uid].messages[-1].properties.headers or {}).get("restart"))
+            ]
+            text = "".join(
+                m.json["choices"][0]["delta"].get("content") or ""
+                for m in last_run[:-1]
+                if m.json["choices"]
+            )
             assert text == "The capital of France is Paris."
     finally:
         client.channel.queue_delete(env["RABBITMQ_QUEUE"])

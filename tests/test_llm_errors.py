@@ -21,8 +21,9 @@ PROMPT = "Tell me a joke."
 
 def ask(broker: Broker, model: str, **extra: Any) -> tuple[str, Answer]:
     uid = new_uid()
-    broker.publish({"uid": uid, "model": model,
-                    "messages": [{"role": "user", "content": PROMPT}], **extra})
+    broker.publish(
+        {"uid": uid, "model": model, "messages": [{"role": "user", "content": PROMPT}], **extra}
+    )
     return uid, broker.answer(uid, timeout=40)
 
 
@@ -123,9 +124,12 @@ def test_a_non_streaming_failure_is_one_error(broker: Broker) -> None:
 def test_a_refused_connection_is_retried_then_reported(
     start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
 ) -> None:
-    env = {**worker_env, "OPENAI_URL": "http://127.0.0.1:9/v1",
-           "RABBITMQ_QUEUE": names["RABBITMQ_QUEUE"] + "-dead-llm",
-           "CHATQUEUE_NAMESPACE": names["CHATQUEUE_NAMESPACE"] + "-dead-llm"}
+    env = {
+        **worker_env,
+        "OPENAI_URL": "http://127.0.0.1:9/v1",
+        "RABBITMQ_QUEUE": names["RABBITMQ_QUEUE"] + "-dead-llm",
+        "CHATQUEUE_NAMESPACE": names["CHATQUEUE_NAMESPACE"] + "-dead-llm",
+    }
     proc = start_worker("dead-llm", env=env)
     client = Broker(env["RABBITMQ_URL"], env)
     try:

@@ -24,9 +24,18 @@ def test_simple_shape() -> None:
 
 def test_chat_shape_with_passthrough_and_unknown_fields() -> None:
     r = parse(
-        {"uid": "u1", "model": "gpt-4o", "messages": [{"role": "user", "content": "x"}],
-         "stream": False, "username": "alice", "temperature": 0.2, "max_tokens": 5,
-         "stop": ["\n"], "stream_options": {"include_usage": True}, "evil": "drop me"}
+        {
+            "uid": "u1",
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": False,
+            "username": "alice",
+            "temperature": 0.2,
+            "max_tokens": 5,
+            "stop": ["\n"],
+            "stream_options": {"include_usage": True},
+            "evil": "drop me",
+        }
     )
     assert (r.model, r.stream, r.username) == ("gpt-4o", False, "alice")
     # stream_options only make sense when streaming; unknown fields are not forwarded
@@ -61,10 +70,16 @@ def test_hostile_uids(uid: object) -> None:
         ({"uid": "u", "messages": "hello"}, "invalid_type", "messages"),
         ({"uid": "u", "messages": []}, "invalid_type", "messages"),
         ({"uid": "u", "messages": [5]}, "invalid_type", "messages[0]"),
-        ({"uid": "u", "messages": [{"role": "king", "content": "x"}]}, "invalid_type",
-         "messages[0].role"),
-        ({"uid": "u", "messages": [{"role": "user", "content": 3}]}, "invalid_type",
-         "messages[0].content"),
+        (
+            {"uid": "u", "messages": [{"role": "king", "content": "x"}]},
+            "invalid_type",
+            "messages[0].role",
+        ),
+        (
+            {"uid": "u", "messages": [{"role": "user", "content": 3}]},
+            "invalid_type",
+            "messages[0].content",
+        ),
         ({"uid": "u", "message": ""}, "invalid_type", "message"),
         ({"uid": "u", "message": "x", "stream": "yes"}, "invalid_type", "stream"),
         ({"uid": "u", "message": "x", "model": 5}, "invalid_type", "model"),

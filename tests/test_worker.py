@@ -65,16 +65,25 @@ def test_chat_shape_as_in_the_readme(broker: Broker, llm: DevLLM) -> None:
         exchange="",
         routing_key=broker.input_queue,
         body=json.dumps(
-            {"model": "gpt-4o", "messages": [{"role": "user", "content": "Tell me a joke."}],
-             "stream": True, "username": "alice", "uid": uid}
+            {
+                "model": "gpt-4o",
+                "messages": [{"role": "user", "content": "Tell me a joke."}],
+                "stream": True,
+                "username": "alice",
+                "uid": uid,
+            }
         ),
     )
     answer = broker.answer(uid)
     assert_protocol(answer, uid)
     assert answer.content == expected("Tell me a joke.")
     assert answer.chunks[0]["model"] == "gpt-4o"
-    sent = [r for r in llm.stats()["last_requests"] if r.get("messages") ==
-            [{"role": "user", "content": "Tell me a joke."}] and r.get("model") == "gpt-4o"]
+    sent = [
+        r
+        for r in llm.stats()["last_requests"]
+        if r.get("messages") == [{"role": "user", "content": "Tell me a joke."}]
+        and r.get("model") == "gpt-4o"
+    ]
     assert sent and sent[-1]["stream"] is True
 
 
@@ -93,8 +102,9 @@ def test_the_response_queue_is_declared_with_its_ttl(broker: Broker) -> None:
 
 def test_stream_false_gives_one_completion(broker: Broker) -> None:
     uid = new_uid()
-    broker.publish({"uid": uid, "messages": [{"role": "user", "content": "Tell me a joke."}],
-                    "stream": False})
+    broker.publish(
+        {"uid": uid, "messages": [{"role": "user", "content": "Tell me a joke."}], "stream": False}
+    )
     answer = broker.answer(uid)
     assert [m.kind for m in answer.messages] == ["completion", "done"]
     assert [m.seq for m in answer.messages] == [0, 1]
@@ -107,8 +117,7 @@ def test_stream_false_gives_one_completion(broker: Broker) -> None:
 def test_reply_to_gets_the_answer_instead(broker: Broker) -> None:
     uid = new_uid()
     reply = broker.channel.queue_declare("", exclusive=True).method.queue
-    broker.publish({"uid": uid, "message": "Tell me a joke."},
-                   pika.BasicProperties(reply_to=reply))
+    broker.publish({"uid": uid, "message": "Tell me a joke."}, pika.BasicProperties(reply_to=reply))
     answer = broker.read(reply)
     assert_protocol(answer, uid)
     assert answer.content == expected("Tell me a joke.")
@@ -117,8 +126,9 @@ def test_reply_to_gets_the_answer_instead(broker: Broker) -> None:
 
 def test_correlation_id_names_the_queue_when_the_body_has_no_uid(broker: Broker) -> None:
     uid = new_uid()
-    broker.publish({"message": "What is the capital of France?"},
-                   pika.BasicProperties(correlation_id=uid))
+    broker.publish(
+        {"message": "What is the capital of France?"}, pika.BasicProperties(correlation_id=uid)
+    )
     answer = broker.answer(uid)
     assert_protocol(answer, uid)
     assert answer.content == "The capital of France is Paris."
@@ -127,10 +137,19 @@ def test_correlation_id_names_the_queue_when_the_body_has_no_uid(broker: Broker)
 def test_sampling_fields_pass_through_and_unknown_ones_do_not(broker: Broker, llm: DevLLM) -> None:
     uid = new_uid()
     prompt = f"count for {uid}"
-    broker.publish({"uid": uid, "messages": [{"role": "user", "content": prompt}],
-                    "max_tokens": 3, "temperature": 0.25, "seed": 7, "stop": ["zz"],
-                    "secret_field": "do not forward", "username": "bob",
-                    "stream_options": {"include_usage": True}})
+    broker.publish(
+        {
+            "uid": uid,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 3,
+            "temperature": 0.25,
+            "seed": 7,
+            "stop": ["zz"],
+            "secret_field": "do not forward",
+            "username": "bob",
+            "stream_options": {"include_usage": True},
+        }
+    )
     answer = broker.answer(uid)
     assert_protocol(answer, uid)
     tokens = reply_tokens([{"role": "user", "content": prompt}], TOKENS)
@@ -138,8 +157,11 @@ def test_sampling_fields_pass_through_and_unknown_ones_do_not(broker: Broker, ll
     finishes = [c["choices"][0]["finish_reason"] for c in answer.chunks if c["choices"]]
     assert finishes[-1] == "length"
     assert answer.chunks[-1]["usage"]["completion_tokens"] == 3  # include_usage went through
-    sent = next(r for r in llm.stats()["last_requests"]
-                if r.get("messages") == [{"role": "user", "content": prompt}])
+    sent = next(
+        r
+        for r in llm.stats()["last_requests"]
+        if r.get("messages") == [{"role": "user", "content": prompt}]
+    )
     assert sent["temperature"] == 0.25 and sent["seed"] == 7 and sent["max_tokens"] == 3
     assert "secret_field" not in sent and "username" not in sent and "uid" not in sent
 
@@ -153,8 +175,9 @@ def test_a_duplicate_uid_is_answered_once(broker: Broker) -> None:
     assert_protocol(answer, uid)
     time.sleep(1.0)  # a second answer would be on its way by now
     assert broker.get_all(broker.response_queue(uid)) == []
-    dead = wait_dead_letter(broker, lambda m: (m.properties.headers or {}).get(
-        "x-chatqueue-uid") == uid)
+    dead = wait_dead_letter(
+        broker, lambda m: (m.properties.headers or {}).get("x-chatqueue-uid") == uid
+    )
     assert dead.properties.headers["x-chatqueue-error-code"] == "uid_in_use"
 
 
@@ -195,7 +218,7 @@ def wait_dead_letter(broker: Broker, match: Any, timeout: float = 20) -> Any:
             method, properties, body = channel.basic_get(queue, auto_ack=False)
             if method is None:
                 break
-        
+
             message = Received(body, properties)
             if match(message):
                 channel.basic_ack(method.delivery_tag)
@@ -209,9 +232,12 @@ def wait_dead_letter(broker: Broker, match: Any, timeout: float = 20) -> Any:
 def test_response_queue_expires_when_nobody_reads_it(
     start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
 ) -> None:
-    env = {**worker_env, "RABBITMQ_QUEUE": names["RABBITMQ_QUEUE"] + "-ttl",
-           "CHATQUEUE_NAMESPACE": names["CHATQUEUE_NAMESPACE"] + "-ttl",
-           "RESPONSE_QUEUE_TTL": "2"}
+    env = {
+        **worker_env,
+        "RABBITMQ_QUEUE": names["RABBITMQ_QUEUE"] + "-ttl",
+        "CHATQUEUE_NAMESPACE": names["CHATQUEUE_NAMESPACE"] + "-ttl",
+        "RESPONSE_QUEUE_TTL": "2",
+    }
     proc: Process = start_worker("ttl", env=env)
     client = Broker(env["RABBITMQ_URL"], env)
     try:

@@ -1,0 +1,44 @@
+"""gunicorn settings of the web front, derived from :class:`config.Settings`.
+
+``gunicorn web:app`` reads ``./gunicorn.conf.py``, which takes them from here.
+gunicorn imports this before its gevent worker monkey-patches, so it imports
+nothing but the standard library and :mod:`config.settings` (no ``socket``
+user, no ``ssl``, no ``threading`` in use).
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+from config.settings import load_settings
+
+_settings = load_settings()
+
+bind = [f"0.0.0.0:{_settings.port}"]
+# One gevent loop per process; each holds thousands of streams.
+worker_class = "gevent"
+workers = _settings.web_concurrency
+worker_connections = _settings.web_worker_connections
+# With async workers this is no per-request limit: a worker whose loop does not
+# come round for this long is restarted.
+timeout = 30
+graceful_timeout = 10
+keepalive = 5
+loglevel = _settings.log_level
+accesslog = "-" if _settings.log_level == "debug" else None
+# No --preload: each worker builds its app (and, lazily, its broker
+# connections) after the fork and after gevent's monkey-patching.
+preload_app = False
+# gunicorn's control socket has one default path per user: two web processes
+# on one machine would fight over it, and chatqueue does not use it.
+control_socket_disable = True
+
+
+def on_starting(server: Any) -> None:
+    """Raise the open-file limit: every stream holds a socket."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * worker_connections + 1024
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
