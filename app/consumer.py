@@ -19,9 +19,9 @@ from typing import Any
 
 from amqp.exceptions import AMQPError
 from celery import bootsteps
+from kombu.exceptions import OperationalError
 from kombu.message import Message
 from kombu.messaging import Consumer
-from kombu.exceptions import OperationalError
 from kombu.transport.pyamqp import Channel
 
 from app.broker import (

@@ -65,7 +65,7 @@ def start_worker(worker_env: dict[str, str]) -> Iterator[WorkerFactory]:
     started: list[Process] = []
 
     def start(name: str = "w", env: dict[str, str] | None = None, **extra: str) -> Process:
-        argv = procfile_command("worker") + ["--hostname", f"{name}-{RUN}-{len(started)}@%h"]
+        argv = [*procfile_command("worker"), "--hostname", f"{name}-{RUN}-{len(started)}@%h"]
         merged = {**(env or worker_env), **extra}
         proc = Process(argv, merged, f"worker-{name}")
         started.append(proc)

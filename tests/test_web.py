@@ -254,13 +254,14 @@ def test_a_client_that_leaves_cancels_the_llm_call(
 def test_200_concurrent_sse_clients_through_one_worker_process(web: Web, llm: DevLLM) -> None:
     assert len(web.worker_pids()) == 1  # WEB_CONCURRENCY defaults to one gevent process
     n = 200
-    # 3 s of silence before the first token holds every stream open at once.
-    model = "m;first_delay=3;delay=0.02;tokens=20"
-    uids = [submit(web, chat(f"client {i}", model=model)) for i in range(n)]
+    # 2 s of silence before the first token (under LLM_READ_TIMEOUT), then
+    # 1 s of tokens: every stream is open at once.
+    model = "m;first_delay=2;delay=0.05;tokens=20"
     results: dict[int, EventStream] = {}
 
     def read(i: int) -> None:
-        results[i] = stream(web, uids[i], timeout=60)
+        uid = submit(web, chat(f"client {i}", model=model))
+        results[i] = stream(web, uid, timeout=60)
 
     threads = [threading.Thread(target=read, args=(i,)) for i in range(n)]
     for t in threads:
