@@ -6,8 +6,9 @@ Queues (names from :class:`config.Settings`):
 * the task queue (``<ns>.tasks``), durable: Celery's, from the consumer to the tasks;
 * the dead-letter queue (``<ns>.dead-letter``), durable: rejected requests,
   with the reason in their headers;
-* ``response_<uid>``, one per request, declared once at acceptance with
-  ``x-expires`` so that nobody's forgotten queue lives for ever;
+* ``response_<uid>``, one per request, declared once at acceptance, durable
+  (an answer outlives a broker restart) and with ``x-expires`` so that
+  nobody's forgotten queue lives for ever;
 * ``<ns>.claim.<uid>``, one per uid for ``DEDUP_WINDOW`` seconds: a register
   that holds at most one message and refuses a second publish, so the broker
   itself tells the first request with a uid from a duplicate.
@@ -64,7 +65,7 @@ def declare_response_queue(channel: Channel, settings: Settings, uid: str) -> Ch
     try:
         channel.queue_declare(
             queue=name,
-            durable=False,
+            durable=True,
             auto_delete=False,
             arguments=response_queue_arguments(settings),
         )

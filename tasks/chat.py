@@ -44,7 +44,7 @@ def _publisher(pool: ProducerPool) -> Any:
                     body,
                     exchange="",
                     routing_key=routing_key,
-                    delivery_mode=1,
+                    delivery_mode=2,
                     retry=True,
                     retry_policy=RETRY_POLICY,
                     **properties,

@@ -252,7 +252,7 @@ def declare_response_queues(broker: Broker, uids: list[str], ttl: int) -> None:
     """Declare the response queues as the worker does, so reading can start first."""
     for uid in uids:
         broker.channel.queue_declare(
-            broker.response_queue(uid), arguments={"x-expires": ttl * 1000}
+            broker.response_queue(uid), durable=True, arguments={"x-expires": ttl * 1000}
         )
 
 

@@ -91,12 +91,16 @@ def test_the_response_queue_is_declared_with_its_ttl(broker: Broker) -> None:
     uid = new_uid()
     broker.publish({"uid": uid, "message": "ttl?"})
     broker.wait_for_queue(broker.response_queue(uid))
-    # Declaring with the same x-expires succeeds; with another one the broker
-    # says they differ: so the worker declared exactly x-expires = TTL.
+    # Declaring with the same arguments succeeds; with another x-expires the
+    # broker says they differ: so the worker declared exactly x-expires = TTL.
     channel = broker.connection.channel()
-    channel.queue_declare(broker.response_queue(uid), arguments={"x-expires": 120_000})
+    channel.queue_declare(
+        broker.response_queue(uid), durable=True, arguments={"x-expires": 120_000}
+    )
     with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="x-expires"):
-        channel.queue_declare(broker.response_queue(uid), arguments={"x-expires": 5_000})
+        channel.queue_declare(
+            broker.response_queue(uid), durable=True, arguments={"x-expires": 5_000}
+        )
     assert_protocol(broker.answer(uid), uid)
 
 
