@@ -102,7 +102,7 @@ class Settings:
     chatqueue_namespace: str = _env(
         _name,
         "chatqueue",
-        "prefix of chatqueue's own queues: <ns>.tasks, <ns>.dead-letter, <ns>.claim.<uid>",
+        "prefix of chatqueue's own queues: <ns>.tasks, <ns>.dead-letter, <ns>.claim.*",
     )
     dedup_window: int = _env(
         _positive_int,
@@ -176,7 +176,9 @@ class Settings:
 
     @property
     def claim_prefix(self) -> str:
-        return f"{self.chatqueue_namespace}.claim."
+        # The window is part of the name: a claim queue is always declared
+        # with the same x-expires, even across a change of DEDUP_WINDOW.
+        return f"{self.chatqueue_namespace}.claim.{self.dedup_window}s."
 
     @property
     def cancel_exchange(self) -> str:
