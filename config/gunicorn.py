@@ -24,7 +24,7 @@ worker_connections = _settings.web_worker_connections
 # come round for this long is restarted.
 timeout = 30
 graceful_timeout = 10
-keepalive = 5
+keepalive = 2
 loglevel = _settings.log_level
 accesslog = "-" if _settings.log_level == "debug" else None
 # No --preload: each worker builds its app (and, lazily, its broker

@@ -138,6 +138,12 @@ def web(start_web: WebFactory, worker: Process) -> Web:
 
 
 @pytest.fixture(scope="session")
+def down_web(start_web: WebFactory) -> Web:
+    """A web front whose RabbitMQ is not there (nothing listens on port 1)."""
+    return start_web("down", RABBITMQ_URL="amqp://guest:guest@127.0.0.1:1/")
+
+
+@pytest.fixture(scope="session")
 def keyed_web(start_web: WebFactory, worker: Process) -> Web:
     """A web front with ``API_KEYS``."""
     return start_web("keyed", API_KEYS="key-alice,key-bob")

@@ -296,7 +296,9 @@ class Web:
         return [int(c) for c in children]
 
     def stop(self) -> None:
-        self.process.stop()
+        """Quick shutdown (SIGQUIT): a graceful one waits for idle keep-alive connections."""
+        self.process.kill(signal.SIGQUIT)
+        self.process.log.close()
 
 
 @dataclass

@@ -27,7 +27,7 @@ def test_sigkill_mid_stream_loses_no_request(
     client = Broker(env["RABBITMQ_URL"], env)
     first = start_worker("doomed", env=env)
     try:
-        model = "m;delay=0.1;tokens=30"  # about 3 s a stream
+        model = "m;delay=0.3;tokens=30"  # about 9 s a stream: none ends before the kill
         prompts = [f"durable {i}" for i in range(40)]
         uids = [new_uid() for _ in prompts]
         declare_response_queues(client, uids, int(env["RESPONSE_QUEUE_TTL"]))
