@@ -55,11 +55,15 @@ def response_queue_arguments(settings: Settings) -> dict[str, Any]:
     return {"x-expires": settings.response_queue_ttl * 1000}
 
 
-def declare_response_queue(channel: Channel, settings: Settings, uid: str) -> Channel:
+def declare_response_queue(
+    channel: Channel, settings: Settings, uid: str, *, nowait: bool = False
+) -> Channel:
     """Declare ``response_<uid>``; return the channel to go on with.
 
     A queue the client declared itself with other arguments is used as it is:
     RabbitMQ closes the channel on the mismatch, so a fresh one is returned.
+    With ``nowait`` no answer is awaited: a mismatch then surfaces as
+    :class:`PreconditionFailed` from the channel's next synchronous call.
     """
     name = settings.response_queue(uid)
     try:
@@ -68,6 +72,7 @@ def declare_response_queue(channel: Channel, settings: Settings, uid: str) -> Ch
             durable=True,
             auto_delete=False,
             arguments=response_queue_arguments(settings),
+            nowait=nowait,
         )
     except PreconditionFailed:
         logger.info("uid=%s: %s exists with other arguments; using it as it is", uid, name)
@@ -80,6 +85,8 @@ CLAIM_TOKEN_HEADER = "x-chatqueue-claim"
 
 def _claim_queue(channel: Channel, settings: Settings, uid: str) -> str:
     name = f"{settings.claim_prefix}{uid}"
+    # No wait for the declare's answer: the publish that follows on the same
+    # channel is routed after it, and its confirm answers for both.
     channel.queue_declare(
         queue=name,
         durable=True,
@@ -89,6 +96,7 @@ def _claim_queue(channel: Channel, settings: Settings, uid: str) -> str:
             "x-overflow": "reject-publish",
             "x-expires": settings.dedup_window * 1000,
         },
+        nowait=True,
     )
     return name
 

@@ -17,7 +17,7 @@ import logging
 import secrets
 from typing import Any
 
-from amqp.exceptions import AMQPError
+from amqp.exceptions import AMQPError, PreconditionFailed
 from celery import bootsteps
 from kombu.exceptions import OperationalError
 from kombu.message import Message
@@ -136,16 +136,27 @@ class Intake:
                 )
                 duplicate.uid = request.uid
                 raise duplicate
-            if request.reply_to is None:
-                channel = declare_response_queue(channel, self.settings, request.uid)
-                producer.revive(channel)
-            task.apply_async(
-                args=[request.to_task()],
-                task_id=request.uid,
-                producer=producer,
-                retry=True,
-                retry_policy=RETRY_POLICY,
-            )
+            def hand_off() -> None:
+                task.apply_async(
+                    args=[request.to_task()],
+                    task_id=request.uid,
+                    producer=producer,
+                    retry=True,
+                    retry_policy=RETRY_POLICY,
+                )
+
+            try:
+                if request.reply_to is None:
+                    # Pipelined: the task's confirm answers for the declare too.
+                    declare_response_queue(channel, self.settings, request.uid, nowait=True)
+                hand_off()
+            except PreconditionFailed:
+                # The client declared response_<uid> with other arguments: the
+                # broker closed the channel before taking the task; use the
+                # queue as it is and hand off again on a fresh channel.
+                logger.info("uid=%s: response queue exists with other arguments", request.uid)
+                producer.revive(producer.connection.channel())
+                hand_off()
         message.ack()
         logger.info(
             "uid=%s: accepted (model %s, stream %s, user %s)",

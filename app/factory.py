@@ -46,13 +46,15 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
         for name in ("httpx", "httpx2", "httpcore"):
             logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
-    def start_cancel_listener(**_: Any) -> None:
-        from tasks.cancel import listener
+    def warm_up(**_: Any) -> None:
+        """Make the process's LLM client and cancel listener before the first task."""
+        from tasks import cancel, llm
 
-        listener(settings)
+        llm.client(settings)
+        cancel.listener(settings)
 
-    signals.worker_process_init.connect(start_cancel_listener, weak=False)
-    signals.worker_ready.connect(start_cancel_listener, weak=False)
+    signals.worker_process_init.connect(warm_up, weak=False)
+    signals.worker_ready.connect(warm_up, weak=False)
     signals.after_setup_logger.connect(set_level, weak=False)
     signals.after_setup_task_logger.connect(set_level, weak=False)
     return app

@@ -10,13 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, cast
+from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject
 from kombu.pools import ProducerPool
-from openai import Stream
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from app.broker import RETRY_POLICY
 from app.protocol import ResponseStream
@@ -98,28 +96,18 @@ def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> 
         opened = False  # the LLM answered 200 and its stream began
         try:
             if request.stream:
-                chunks = cast(
-                    Stream[ChatCompletionChunk],
-                    client.chat.completions.create(
-                        model=request.model,
-                        messages=request.messages,  # type: ignore[arg-type]
-                        stream=True,
-                        **request.params,
-                    ),
-                )
-                with chunks:
+                with llm.stream(client, request) as payloads:
                     opened = True
                     # The opening chunk (the role, no token) is held back until
                     # a token follows, so a stream that breaks before its first
                     # token can be tried again from a clean start.
                     held: str | None = None
-                    for chunk in chunks:
+                    for payload, chunk in payloads:
                         if cancels.cancelled(uid):
                             # Leaving the block closes the HTTP stream: the
                             # LLM stops generating.
                             logger.info("uid=%s: cancelled after %d chunks", uid, stream.seq)
                             return
-                        payload = chunk.to_json(indent=None)
                         if not stream.started and held is None and _no_token(chunk):
                             held = payload
                             continue
@@ -130,16 +118,7 @@ def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> 
                     if held is not None:
                         stream.chunk(held)
             else:
-                completion = cast(
-                    ChatCompletion,
-                    client.chat.completions.create(
-                        model=request.model,
-                        messages=request.messages,  # type: ignore[arg-type]
-                        stream=False,
-                        **request.params,
-                    ),
-                )
-                stream.completion(completion.to_json(indent=None))
+                stream.completion(llm.complete(client, request))
         except PublishFailed:
             raise
         except Exception as exc:
@@ -176,9 +155,13 @@ def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> 
         return
 
 
-def _no_token(chunk: ChatCompletionChunk) -> bool:
+def _no_token(chunk: dict[str, Any]) -> bool:
     """A chunk that only opens the answer: no content, no tool call, no end."""
+    choices = chunk.get("choices") or []
     return all(
-        not c.delta.content and not c.delta.tool_calls and c.finish_reason is None
-        for c in chunk.choices
+        isinstance(c, dict)
+        and not (c.get("delta") or {}).get("content")
+        and not (c.get("delta") or {}).get("tool_calls")
+        and c.get("finish_reason") is None
+        for c in choices
     )

@@ -1,20 +1,31 @@
-"""The LLM side: one openai client per process, and its errors in OpenAI's words.
+"""The LLM side: one openai client per process, its answers as raw payloads,
+and its errors in OpenAI's words.
 
 The openai SDK retries what fails before an answer starts (connection
 errors, timeouts, 408, 409, 429 honouring ``Retry-After``, 5xx) with
 exponential backoff, ``LLM_MAX_RETRIES`` times.
+
+Answers are taken as the LLM sent them: each SSE ``data:`` payload is
+forwarded verbatim (the wire contract), checked to be a JSON object, but not
+turned into SDK objects and back, which cost most of the worker's time per
+chunk. The stream is read to its end, so its HTTP connection is reused.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx2
 import openai
+from openai._streaming import SSEDecoder  # the SDK's own SSE parser
 
-from app.errors import error_object
+from app.errors import UpstreamError, error_object
+from app.request import ChatRequest
 from config import Settings
 
 _lock = threading.Lock()
@@ -60,12 +71,89 @@ def client(settings: Settings) -> openai.OpenAI:
     return found
 
 
+class MalformedPayload(UpstreamError):
+    """The LLM sent a payload that is not a JSON object."""
+
+    code = "llm_stream_interrupted"
+
+
+class StreamedError(UpstreamError):
+    """The LLM sent an error object inside its stream."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(str(error.get("message") or "the LLM reported an error mid-stream"))
+        self.error = error
+
+
+def _object(data: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise MalformedPayload(f"the LLM sent a payload that is not a JSON object: {data[:200]!r}")
+    if payload.get("error"):
+        error = payload["error"]
+        raise StreamedError(error if isinstance(error, dict) else {"message": str(error)})
+    return payload
+
+
+@contextmanager
+def stream(
+    client: openai.OpenAI, request: ChatRequest
+) -> Iterator[Iterator[tuple[str, dict[str, Any]]]]:
+    """Open the streamed answer; yields ``(payload, parsed)`` per ``data:`` event.
+
+    Raises the SDK's errors when the answer does not start (after its
+    retries), and :class:`UpstreamError` for a payload that is not JSON.
+    """
+    with client.chat.completions.with_streaming_response.create(
+        model=request.model,
+        messages=request.messages,  # type: ignore[arg-type]
+        stream=True,
+        **request.params,
+    ) as response:
+
+        def payloads() -> Iterator[tuple[str, dict[str, Any]]]:
+            done = False
+            for event in SSEDecoder().iter_bytes(response.iter_bytes()):
+                if done:
+                    continue  # read to the end: the connection goes back to the pool
+                if event.data.startswith("[DONE]"):
+                    done = True
+                    continue
+                yield event.data, _object(event.data)
+
+        yield payloads()
+
+
+def complete(client: openai.OpenAI, request: ChatRequest) -> str:
+    """The whole answer of a ``stream: false`` request: the ``chat.completion`` as sent."""
+    response = client.chat.completions.with_raw_response.create(
+        model=request.model,
+        messages=request.messages,  # type: ignore[arg-type]
+        stream=False,
+        **request.params,
+    )
+    text = response.text
+    _object(text)
+    return text
+
+
 def describe(exc: BaseException, *, started: bool) -> tuple[dict[str, Any], int]:
     """An exception from the LLM call as (OpenAI error object, HTTP status).
 
     ``started``: whether the answer had begun (a dropped connection is then a
     broken stream, not an unreachable LLM).
     """
+    if isinstance(exc, StreamedError):
+        error = exc.error
+        return error_object(
+            f"the LLM reported an error mid-stream: {exc.message}",
+            str(error.get("type") or "upstream_error"),
+            error.get("code") or "llm_error",
+            error.get("param"),
+        ), 502
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         body = exc.body if isinstance(exc.body, dict) else {}

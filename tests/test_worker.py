@@ -255,3 +255,14 @@ def test_response_queue_expires_when_nobody_reads_it(
         client.channel.queue_delete(env["RABBITMQ_QUEUE"])
         client.close()
         proc.stop()
+
+
+def test_a_response_queue_the_client_declared_its_own_way_is_used(broker: Broker) -> None:
+    """Declared with other arguments (not durable, no x-expires): used as it is."""
+    uid = new_uid()
+    broker.channel.queue_declare(broker.response_queue(uid), auto_delete=False)
+    broker.publish({"uid": uid, "message": "What is the capital of France?"})
+    answer = broker.answer(uid)
+    assert_protocol(answer, uid)
+    assert answer.content == "The capital of France is Paris."
+    broker.channel.queue_delete(broker.response_queue(uid))
