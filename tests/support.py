@@ -93,10 +93,31 @@ class Received:
     def kind(self) -> str | None:
         return self.properties.type
 
+    @property
+    def restart(self) -> bool:
+        return bool((self.properties.headers or {}).get("restart"))
+
 
 @dataclass
 class Answer:
     messages: list[Received] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.messages) and self.messages[-1].body == b"[DONE]"
+
+    def split(self) -> tuple[Answer, Answer]:
+        """(what a first worker sent, the restarted answer that replaces it)."""
+        return (
+            Answer([m for m in self.messages if not m.restart]),
+            Answer([m for m in self.messages if m.restart]),
+        )
+
+    @property
+    def final(self) -> Answer:
+        """The answer that counts: a restarted stream replaces what came before."""
+        first, again = self.split()
+        return again if again.messages else first
 
     @property
     def chunks(self) -> list[dict[str, Any]]:
