@@ -225,6 +225,7 @@ class Client:
 
     prompt: str
     want: str
+    uid: str = ""
     sent: float = math.nan
     accepted: float = math.nan  # the 202 came
     opened: float = math.nan  # the GET was sent
@@ -267,7 +268,7 @@ async def run_client(client: Client, web: tuple[str, int], model: str, live: lis
         writer.close()
         if b" 202 " not in status.split(b"\r\n")[0]:
             raise RuntimeError(f"submit: {status.splitlines()[0]!r} {payload[:200]!r}")
-        uid = json.loads(payload)["uid"]
+        uid = client.uid = json.loads(payload)["uid"]
         client.accepted = time.perf_counter()
         reader, writer = await request(
             host, port, f"GET /v1/chat/response?uid={uid} HTTP/1.0\r\nHost: bench\r\n\r\n"
@@ -344,6 +345,7 @@ class Bench:
         self.worker: ManagedProcess | None = None
         self.web: ManagedProcess | None = None
         self.web_pid = 0
+        self.uids: list[str] = []  # of the concurrent streams: their claims go at the end
 
     def start(self) -> None:
         print(f"run {self.names.run}; code under test: {source_state()}")
@@ -414,7 +416,10 @@ class Bench:
         self.dev.reset()
         self.cpu.start()
         start = time.perf_counter()
-        peak_open = asyncio.run(run_clients(clients, ("127.0.0.1", self.port), plan))
+        try:
+            peak_open = asyncio.run(run_clients(clients, ("127.0.0.1", self.port), plan))
+        finally:
+            self.uids = [c.uid for c in clients if c.uid]
         wall = time.perf_counter() - start
         self.cpu.stop()
         completed = sum(c.complete for c in clients)
@@ -474,7 +479,7 @@ class Bench:
                 steps.append((f"stopping the {what}", process.stop))
         if self.dev is not None:
             steps.append(("stopping the dev LLM", self.dev.stop))
-        queues = run_queues(self.settings)
+        queues = run_queues(self.settings, self.uids)
         steps.append(
             (
                 f"deleting the queues of {self.names.run}",

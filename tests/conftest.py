@@ -116,8 +116,9 @@ def web_env(worker_env: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def start_web(web_env: dict[str, str]) -> Iterator[WebFactory]:
-    """Start a real ``gunicorn web:app`` from the Procfile line; all are stopped at the end."""
+def start_web(web_env: dict[str, str], worker: Process) -> Iterator[WebFactory]:
+    """Start a real ``gunicorn web:app`` from the Procfile line (with a worker to
+    answer it); all are stopped at the end."""
     started: list[Web] = []
 
     def start(name: str = "web", env: dict[str, str] | None = None, **extra: str) -> Web:

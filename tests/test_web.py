@@ -298,3 +298,25 @@ def test_broker_down_is_503(down_web: Web) -> None:
     assert health["status"] == "unavailable"
     assert health["broker"]["ok"] is False
     assert health["llm"]["ok"] is True
+
+
+def test_streams_spread_over_more_broker_connections(start_web: WebFactory) -> None:
+    """With two streams per connection, six at once need three connections."""
+    small = start_web("links", WEB_STREAMS_PER_CONNECTION="2")
+    try:
+        model = "m;first_delay=1;delay=0.02;tokens=6"
+        results: dict[int, EventStream] = {}
+
+        def read(i: int) -> None:
+            results[i] = stream(small, submit(small, chat(f"link {i}", model=model)))
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for i in range(6):
+            assert results[i].content == expected(f"link {i}", 6)
+        assert "response-link-3: connected (up to 2 streams)" in small.output()
+    finally:
+        small.stop()
