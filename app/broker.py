@@ -12,6 +12,8 @@ Queues (names from :class:`config.Settings`):
 * ``<ns>.claim.<uid>``, one per uid for ``DEDUP_WINDOW`` seconds: a register
   that holds at most one message and refuses a second publish, so the broker
   itself tells the first request with a uid from a duplicate.
+  ``<ns>.claim.<uid>/info`` holds a copy of the claim (token and owner) for
+  reading: the register itself is never read (see :func:`claim_uid`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from amqp.exceptions import MessageNacked, NotFound, PreconditionFailed
@@ -83,8 +86,7 @@ def declare_response_queue(
 CLAIM_TOKEN_HEADER = "x-chatqueue-claim"
 
 
-def _claim_queue(channel: Channel, settings: Settings, uid: str) -> str:
-    name = f"{settings.claim_prefix}{uid}"
+def _claim_queue(channel: Channel, settings: Settings, name: str) -> str:
     # No wait for the declare's answer: the publish that follows on the same
     # channel is routed after it, and its confirm answers for both.
     channel.queue_declare(
@@ -101,6 +103,11 @@ def _claim_queue(channel: Channel, settings: Settings, uid: str) -> str:
     return name
 
 
+def _claim_info_queue(settings: Settings, uid: str) -> str:
+    # "/" is in no uid, so this is never the name of another uid's claim.
+    return f"{settings.claim_prefix}{uid}/info"
+
+
 def claim_uid(
     channel: Channel, settings: Settings, uid: str, *, token: str = "", owner: str = ""
 ) -> bool:
@@ -110,27 +117,46 @@ def claim_uid(
     in the ``x-chatqueue-claim`` header so the consumer knows the claim is the
     request's own) and ``owner`` (a hash of the API key that may read the
     answer). The channel must be in confirm mode (``confirm_publish``).
+
+    The claim queue itself is never read: ``x-max-length`` counts only ready
+    messages, so a reader holding its message for a moment would let a second
+    claim in. What :func:`read_claim` reads is a copy in a queue of its own,
+    written once the claim is won (only when there is a token or an owner).
     """
-    name = _claim_queue(channel, settings, uid)
+    name = _claim_queue(channel, settings, f"{settings.claim_prefix}{uid}")
     body = json.dumps({"token": token, "owner": owner}).encode()
     try:
         channel.basic_publish(channel.prepare_message(body), exchange="", routing_key=name)
     except MessageNacked:
         return False
+    if token or owner:
+        info = _claim_queue(channel, settings, _claim_info_queue(settings, uid))
+        channel.basic_publish(channel.prepare_message(body), exchange="", routing_key=info)
     return True
 
 
+# A claim's copy is out of its queue while another reader looks at it: wait
+# this many times this long for it to come back.
+CLAIM_READ_TRIES = 40
+CLAIM_READ_PAUSE = 0.005
+
+
 def read_claim(connection: Connection, settings: Settings, uid: str) -> dict[str, str] | None:
-    """The claim of ``uid`` (``token``, ``owner``), or None when there is none.
+    """The claim of ``uid`` (``token``, ``owner``), or None when there is none
+    (or it was made with neither).
 
     Uses a channel of its own: a missing queue closes the channel it is asked on.
     """
-    name = f"{settings.claim_prefix}{uid}"
+    name = _claim_info_queue(settings, uid)
     channel = connection.channel()
     try:
         channel.queue_declare(queue=name, passive=True)
-        message = channel.basic_get(queue=name, no_ack=False)
-        if message is None:
+        for _ in range(CLAIM_READ_TRIES):
+            message = channel.basic_get(queue=name, no_ack=False)
+            if message is not None:
+                break
+            time.sleep(CLAIM_READ_PAUSE)
+        else:
             return None
         channel.basic_reject(message.delivery_tag, requeue=True)
     except NotFound:

@@ -1,0 +1,31 @@
+"""gunicorn reads this file by default: the web front's settings live in config/gunicorn.py."""
+
+from config.gunicorn import (
+    accesslog,
+    bind,
+    control_socket_disable,
+    graceful_timeout,
+    keepalive,
+    loglevel,
+    on_starting,
+    preload_app,
+    timeout,
+    worker_class,
+    worker_connections,
+    workers,
+)
+
+__all__ = [
+    "accesslog",
+    "bind",
+    "control_socket_disable",
+    "graceful_timeout",
+    "keepalive",
+    "loglevel",
+    "on_starting",
+    "preload_app",
+    "timeout",
+    "worker_class",
+    "worker_connections",
+    "workers",
+]

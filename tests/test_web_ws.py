@@ -1,0 +1,125 @@
+"""WebSocket ``/v1/chat/ws`` with a real WebSocket client (websocket-client)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import websocket
+
+from devllm.answers import reply_tokens
+from devllm.testing import DevLLM
+from tests.conftest import new_uid
+from tests.support import Broker, Web
+
+
+def ws_url(web: Web, query: str = "") -> str:
+    return web.url.replace("http://", "ws://") + "/v1/chat/ws" + query
+
+
+@pytest.fixture
+def ws(web: Web) -> Iterator[websocket.WebSocket]:
+    connection = websocket.create_connection(ws_url(web), timeout=30)
+    yield connection
+    connection.close()
+
+
+def request(prompt: str, **fields: Any) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": prompt}], **fields})
+
+
+def receive_all(ws: websocket.WebSocket) -> list[str]:
+    frames = []
+    while True:
+        frame = ws.recv()
+        assert isinstance(frame, str)
+        frames.append(frame)
+        if frame == "[DONE]":
+            return frames
+
+
+def content_of(frames: list[str]) -> str:
+    chunks = [json.loads(f) for f in frames[:-1]]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+def test_a_request_streams_back_frame_by_frame(ws: websocket.WebSocket, broker: Broker) -> None:
+    uid = new_uid()
+    ws.send(request("What is the capital of France?", uid=uid, model="gpt-4o"))
+    frames = receive_all(ws)
+    assert frames[-1] == "[DONE]"
+    assert {json.loads(f)["object"] for f in frames[:-1]} == {"chat.completion.chunk"}
+    assert content_of(frames) == "The capital of France is Paris."
+    assert not broker.queue_exists(broker.response_queue(uid))
+
+
+def test_several_requests_on_one_socket(ws: websocket.WebSocket) -> None:
+    for prompt in ("Tell me a joke.", "Say hello.", "a filler prompt"):
+        ws.send(request(prompt))
+        expected = "".join(reply_tokens([{"role": "user", "content": prompt}], 12))
+        assert content_of(receive_all(ws)) == expected
+    ws.send(request("What is the capital of France?", stream=False))
+    frames = receive_all(ws)
+    assert len(frames) == 2
+    completion = json.loads(frames[0])
+    assert completion["object"] == "chat.completion"
+    assert completion["choices"][0]["message"]["content"] == "The capital of France is Paris."
+
+
+def test_a_bad_request_gets_an_error_object_and_done(ws: websocket.WebSocket) -> None:
+    ws.send("{not json")
+    error, done = ws.recv(), ws.recv()
+    assert json.loads(error)["error"]["code"] == "invalid_json"
+    assert done == "[DONE]"
+    ws.send(json.dumps({"messages": "nope"}))
+    assert json.loads(ws.recv())["error"]["param"] == "messages"
+    assert ws.recv() == "[DONE]"
+    ws.send(request("still usable after errors"))
+    assert receive_all(ws)[-1] == "[DONE]"
+
+
+def test_an_llm_error_comes_as_an_error_frame(ws: websocket.WebSocket) -> None:
+    ws.send(request("hi", model="m;status=404"))
+    frames = receive_all(ws)
+    assert len(frames) == 2
+    assert json.loads(frames[0])["error"]["code"] == "model_not_found"
+
+
+def test_closing_mid_answer_cancels_the_llm_call(web: Web, llm: DevLLM, broker: Broker) -> None:
+    before = llm.stats()["streams_cancelled"]
+    uid = new_uid()
+    ws = websocket.create_connection(ws_url(web), timeout=30)
+    ws.send(request("a long answer", uid=uid, model="m;delay=0.2;tokens=50"))
+    for _ in range(3):
+        assert ws.recv() != "[DONE]"
+    ws.close()
+    deadline = time.monotonic() + 10
+    while llm.stats()["streams_cancelled"] <= before:
+        assert time.monotonic() < deadline, "the LLM call was not cancelled"
+        time.sleep(0.05)
+    while broker.queue_exists(broker.response_queue(uid)):
+        assert time.monotonic() < deadline, "the response queue is still there"
+        time.sleep(0.05)
+
+
+def test_api_keys_on_the_websocket(keyed_web: Web) -> None:
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(ws_url(keyed_web), timeout=10)
+    assert refused.value.status_code == 401
+    with pytest.raises(websocket.WebSocketBadStatusException) as wrong:
+        websocket.create_connection(
+            ws_url(keyed_web), timeout=10, header=["Authorization: Bearer nope"]
+        )
+    assert wrong.value.status_code == 401
+    # A header, or (for browsers, which cannot send one) ?api_key=.
+    for url, header in (
+        (ws_url(keyed_web), ["Authorization: Bearer key-alice"]),
+        (ws_url(keyed_web, "?api_key=key-bob"), []),
+    ):
+        ws = websocket.create_connection(url, timeout=30, header=header)
+        ws.send(request("Say hello."))
+        assert content_of(receive_all(ws)) == "Hello!"
+        ws.close()

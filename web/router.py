@@ -1,0 +1,368 @@
+"""The per-process router of response queues: many streams, few connections.
+
+A web process holds thousands of streams at once. A broker connection per
+stream would cost a TCP connection, a login and a reader each; instead the
+process keeps a few *links* and multiplexes the streams over them:
+
+* A :class:`Link` is one AMQP connection. Every synchronous AMQP call on it
+  (open a channel, consume, delete a queue, close a channel) is made by the
+  greenlet that needs it, holding the link's lock: py-amqp is not
+  greenlet-safe, the lock makes it so, and the caller gets the broker's reply
+  (or error) directly.
+* One reader greenlet per link waits, *without* the lock, until the socket is
+  readable, then takes the lock and reads every frame that is there. py-amqp
+  hands each delivery to its stream's callback, which only puts it into that
+  stream's gevent queue. Whoever holds the lock reads the frames, so a
+  delivery that arrives during another greenlet's call is dispatched as well.
+  Nothing polls: a token is forwarded as soon as its frame arrives, and a new
+  stream's ``basic_consume`` never waits for the reader.
+* A :class:`Stream` is one channel with one exclusive, no-ack consumer on
+  ``response_<uid>``: a second reader of the same uid is refused (409), a
+  missing queue is 404, and a channel error ends only that stream.
+* A link carries at most ``WEB_STREAMS_PER_CONNECTION`` streams (and fewer
+  than the broker's ``channel_max``); more links open as needed. A link that
+  breaks (the broker restarted) fails its streams with
+  :class:`~app.errors.BrokerUnavailable` and is replaced for new streams.
+
+Nothing connects at import time: the router of a process is made on first
+use, after gunicorn's fork and gevent's monkey-patching.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+from amqp.exceptions import AccessRefused, AMQPError, ChannelError, NotFound, ResourceLocked
+from amqp.exceptions import ConnectionError as AMQPConnectionError
+from gevent.lock import Semaphore
+from gevent.queue import Empty, Queue
+from gevent.socket import wait_read
+from kombu.connection import Connection
+from kombu.exceptions import OperationalError
+
+from app.broker import read_claim
+from app.errors import BrokerUnavailable
+from app.protocol import DONE
+from config import Settings
+from web.errors import StreamBusy, UnknownStream
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+# Once a frame has begun to arrive, the rest of it comes within this time or
+# the link is taken for dead.
+FRAME_TIMEOUT = 10.0
+# Errors that mean the connection itself is gone.
+LINK_ERRORS: tuple[type[BaseException], ...] = (
+    AMQPConnectionError,
+    OperationalError,
+    OSError,
+    EOFError,
+)
+
+
+def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Any:
+    """A connected kombu ``Connection`` (typed ``Any``: kombu's API is untyped)."""
+    factory: Any = Connection
+    connection = factory(url, heartbeat=0, connect_timeout=timeout)
+    connection.connect()
+    return connection
+
+
+class LinkDown(Exception):
+    """The link's connection broke; the stream may be tried on another link."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message of a response queue (see :mod:`app.protocol`)."""
+
+    body: str
+    kind: str | None
+    seq: int | None
+    status: int | None = None
+    restart: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.body == DONE
+
+    @property
+    def final(self) -> bool:
+        """Whether the worker has nothing more to produce after this message."""
+        return self.done or self.kind in ("completion", "error")
+
+    @classmethod
+    def from_message(cls, message: Any) -> Delivery:
+        body = message.body
+        if isinstance(body, bytes | bytearray | memoryview):
+            body = bytes(body).decode("utf-8", "replace")
+        properties = message.properties or {}
+        headers = properties.get("application_headers") or {}
+        return cls(
+            body=str(body),
+            kind=properties.get("type"),
+            seq=_int_or_none(headers.get("seq")),
+            status=_int_or_none(headers.get("status")),
+            restart=bool(headers.get("restart")),
+        )
+
+
+def _int_or_none(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str | bytes) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+class Stream:
+    """The consumer of one response queue; :meth:`get` the next delivery."""
+
+    def __init__(self, link: Link, uid: str, queue: str) -> None:
+        self.link = link
+        self.uid = uid
+        self.queue = queue
+        self.channel: Any = None
+        self._inbox: Queue[Delivery | BaseException] = Queue()
+        self._closed = False
+
+    def get(self, timeout: float | None) -> Delivery | None:
+        """The next delivery; None after ``timeout`` seconds of silence.
+
+        Raises what :meth:`interrupt` was given, :class:`BrokerUnavailable`
+        when the link broke, :class:`UnknownStream` when the queue was deleted.
+        """
+        try:
+            item: Delivery | BaseException = self._inbox.get(timeout=timeout)
+        except Empty:
+            return None
+        if isinstance(item, BaseException):
+            self._inbox.put(item)  # every later call raises it too
+            raise item
+        return item
+
+    def interrupt(self, error: BaseException) -> None:
+        """Make the waiting (or next) :meth:`get` raise ``error``."""
+        self._inbox.put(error)
+
+    def on_message(self, message: Any) -> None:
+        self._inbox.put(Delivery.from_message(message))
+
+    def on_cancel(self, consumer_tag: str) -> None:
+        if not self._closed:
+            logger.info("uid=%s: %s was deleted while being read", self.uid, self.queue)
+            self.interrupt(UnknownStream(f"the response queue of uid {self.uid} was deleted"))
+
+    def close(self, *, delete: bool) -> None:
+        """Stop consuming; with ``delete``, remove the response queue as well."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with self.link.locked():
+                if self.channel is not None:
+                    # Closing the channel ends the consumer; a delete on the
+                    # consuming channel would have the broker cancel the
+                    # consumer while the channel closes.
+                    self.channel.close()
+                if delete:
+                    try:
+                        self.link.admin.queue_delete(self.queue)
+                    except ChannelError as exc:  # py-amqp reopens the channel
+                        logger.warning("uid=%s: could not delete %s: %r", self.uid, self.queue, exc)
+        except LinkDown:
+            pass
+        finally:
+            self.channel = None
+            self.link.release(self)
+
+
+class Link:
+    """One AMQP connection carrying many streams, read by one greenlet."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self.connection = connect(settings.rabbitmq_url)
+        self.amqp = self.connection.connection
+        # For queue deletions: a channel of no stream.
+        self.admin = self.amqp.channel()
+        channel_max = self.amqp.channel_max or 65535
+        self.capacity = max(1, min(settings.web_streams_per_connection, channel_max - 2))
+        self.lock = Semaphore()
+        self.streams: set[Stream] = set()
+        self.error: BaseException | None = None
+        self._reader = gevent.spawn(self._read)
+        logger.info("%s: connected (up to %d streams)", name, self.capacity)
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None and len(self.streams) < self.capacity
+
+    @contextmanager
+    def locked(self) -> Iterator[Any]:
+        """The py-amqp connection, for this greenlet only; LinkDown if it broke."""
+        with self.lock:
+            if self.error is not None:
+                raise LinkDown(str(self.error))
+            try:
+                yield self.amqp
+            except LINK_ERRORS as exc:
+                self.fail(exc)
+                raise LinkDown(str(exc)) from exc
+
+    def open(self, uid: str, owner: str | None) -> Stream:
+        """Consume ``response_<uid>``; with ``owner``, only if the uid's claim is that owner's."""
+        queue = self.settings.response_queue(uid)
+        stream = Stream(self, uid, queue)
+        self.streams.add(stream)  # the slot is taken before anything yields
+        try:
+            with self.locked() as amqp:
+                if owner is not None:
+                    claim = read_claim(amqp, self.settings, uid)
+                    if claim and claim.get("owner") and claim.get("owner") != owner:
+                        raise UnknownStream(f"no stream with uid {uid} for this API key")
+                channel = amqp.channel()
+                try:
+                    channel.basic_consume(
+                        queue=queue,
+                        no_ack=True,
+                        exclusive=True,
+                        callback=stream.on_message,
+                        on_cancel=stream.on_cancel,
+                    )
+                except NotFound:
+                    channel.close()
+                    raise UnknownStream(
+                        f"no response queue for uid {uid}: it was never submitted, "
+                        "its answer was already read, or it expired (RESPONSE_QUEUE_TTL)"
+                    ) from None
+                except (AccessRefused, ResourceLocked):
+                    channel.close()
+                    raise StreamBusy(
+                        f"the stream of uid {uid} is being read by another client"
+                    ) from None
+                stream.channel = channel
+        except BaseException:
+            self.release(stream)
+            raise
+        return stream
+
+    def release(self, stream: Stream) -> None:
+        self.streams.discard(stream)
+
+    def _pending(self) -> bool:
+        """Whether a frame (or part of one) can be read without waiting."""
+        transport = self.amqp.transport
+        if getattr(transport, "_read_buffer", b""):
+            return True
+        sock = transport.sock
+        pending: Callable[[], int] | None = getattr(sock, "pending", None)  # TLS
+        if pending is not None and pending():
+            return True
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable)
+
+    def _read(self) -> None:
+        try:
+            fileno = self.amqp.transport.sock.fileno()
+            while self.error is None:
+                if not self._pending():
+                    wait_read(fileno)
+                with self.lock:
+                    while self.error is None and self._pending():
+                        self.amqp.drain_events(timeout=FRAME_TIMEOUT)
+        except gevent.GreenletExit:
+            raise
+        except TimeoutError as exc:
+            self.fail(TimeoutError(f"a frame did not arrive whole in {FRAME_TIMEOUT} s: {exc}"))
+        except Exception as exc:
+            self.fail(exc)
+
+    def fail(self, error: BaseException) -> None:
+        """The connection is gone: fail every stream on it, and close it."""
+        if self.error is not None:
+            return
+        self.error = error
+        logger.warning(
+            "%s: connection to RabbitMQ lost (%r); %d streams end",
+            self.name,
+            error,
+            len(self.streams),
+        )
+        for stream in list(self.streams):
+            stream.interrupt(
+                BrokerUnavailable(f"the connection to RabbitMQ was lost: {error}; read again")
+            )
+        if gevent.getcurrent() is not self._reader:
+            self._reader.kill(block=False)
+        try:
+            self.connection.collect()
+        except Exception as exc:  # pragma: no cover - closing a broken socket
+            logger.debug("%s: while closing: %r", self.name, exc)
+
+    def close(self) -> None:
+        self._reader.kill(block=True)
+        with self.lock:
+            try:
+                self.connection.release()
+            except (AMQPError, *LINK_ERRORS):
+                self.connection.collect()
+
+
+class Router:
+    """The links of one web process, made on demand."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._links: list[Link] = []
+        self._opening = Semaphore()
+        self._count = 0
+
+    def open(self, uid: str, owner: str | None = None) -> Stream:
+        """A :class:`Stream` of ``response_<uid>``.
+
+        Raises :class:`UnknownStream` (404), :class:`StreamBusy` (409) or
+        :class:`BrokerUnavailable` (503).
+        """
+        for attempt in (1, 2):
+            link = self._link()
+            try:
+                return link.open(uid, owner)
+            except LinkDown as exc:
+                if attempt == 2:
+                    raise BrokerUnavailable(f"RabbitMQ cannot be reached: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _link(self) -> Link:
+        for link in self._links:
+            if link.usable:
+                return link
+        with self._opening:
+            self._links = [link for link in self._links if link.error is None]
+            for link in self._links:
+                if link.usable:
+                    return link
+            self._count += 1
+            try:
+                link = Link(self.settings, f"response-link-{self._count}")
+            except (AMQPError, *LINK_ERRORS) as exc:
+                raise BrokerUnavailable(f"RabbitMQ cannot be reached: {exc}") from exc
+            self._links.append(link)
+            return link
+
+    @property
+    def stream_count(self) -> int:
+        return sum(len(link.streams) for link in self._links)
+
+    def close(self) -> None:
+        for link in self._links:
+            link.close()
+        self._links = []

@@ -1,0 +1,90 @@
+"""``GET /v1/chat/response?uid=``: an answer as Server-Sent Events.
+
+Each response message becomes one event, ``id: <seq>`` and ``data: <body>``
+(the body verbatim, an OpenAI ``data:`` payload), and the stream ends after
+``data: [DONE]``. While the LLM is silent a comment line (``: ping``) goes out
+every ``SSE_KEEPALIVE`` seconds, so proxies keep the connection and a gone
+client is noticed. ``X-Accel-Buffering: no`` keeps nginx from buffering.
+
+When a worker restarted the stream, ``id`` starts again from 0: a reader drops
+what it had. If the connection to RabbitMQ breaks, an error object is sent and
+the stream ends without ``[DONE]``; reading the uid again goes on where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, request, stream_with_context
+
+from app.errors import ChatqueueError, RequestError
+from app.request import UID_RULE, is_valid_uid
+from web.auth import current_owner
+from web.client import ClientGone
+from web.responses import Answer
+from web.router import Delivery
+from web.services import services
+
+bp = Blueprint("sse", __name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PING = ": ping\n\n"
+
+
+def data_lines(body: str) -> str:
+    """``body`` as the ``data:`` field of one event (one line per line of it)."""
+    return "".join(f"data: {line}\n" for line in body.split("\n"))
+
+
+def event(delivery: Delivery) -> str:
+    seq = "" if delivery.seq is None else f"id: {delivery.seq}\n"
+    return f"{seq}{data_lines(delivery.body)}\n"
+
+
+def error_event(exc: ChatqueueError) -> str:
+    return f"{data_lines(json.dumps(exc.to_error_object()))}\n"
+
+
+def events(answer: Answer, keepalive: float) -> Iterator[str]:
+    """The events of ``answer``; always closes it, whatever ends the stream."""
+    try:
+        while True:
+            delivery = answer.next(keepalive)
+            if delivery is None:
+                yield PING
+                continue
+            if delivery.done:
+                answer.close()
+                yield event(delivery)
+                return
+            yield event(delivery)
+    except ClientGone:
+        return
+    except ChatqueueError as exc:
+        # RabbitMQ went away, or the queue did: the answer is not the client's
+        # doing, so it is neither cancelled nor deleted; reading again goes on.
+        answer.keep()
+        yield error_event(exc)
+    finally:
+        answer.close()
+
+
+@bp.get("/v1/chat/response")
+def response() -> Response:
+    uid = request.args.get("uid", "")
+    if not is_valid_uid(uid):
+        raise RequestError(
+            f"the query needs ?uid=<uid> of an accepted request ({UID_RULE})",
+            code="invalid_uid",
+            param="uid",
+        )
+    svc = services()
+    owner = current_owner() if svc.settings.api_keys else None
+    answer = Answer(svc, uid, owner=owner, environ=request.environ)
+    return Response(
+        stream_with_context(events(answer, svc.settings.sse_keepalive)),
+        mimetype="text/event-stream",
+        headers=SSE_HEADERS,
+    )
