@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from amqp.exceptions import AMQPError, PreconditionFailed
@@ -35,7 +36,7 @@ from app.broker import (
 )
 from app.errors import DuplicateRequest, RequestError
 from app.protocol import ResponseStream
-from app.request import decode_body, parse_request
+from app.request import ChatRequest, decode_body, parse_request
 from app.tasknames import STREAM_CHAT
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,13 @@ def _spawner(pool: Any, handle: Any) -> Any:
     return spawn
 
 
+@dataclass
+class Claim:
+    """Whether this delivery already won its uid's claim (kept across a retry)."""
+
+    won: bool = False
+
+
 class Intake:
     """Takes one input message at a time: accept it, or reject it with a reason."""
 
@@ -102,18 +110,32 @@ class Intake:
         self.settings = app.settings
 
     def on_message(self, message: Message) -> None:
-        try:
-            self.accept(message)
-        except RequestError as exc:
-            self.on_bad_request(message, exc)
-        except BROKER_ERRORS as exc:
-            logger.warning("broker error while accepting a request, requeued: %r", exc)
-            self._settle(message, requeue=True)
-        except Exception:
-            logger.exception("unexpected error while accepting a request; dead-lettering it")
-            self.on_bad_request(message, RequestError("internal error", code="internal_error"))
+        claim = Claim()
+        for attempt in (1, 2):
+            try:
+                uid = self.accept(message, claim)
+            except RequestError as exc:
+                self.on_bad_request(message, exc)
+            except BROKER_ERRORS as exc:
+                if attempt == 1:
+                    # Most often a pooled connection that died with a broker
+                    # restart: try once more on a new one rather than requeue
+                    # (a requeued copy of a claimed uid is hard to tell from
+                    # a duplicate).
+                    logger.info("broker error while accepting (%r); trying a new connection", exc)
+                    continue
+                logger.warning("broker error while accepting a request, requeued: %r", exc)
+                self._settle(message, requeue=True)
+            except Exception:
+                logger.exception("unexpected error while accepting a request; dead-lettering it")
+                self.on_bad_request(message, RequestError("internal error", code="internal_error"))
+            else:
+                self._settle(message, requeue=False)
+                logger.info("uid=%s: accepted", uid)
+            return
 
-    def accept(self, message: Message) -> None:
+    def accept(self, message: Message, claim: Claim) -> str:
+        """Hand the request off to the task, confirmed; return its uid."""
         props = message.properties
         data = decode_body(message.body, self.settings.max_body_bytes)
         request = parse_request(
@@ -125,7 +147,34 @@ class Intake:
         redelivered = bool(message.delivery_info.get("redelivered"))
         task = self.app.tasks[STREAM_CHAT]
         with self.app.pools.confirmed.acquire(block=True) as producer:
-            channel = producer.channel
+            try:
+                self._hand_off(
+                    producer, task, request, message=message, claim=claim, redelivered=redelivered
+                )
+            except BROKER_ERRORS:
+                producer.connection.collect()  # dead: the next acquire reconnects
+                raise
+        logger.debug(
+            "uid=%s: model %s, stream %s, user %s",
+            request.uid,
+            request.model,
+            request.stream,
+            request.username,
+        )
+        return request.uid
+
+    def _hand_off(
+        self,
+        producer: Any,
+        task: Any,
+        request: ChatRequest,
+        *,
+        message: Message,
+        claim: Claim,
+        redelivered: bool,
+    ) -> None:
+        channel = producer.channel
+        if not claim.won:
             token = (message.headers or {}).get(CLAIM_TOKEN_HEADER)
             if not claim_uid(channel, self.settings, request.uid) and not self._own_claim(
                 producer, request.uid, token, redelivered
@@ -136,35 +185,29 @@ class Intake:
                 )
                 duplicate.uid = request.uid
                 raise duplicate
-            def hand_off() -> None:
-                task.apply_async(
-                    args=[request.to_task()],
-                    task_id=request.uid,
-                    producer=producer,
-                    retry=True,
-                    retry_policy=RETRY_POLICY,
-                )
+            claim.won = True
 
-            try:
-                if request.reply_to is None:
-                    # Pipelined: the task's confirm answers for the declare too.
-                    declare_response_queue(channel, self.settings, request.uid, nowait=True)
-                hand_off()
-            except PreconditionFailed:
-                # The client declared response_<uid> with other arguments: the
-                # broker closed the channel before taking the task; use the
-                # queue as it is and hand off again on a fresh channel.
-                logger.info("uid=%s: response queue exists with other arguments", request.uid)
-                producer.revive(producer.connection.channel())
-                hand_off()
-        message.ack()
-        logger.info(
-            "uid=%s: accepted (model %s, stream %s, user %s)",
-            request.uid,
-            request.model,
-            request.stream,
-            request.username,
-        )
+        def hand_off() -> None:
+            task.apply_async(
+                args=[request.to_task()],
+                task_id=request.uid,
+                producer=producer,
+                retry=True,
+                retry_policy=RETRY_POLICY,
+            )
+
+        try:
+            if request.reply_to is None:
+                # Pipelined: the task's confirm answers for the declare too.
+                declare_response_queue(channel, self.settings, request.uid, nowait=True)
+            hand_off()
+        except PreconditionFailed:
+            # The client declared response_<uid> with other arguments: the
+            # broker closed the channel before taking the task; use the
+            # queue as it is and hand off again on a fresh channel.
+            logger.info("uid=%s: response queue exists with other arguments", request.uid)
+            producer.revive(producer.connection.channel())
+            hand_off()
 
     def _own_claim(self, producer: Any, uid: str, token: object, redelivered: bool) -> bool:
         """Whether a taken claim is this request's own, so it goes on."""
