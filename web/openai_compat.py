@@ -20,20 +20,19 @@ answers as OpenAI does:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import httpx2
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 
-from app.errors import BrokerUnavailable, ChatqueueError, UpstreamError
+from app.errors import BrokerUnavailable, UpstreamError
 from web.auth import current_owner
 from web.client import ClientGone
 from web.errors import AnswerTimeout
 from web.responses import Answer
 from web.router import Delivery
 from web.services import services
-from web.sse import PING, SSE_HEADERS, error_event
+from web.sse import SSE_HEADERS, events
 from web.submit import read_json_body, submit
 
 logger = logging.getLogger(__name__)
@@ -59,29 +58,6 @@ def json_answer(body: str, status: int, uid: str) -> Response:
     return Response(body, status=status, mimetype="application/json", headers={UID_HEADER: uid})
 
 
-def chunks(answer: Answer, first: Delivery, keepalive: float) -> Iterator[str]:
-    """The SSE of the drop-in: bodies as OpenAI sends them, no ``id:`` lines."""
-    try:
-        delivery: Delivery | None = first
-        while True:
-            if delivery is None:
-                yield PING
-            elif delivery.done:
-                answer.close()
-                yield f"data: {delivery.body}\n\n"
-                return
-            else:
-                yield f"data: {delivery.body}\n\n"
-            delivery = answer.next(keepalive)
-    except ClientGone:
-        return
-    except ChatqueueError as exc:
-        answer.keep()
-        yield error_event(exc)
-    finally:
-        answer.close()
-
-
 @bp.post("/chat/completions")
 def chat_completions() -> Response:
     svc = services()
@@ -105,7 +81,7 @@ def chat_completions() -> Response:
         if accepted.stream:
             streaming = True
             return Response(
-                stream_with_context(chunks(answer, first, settings.sse_keepalive)),
+                stream_with_context(events(answer, settings.sse_keepalive, first=first, ids=False)),
                 mimetype="text/event-stream",
                 headers={**SSE_HEADERS, UID_HEADER: uid},
             )

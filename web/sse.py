@@ -38,8 +38,8 @@ def data_lines(body: str) -> str:
     return "".join(f"data: {line}\n" for line in body.split("\n"))
 
 
-def event(delivery: Delivery) -> str:
-    seq = "" if delivery.seq is None else f"id: {delivery.seq}\n"
+def event(delivery: Delivery, *, ids: bool = True) -> str:
+    seq = "" if delivery.seq is None or not ids else f"id: {delivery.seq}\n"
     return f"{seq}{data_lines(delivery.body)}\n"
 
 
@@ -47,19 +47,28 @@ def error_event(exc: ChatqueueError) -> str:
     return f"{data_lines(json.dumps(exc.to_error_object()))}\n"
 
 
-def events(answer: Answer, keepalive: float) -> Iterator[str]:
-    """The events of ``answer``; always closes it, whatever ends the stream."""
+def events(
+    answer: Answer,
+    keepalive: float,
+    *,
+    first: Delivery | None = None,
+    ids: bool = True,
+) -> Iterator[str]:
+    """The events of ``answer`` (starting with ``first`` if it was read
+    already; ``id:`` lines unless ``ids`` is false); always closes it,
+    whatever ends the stream."""
     try:
+        delivery = first if first is not None else answer.next(keepalive)
         while True:
-            delivery = answer.next(keepalive)
             if delivery is None:
                 yield PING
-                continue
-            if delivery.done:
+            elif delivery.done:
                 answer.close()
-                yield event(delivery)
+                yield event(delivery, ids=ids)
                 return
-            yield event(delivery)
+            else:
+                yield event(delivery, ids=ids)
+            delivery = answer.next(keepalive)
     except ClientGone:
         return
     except ChatqueueError as exc:
