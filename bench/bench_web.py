@@ -42,6 +42,7 @@ from typing import Any
 from bench.common import (
     CpuMeter,
     ManagedProcess,
+    Plan,
     RunNames,
     child_env,
     delete_queues,
@@ -66,25 +67,6 @@ from devllm.testing import DevLLM
 
 QUEUE_TTL = 300
 STREAMS_TARGET = 1000
-
-
-@dataclass(frozen=True)
-class Plan:
-    ttft_samples: int
-    ttft_warmup: int
-    ttft_tokens: int
-    streams: int
-    stream_tokens: int
-    stream_delay: float
-    timeout: float
-
-    @property
-    def ttft_model(self) -> str:
-        return f"bench;first_delay=0;delay=0.001;tokens={self.ttft_tokens}"
-
-    @property
-    def stream_model(self) -> str:
-        return f"bench;first_delay=0;delay={self.stream_delay};tokens={self.stream_tokens}"
 
 
 FULL = Plan(

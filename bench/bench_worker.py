@@ -56,6 +56,7 @@ from bench.common import (
     start_worker,
     uninterrupted,
 )
+from bench.common import Plan as BasePlan
 from config import Settings, load_settings
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
@@ -68,26 +69,11 @@ TTFT_TARGET = 0.005
 
 
 @dataclass(frozen=True)
-class Plan:
-    """How much of each measure to run."""
+class Plan(BasePlan):
+    """How much of each measure to run: the common ones and short requests."""
 
-    ttft_samples: int
-    ttft_warmup: int
-    ttft_tokens: int
-    streams: int
-    stream_tokens: int
-    stream_delay: float
-    requests: int
-    short_tokens: int
-    timeout: float
-
-    @property
-    def ttft_model(self) -> str:
-        return f"bench;first_delay=0;delay=0.001;tokens={self.ttft_tokens}"
-
-    @property
-    def stream_model(self) -> str:
-        return f"bench;first_delay=0;delay={self.stream_delay};tokens={self.stream_tokens}"
+    requests: int = 0
+    short_tokens: int = 5
 
     @property
     def short_model(self) -> str:

@@ -380,3 +380,24 @@ def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each measure a benchmark runs; the dev LLM's model strings."""
+
+    ttft_samples: int
+    ttft_warmup: int
+    ttft_tokens: int
+    streams: int
+    stream_tokens: int
+    stream_delay: float
+    timeout: float
+
+    @property
+    def ttft_model(self) -> str:
+        return f"bench;first_delay=0;delay=0.001;tokens={self.ttft_tokens}"
+
+    @property
+    def stream_model(self) -> str:
+        return f"bench;first_delay=0;delay={self.stream_delay};tokens={self.stream_tokens}"
