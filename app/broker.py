@@ -1,4 +1,4 @@
-"""chatqueue's queues on RabbitMQ and the per-process publishing pools.
+"""chatqueue's queues on RabbitMQ and the per-process publishing connections.
 
 Queues (names from :class:`config.Settings`):
 
@@ -18,6 +18,7 @@ Queues (names from :class:`config.Settings`):
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -191,12 +192,59 @@ def request_cancel(producer: Producer, settings: Settings, uid: str) -> None:
     )
 
 
+class Lane:
+    """One connection and channel that publishes the messages of many streams.
+
+    RabbitMQ keeps the order of the messages published on one channel, and
+    only there: a stream sends every message through the same lane, and the
+    lane sends one message at a time.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._producer: Producer | None = None
+        self._lock = threading.Lock()
+
+    def publish(self, body: str, routing_key: str, properties: dict[str, Any]) -> None:
+        with self._lock:
+            if self._producer is None:
+                self._producer = Producer(self._connection)
+            self._producer.publish(
+                body,
+                exchange="",
+                routing_key=routing_key,
+                delivery_mode=2,
+                retry=True,
+                retry_policy=RETRY_POLICY,
+                **properties,
+            )
+
+
+class Lanes:
+    """The lanes of one process; each new stream takes the next, in turn."""
+
+    def __init__(self, settings: Settings, *, confirm: bool) -> None:
+        self._lanes = [
+            Lane(_connection(settings, confirm)) for _ in range(settings.publish_pool_size)
+        ]
+        self._turn = itertools.count()
+
+    def next(self) -> Lane:
+        return self._lanes[next(self._turn) % len(self._lanes)]
+
+
+def _connection(settings: Settings, confirm: bool) -> Connection:
+    return Connection(
+        settings.rabbitmq_url, transport_options={"confirm_publish": confirm}, heartbeat=0
+    )
+
+
 class Pools:
     """Publishing connections of one process, made on first use after a fork.
 
     ``confirmed`` waits for the broker's confirm of every publish (hand-offs,
-    dead letters); ``chunks`` carries the streamed answers and confirms only
-    with ``CONFIRM_CHUNKS``.
+    dead letters); ``lanes`` carry the streamed answers and wait for confirms
+    only with ``CONFIRM_CHUNKS``.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -204,25 +252,16 @@ class Pools:
         self._lock = threading.Lock()
         self._pid = -1
         self._confirmed: ProducerPool | None = None
-        self._chunks: ProducerPool | None = None
-
-    def _make(self, confirm: bool) -> ProducerPool:
-        connection = Connection(
-            self.settings.rabbitmq_url,
-            transport_options={"confirm_publish": confirm},
-            heartbeat=0,
-        )
-        limit = self.settings.publish_pool_size
-        return ProducerPool(connection.Pool(limit=limit), limit=limit)
+        self._lanes: Lanes | None = None
 
     def _ensure(self) -> None:
         if self._pid != os.getpid():
             with self._lock:
                 if self._pid != os.getpid():
-                    self._confirmed = self._make(confirm=True)
-                    self._chunks = (
-                        self._confirmed if self.settings.confirm_chunks else self._make(False)
-                    )
+                    limit = self.settings.publish_pool_size
+                    connection = _connection(self.settings, confirm=True)
+                    self._confirmed = ProducerPool(connection.Pool(limit=limit), limit=limit)
+                    self._lanes = Lanes(self.settings, confirm=self.settings.confirm_chunks)
                     self._pid = os.getpid()
 
     @property
@@ -232,7 +271,7 @@ class Pools:
         return self._confirmed
 
     @property
-    def chunks(self) -> ProducerPool:
+    def lanes(self) -> Lanes:
         self._ensure()
-        assert self._chunks is not None
-        return self._chunks
+        assert self._lanes is not None
+        return self._lanes

@@ -190,6 +190,8 @@ class Intake:
         def hand_off() -> None:
             task.apply_async(
                 args=[request.to_task()],
+                # An earlier attempt may have handed off and begun the answer.
+                kwargs={"restart": True} if redelivered else None,
                 task_id=request.uid,
                 producer=producer,
                 retry=True,

@@ -114,7 +114,9 @@ class Settings:
         _positive_int, "64", "unacknowledged input messages one worker takes at a time"
     )
     publish_pool_size: int = _env(
-        _positive_int, "32", "broker connections a process keeps for publishing"
+        _positive_int,
+        "32",
+        "broker connections a process keeps for hand-offs, and again as many for answer streams",
     )
     openai_api_key: str = _env(str, "dummy-token", "key sent to the LLM server", secret=True)
     openai_url: str = _env(

@@ -10,77 +10,104 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject
-from kombu.pools import ProducerPool
 
-from app.broker import RETRY_POLICY
-from app.protocol import ResponseStream
+from app.broker import Lane
+from app.protocol import Publish, ResponseStream
 from app.request import ChatRequest
 from config import Settings
 from tasks import cancel, llm
 
 logger = logging.getLogger(__name__)
 
-# uids being answered in this process: a second copy of a task (a duplicate
-# that slipped through the claim) is dropped rather than answered twice.
-_running: set[str] = set()
-_running_lock = threading.Lock()
+
+class Seen:
+    """The uids this process is answering, or answered within the dedup window.
+
+    A second copy of a task (a duplicate that slipped through the claim, or a
+    redelivered task whose input message was also redelivered and handed off
+    again) is dropped rather than answered twice.
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._running: set[str] = set()
+        self._answered: OrderedDict[str, float] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def begin(self, uid: str, window: float) -> bool:
+        """Whether this copy of ``uid`` is to be answered."""
+        now = time.monotonic()
+        with self._lock:
+            while self._answered and (
+                len(self._answered) > self._limit
+                or next(iter(self._answered.values())) < now - window
+            ):
+                self._answered.popitem(last=False)
+            if uid in self._running or uid in self._answered:
+                return False
+            self._running.add(uid)
+            return True
+
+    def end(self, uid: str, *, answered: bool) -> None:
+        with self._lock:
+            self._running.discard(uid)
+            if answered:
+                self._answered[uid] = time.monotonic()
+
+
+_seen = Seen()
 
 
 class PublishFailed(Exception):
     """The broker would not take a response message, even after retries."""
 
 
-def _publisher(pool: ProducerPool) -> Any:
+def _publisher(lane: Lane) -> Publish:
     def publish(body: str, routing_key: str, properties: dict[str, Any]) -> None:
         try:
-            with pool.acquire(block=True) as producer:
-                producer.publish(
-                    body,
-                    exchange="",
-                    routing_key=routing_key,
-                    delivery_mode=2,
-                    retry=True,
-                    retry_policy=RETRY_POLICY,
-                    **properties,
-                )
+            lane.publish(body, routing_key, properties)
         except Exception as exc:
             raise PublishFailed(str(exc)) from exc
 
     return publish
 
 
-def stream_chat(task: Task, payload: dict[str, Any]) -> None:
-    """Answer one request; registered as ``chatqueue.stream_chat``."""
+def stream_chat(task: Task, payload: dict[str, Any], restart: bool = False) -> None:
+    """Answer one request; registered as ``chatqueue.stream_chat``.
+
+    ``restart`` comes from a hand-off of a redelivered input message: an
+    earlier worker may have begun the answer, so this one starts it again.
+    """
     settings: Settings = task.app.settings
     request = ChatRequest.from_task(payload)
     uid = request.uid
-    with _running_lock:
-        if uid in _running:
-            logger.warning("uid=%s: already being answered in this process; copy dropped", uid)
-            return
-        _running.add(uid)
+    if not _seen.begin(uid, settings.dedup_window):
+        logger.warning("uid=%s: already answered or being answered here; copy dropped", uid)
+        return
+    answered = False
     try:
         redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
         stream = ResponseStream(
-            _publisher(task.app.pools.chunks),
+            _publisher(task.app.pools.lanes.next()),
             request.reply_to or settings.response_queue(uid),
             uid,
-            restart=redelivered,
+            restart=redelivered or restart,
         )
-        if redelivered:
+        if stream.restart:
             logger.warning("uid=%s: redelivered; the answer starts again", uid)
         answer(stream, request, settings)
+        answered = True
     except PublishFailed as exc:
         # The broker is unreachable: give the request back to be answered later.
         logger.error("uid=%s: cannot publish the answer (%s); requeued", uid, exc)
         raise Reject(exc, requeue=True) from exc
     finally:
-        with _running_lock:
-            _running.discard(uid)
+        _seen.end(uid, answered=answered)
 
 
 def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> None:

@@ -114,6 +114,11 @@ class Answer:
         )
 
     @property
+    def in_order(self) -> bool:
+        """Whether the messages came in the order of their ``seq`` headers."""
+        return [m.seq for m in self.messages] == list(range(len(self.messages)))
+
+    @property
     def final(self) -> Answer:
         """The answer that counts: a restarted stream replaces what came before."""
         first, again = self.split()

@@ -40,6 +40,7 @@ def test_one_worker_process_holds_1000_streams(
         assert len(done) == n, f"{n - len(done)} streams did not finish"
         for i, uid in enumerate(uids):
             expected = "".join(reply_tokens([{"role": "user", "content": f"stream {i}"}], 15))
+            assert answers[uid].in_order
             assert answers[uid].content == expected
         stats = llm.stats()
         assert stats["peak_active_streams"] >= n, stats

@@ -6,6 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from app.factory import create_app
+from app.request import parse_request
+from app.tasknames import STREAM_CHAT
+from config import load_settings
 from devllm.answers import reply_tokens
 from tests.conftest import new_uid
 from tests.support import Broker, collect, declare_response_queues
@@ -51,7 +55,7 @@ def test_sigkill_mid_stream_loses_no_request(
             # each message of the new one marked restart, seq from 0.
             partial, again = answers[uid].split()
             assert partial.messages and not partial.done
-            assert [m.seq for m in again.messages] == list(range(len(again.messages)))
+            assert again.in_order
             assert again.content == "".join(reply_tokens([{"role": "user", "content": prompt}], 30))
     finally:
         client.channel.queue_delete(env["RABBITMQ_QUEUE"])
@@ -88,7 +92,64 @@ def test_requests_waiting_in_the_queue_survive_a_killed_worker(
         ]
         assert lost == []
         for uid in uids:
+            assert answers[uid].final.in_order
             assert answers[uid].final.content == "The capital of France is Paris."
     finally:
         client.channel.queue_delete(env["RABBITMQ_QUEUE"])
         client.close()
+
+
+def test_a_redelivered_request_is_answered_as_a_restart(
+    start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
+) -> None:
+    """An input message given back by a consumer that died may have been
+    handed off and begun already: its answer is marked ``restart``."""
+    env = isolated(worker_env, names, "redelivered")
+    client = Broker(env["RABBITMQ_URL"], env)
+    try:
+        client.channel.queue_declare(env["RABBITMQ_QUEUE"], durable=True)
+        uid = new_uid()
+        client.publish({"uid": uid, "model": "m;tokens=5", "message": "Hello?"})
+        taker = client.connection.channel()
+        method, _, _ = taker.basic_get(env["RABBITMQ_QUEUE"], auto_ack=False)
+        assert method is not None and not method.redelivered
+        taker.close()  # unacknowledged: the broker gives it back, marked redelivered
+        start_worker("after-redelivery", env=env)
+        answer = client.answer(uid)
+        assert answer.done and answer.in_order
+        assert all(m.restart for m in answer.messages)
+        expected = "".join(reply_tokens([{"role": "user", "content": "Hello?"}], 5))
+        assert answer.content == expected
+    finally:
+        client.channel.queue_delete(env["RABBITMQ_QUEUE"])
+        client.close()
+
+
+def test_a_second_copy_of_an_answered_task_is_dropped(
+    start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
+) -> None:
+    """A task handed off twice (the input message was redelivered after its
+    first hand-off) is answered once, even when the copies come one after the
+    other."""
+    env = isolated(worker_env, names, "copies")
+    worker = start_worker("copies", env=env)
+    sender = create_app(load_settings(env))
+    client = Broker(env["RABBITMQ_URL"], env)
+    try:
+        uid = new_uid()
+        declare_response_queues(client, [uid], int(env["RESPONSE_QUEUE_TTL"]))
+        request = parse_request(
+            {"uid": uid, "model": "m;tokens=5", "message": "Hello?"}, default_model="m"
+        )
+        task = sender.tasks[STREAM_CHAT]
+        task.apply_async(args=[request.to_task()], task_id=uid)
+        assert client.answer(uid).done
+        task.apply_async(args=[request.to_task()], kwargs={"restart": True}, task_id=uid)
+        deadline = time.monotonic() + 20
+        while f"uid={uid}: already answered" not in worker.output():
+            assert time.monotonic() < deadline, "the second copy was not dropped"
+            time.sleep(0.1)
+        assert client.queue_length(client.response_queue(uid)) == 0
+    finally:
+        client.close()
+        sender.close()
