@@ -26,16 +26,21 @@ import threading
 import time
 from typing import Any
 
-from amqp.exceptions import MessageNacked, NotFound, PreconditionFailed
+from amqp.exceptions import AMQPError, MessageNacked, NotFound, PreconditionFailed
 from kombu import Connection, Exchange, Producer, Queue
+from kombu.exceptions import OperationalError
 from kombu.pools import ProducerPool
 from kombu.transport.pyamqp import Channel
 
+from app.errors import RequestError
 from config import Settings
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_EXCHANGE = Exchange("")
+# What a broker call raises when the connection or the broker is in trouble
+# (the request itself is fine): try again on a new connection, or requeue.
+BROKER_ERRORS = (AMQPError, OperationalError, ConnectionError, OSError)
 # A publish that fails because the broker went away is retried on a new
 # connection for up to about 10 s before the caller hears of it.
 RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
@@ -170,6 +175,41 @@ def read_claim(connection: Connection, settings: Settings, uid: str) -> dict[str
     except ValueError:
         return None
     return claim if isinstance(claim, dict) else None
+
+
+def dead_letter(
+    producer: Producer,
+    settings: Settings,
+    body: bytes | str,
+    error: RequestError,
+    *,
+    content_type: str,
+    content_encoding: str,
+    headers: dict[str, Any] | None = None,
+) -> None:
+    """Put a request that will not be answered on ``<ns>.dead-letter``, the
+    reason in its headers. The producer's channel must be in confirm mode."""
+    headers = dict(headers or {})
+    headers.update(
+        {
+            "x-chatqueue-reason": error.message[:1000],
+            "x-chatqueue-error-code": error.code,
+            "x-chatqueue-source-queue": settings.rabbitmq_queue,
+        }
+    )
+    if error.uid:
+        headers["x-chatqueue-uid"] = error.uid
+    producer.publish(
+        body,
+        exchange="",
+        routing_key=settings.dead_letter_queue,
+        content_type=content_type,
+        content_encoding=content_encoding,
+        headers=headers,
+        delivery_mode=2,
+        retry=True,
+        retry_policy=RETRY_POLICY,
+    )
 
 
 def cancel_exchange(settings: Settings) -> Exchange:

@@ -1,10 +1,11 @@
 """The consumer bootstep: raw JSON from the input queue, handed to the task.
 
 It runs inside the worker's consumer loop, so its callback stays small and
-never waits for the LLM: decode, validate, claim the uid, declare the response
-queue, ``apply_async(task_id=uid)`` with the broker's confirm, then ack. Every
+never waits for the LLM: decode, validate, declare the response queue,
+``apply_async(task_id=uid)`` with the broker's confirm, then ack. Every
 synchronous broker call is made on a pooled publishing connection, never on
-the consumer's own (see PITFALLS.md: re-entrant deliveries).
+the consumer's own (see PITFALLS.md: re-entrant deliveries). Duplicates are
+the task's to find (see :mod:`tasks.admission`).
 
 A request that cannot be served is dead-lettered to ``<ns>.dead-letter`` with
 the reason in its headers, and, where its uid or ``reply_to`` is known, the
@@ -14,36 +15,29 @@ client gets an error object and ``[DONE]``. Nothing escapes the callback.
 from __future__ import annotations
 
 import logging
-import secrets
-from dataclasses import dataclass
 from typing import Any
 
-from amqp.exceptions import AMQPError, PreconditionFailed
+from amqp.exceptions import PreconditionFailed
 from celery import bootsteps
-from kombu.exceptions import OperationalError
 from kombu.message import Message
 from kombu.messaging import Consumer
 from kombu.transport.pyamqp import Channel
 
 from app.broker import (
+    BROKER_ERRORS,
     CLAIM_TOKEN_HEADER,
     RETRY_POLICY,
-    claim_uid,
+    dead_letter,
     dead_letter_queue,
     declare_response_queue,
     input_queue,
-    read_claim,
 )
-from app.errors import DuplicateRequest, RequestError
+from app.errors import RequestError
 from app.protocol import ResponseStream
 from app.request import ChatRequest, decode_body, parse_request
 from app.tasknames import STREAM_CHAT
 
 logger = logging.getLogger(__name__)
-
-# Connection trouble while handing a request off: the request goes back to
-# the queue (it is fine, the broker is not), to be taken again after reconnect.
-BROKER_ERRORS = (AMQPError, OperationalError, ConnectionError, OSError)
 
 
 class RequestConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
@@ -95,13 +89,6 @@ def _spawner(pool: Any, handle: Any) -> Any:
     return spawn
 
 
-@dataclass
-class Claim:
-    """Whether this delivery already won its uid's claim (kept across a retry)."""
-
-    won: bool = False
-
-
 class Intake:
     """Takes one input message at a time: accept it, or reject it with a reason."""
 
@@ -110,18 +97,15 @@ class Intake:
         self.settings = app.settings
 
     def on_message(self, message: Message) -> None:
-        claim = Claim()
         for attempt in (1, 2):
             try:
-                uid = self.accept(message, claim)
+                uid = self.accept(message)
             except RequestError as exc:
                 self.on_bad_request(message, exc)
             except BROKER_ERRORS as exc:
                 if attempt == 1:
                     # Most often a pooled connection that died with a broker
-                    # restart: try once more on a new one rather than requeue
-                    # (a requeued copy of a claimed uid is hard to tell from
-                    # a duplicate).
+                    # restart: try once more on a new one rather than requeue.
                     logger.info("broker error while accepting (%r); trying a new connection", exc)
                     continue
                 logger.warning("broker error while accepting a request, requeued: %r", exc)
@@ -134,7 +118,7 @@ class Intake:
                 logger.info("uid=%s: accepted", uid)
             return
 
-    def accept(self, message: Message, claim: Claim) -> str:
+    def accept(self, message: Message) -> str:
         """Hand the request off to the task, confirmed; return its uid."""
         props = message.properties
         data = decode_body(message.body, self.settings.max_body_bytes)
@@ -144,13 +128,17 @@ class Intake:
             correlation_id=props.get("correlation_id"),
             reply_to=props.get("reply_to"),
         )
-        redelivered = bool(message.delivery_info.get("redelivered"))
+        options: dict[str, Any] = {}
+        if message.delivery_info.get("redelivered"):
+            # An earlier attempt may have handed off and begun the answer.
+            options["restart"] = True
+        token = (message.headers or {}).get(CLAIM_TOKEN_HEADER)
+        if isinstance(token, str) and token:
+            options["token"] = token
         task = self.app.tasks[STREAM_CHAT]
         with self.app.pools.confirmed.acquire(block=True) as producer:
             try:
-                self._hand_off(
-                    producer, task, request, message=message, claim=claim, redelivered=redelivered
-                )
+                self._hand_off(producer, task, request, options)
             except BROKER_ERRORS:
                 producer.connection.collect()  # dead: the next acquire reconnects
                 raise
@@ -164,34 +152,12 @@ class Intake:
         return request.uid
 
     def _hand_off(
-        self,
-        producer: Any,
-        task: Any,
-        request: ChatRequest,
-        *,
-        message: Message,
-        claim: Claim,
-        redelivered: bool,
+        self, producer: Any, task: Any, request: ChatRequest, options: dict[str, Any]
     ) -> None:
-        channel = producer.channel
-        if not claim.won:
-            token = (message.headers or {}).get(CLAIM_TOKEN_HEADER)
-            if not claim_uid(channel, self.settings, request.uid) and not self._own_claim(
-                producer, request.uid, token, redelivered
-            ):
-                duplicate = DuplicateRequest(
-                    f"uid {request.uid} was already accepted in the last "
-                    f"{self.settings.dedup_window} s; this copy is dropped"
-                )
-                duplicate.uid = request.uid
-                raise duplicate
-            claim.won = True
-
         def hand_off() -> None:
             task.apply_async(
                 args=[request.to_task()],
-                # An earlier attempt may have handed off and begun the answer.
-                kwargs={"restart": True} if redelivered else None,
+                kwargs=options or None,
                 task_id=request.uid,
                 producer=producer,
                 retry=True,
@@ -200,8 +166,9 @@ class Intake:
 
         try:
             if request.reply_to is None:
-                # Pipelined: the task's confirm answers for the declare too.
-                declare_response_queue(channel, self.settings, request.uid, nowait=True)
+                # Pipelined: the task's confirm answers for the declare too,
+                # and the task starts only once the queue is there.
+                declare_response_queue(producer.channel, self.settings, request.uid, nowait=True)
             hand_off()
         except PreconditionFailed:
             # The client declared response_<uid> with other arguments: the
@@ -211,47 +178,22 @@ class Intake:
             producer.revive(producer.connection.channel())
             hand_off()
 
-    def _own_claim(self, producer: Any, uid: str, token: object, redelivered: bool) -> bool:
-        """Whether a taken claim is this request's own, so it goes on."""
-        if redelivered:
-            # Our own earlier attempt claimed it and died before the ack:
-            # hand it off again (at least once beats at most once).
-            logger.info("uid=%s: redelivered after its claim; handing off again", uid)
-            return True
-        if not isinstance(token, str) or not token:
-            return False
-        claim = read_claim(producer.connection, self.settings, uid)
-        return claim is not None and secrets.compare_digest(str(claim.get("token")), token)
-
     def on_bad_request(self, message: Message, error: RequestError) -> None:
         """Dead-letter the message and tell the client, if it can be reached."""
         uid = error.uid
         logger.warning("uid=%s: rejected (%s): %s", uid or "-", error.code, error.message)
         try:
             with self.app.pools.confirmed.acquire(block=True) as producer:
-                headers = dict(message.headers or {})
-                headers.update(
-                    {
-                        "x-chatqueue-reason": error.message[:1000],
-                        "x-chatqueue-error-code": error.code,
-                        "x-chatqueue-source-queue": self.settings.rabbitmq_queue,
-                    }
-                )
-                if uid:
-                    headers["x-chatqueue-uid"] = uid
-                producer.publish(
+                dead_letter(
+                    producer,
+                    self.settings,
                     message.body,
-                    exchange="",
-                    routing_key=self.settings.dead_letter_queue,
+                    error,
                     content_type=message.content_type or "application/octet-stream",
                     content_encoding=message.content_encoding or "binary",
-                    headers=headers,
-                    delivery_mode=2,
-                    retry=True,
-                    retry_policy=RETRY_POLICY,
+                    headers=message.headers,
                 )
-                if not isinstance(error, DuplicateRequest):
-                    self._tell_client(producer, error)
+                self._tell_client(producer, error)
         except BROKER_ERRORS as exc:
             logger.warning("uid=%s: could not dead-letter (%r); requeued", uid or "-", exc)
             self._settle(message, requeue=True)

@@ -7,6 +7,7 @@ takes over starts again from ``seq`` 0 with the header ``restart: true``.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -16,11 +17,13 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Reject
 
-from app.broker import Lane
+from app.broker import Lane, dead_letter
+from app.errors import DuplicateRequest
 from app.protocol import Publish, ResponseStream
 from app.request import ChatRequest
 from config import Settings
 from tasks import cancel, llm
+from tasks.admission import Admission, NotAdmitted, claim_in_background
 
 logger = logging.getLogger(__name__)
 
@@ -67,47 +70,89 @@ class PublishFailed(Exception):
     """The broker would not take a response message, even after retries."""
 
 
-def _publisher(lane: Lane) -> Publish:
+def _publisher(lane: Lane, admission: Admission) -> Publish:
+    """Publishes through ``lane``, once ``admission`` says the uid is this task's."""
+    admitted = False
+
     def publish(body: str, routing_key: str, properties: dict[str, Any]) -> None:
+        nonlocal admitted
         try:
+            if not admitted:
+                if not admission.admitted():
+                    raise NotAdmitted()
+                admitted = True
             lane.publish(body, routing_key, properties)
+        except NotAdmitted:
+            raise
         except Exception as exc:
             raise PublishFailed(str(exc)) from exc
 
     return publish
 
 
-def stream_chat(task: Task, payload: dict[str, Any], restart: bool = False) -> None:
+def stream_chat(
+    task: Task, payload: dict[str, Any], restart: bool = False, token: str = ""
+) -> None:
     """Answer one request; registered as ``chatqueue.stream_chat``.
 
     ``restart`` comes from a hand-off of a redelivered input message: an
     earlier worker may have begun the answer, so this one starts it again.
+    ``token`` is the secret of a claim the web front made at submission.
     """
     settings: Settings = task.app.settings
     request = ChatRequest.from_task(payload)
     uid = request.uid
+    restart = restart or bool((task.request.delivery_info or {}).get("redelivered"))
     if not _seen.begin(uid, settings.dedup_window):
-        logger.warning("uid=%s: already answered or being answered here; copy dropped", uid)
+        if restart:
+            logger.warning("uid=%s: already answered or being answered here; copy dropped", uid)
+        else:
+            _drop_duplicate(task, request)
         return
     answered = False
     try:
-        redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+        admission = claim_in_background(task.app.pools, settings, uid, restart=restart, token=token)
         stream = ResponseStream(
-            _publisher(task.app.pools.lanes.next()),
+            _publisher(task.app.pools.lanes.next(), admission),
             request.reply_to or settings.response_queue(uid),
             uid,
-            restart=redelivered or restart,
+            restart=restart,
         )
-        if stream.restart:
+        if restart:
             logger.warning("uid=%s: redelivered; the answer starts again", uid)
         answer(stream, request, settings)
         answered = True
+    except NotAdmitted:
+        _drop_duplicate(task, request)
     except PublishFailed as exc:
         # The broker is unreachable: give the request back to be answered later.
         logger.error("uid=%s: cannot publish the answer (%s); requeued", uid, exc)
         raise Reject(exc, requeue=True) from exc
     finally:
         _seen.end(uid, answered=answered)
+
+
+def _drop_duplicate(task: Task, request: ChatRequest) -> None:
+    """Dead-letter a copy of a uid that another request has (its first copy is answered)."""
+    settings: Settings = task.app.settings
+    error = DuplicateRequest(
+        f"uid {request.uid} was already accepted in the last {settings.dedup_window} s; "
+        "this copy is dropped"
+    )
+    error.uid = request.uid
+    logger.warning("uid=%s: rejected (%s): %s", request.uid, error.code, error.message)
+    try:
+        with task.app.pools.confirmed.acquire(block=True) as producer:
+            dead_letter(
+                producer,
+                settings,
+                json.dumps(request.to_task()),
+                error,
+                content_type="application/json",
+                content_encoding="utf-8",
+            )
+    except Exception as exc:  # the copy is dropped all the same
+        logger.warning("uid=%s: could not dead-letter a duplicate: %r", request.uid, exc)
 
 
 def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> None:
@@ -146,7 +191,7 @@ def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> 
                         stream.chunk(held)
             else:
                 stream.completion(llm.complete(client, request))
-        except PublishFailed:
+        except (PublishFailed, NotAdmitted):
             raise
         except Exception as exc:
             # The SDK already retried what failed before the stream opened; a

@@ -24,11 +24,11 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from amqp.exceptions import AMQPError
 from flask import Blueprint, Response, jsonify, request, url_for
 from kombu.exceptions import OperationalError
 
 from app.broker import (
+    BROKER_ERRORS,
     CLAIM_TOKEN_HEADER,
     RETRY_POLICY,
     claim_uid,
@@ -44,8 +44,6 @@ from web.services import Services, services
 logger = logging.getLogger(__name__)
 
 bp = Blueprint("submit", __name__)
-
-BROKER_ERRORS = (AMQPError, OperationalError, ConnectionError, OSError)
 
 
 def read_json_body(max_bytes: int) -> dict[str, Any]:
