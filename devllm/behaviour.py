@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Fault = Literal["disconnect", "stall", "malformed"]
-FAULTS: tuple[Fault, ...] = ("disconnect", "stall", "malformed")
+Fault = Literal["disconnect", "stall", "malformed", "error"]
+FAULTS: tuple[Fault, ...] = ("disconnect", "stall", "malformed", "error")
 DEFAULT_STALL = 3600.0
 
 

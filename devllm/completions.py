@@ -18,6 +18,15 @@ from typing import Any
 SYSTEM_FINGERPRINT = "fp_devllm"
 DONE = b"data: [DONE]\n\n"
 MALFORMED = b"data: {this is not json\n\n"
+# What vLLM and others send when generation fails after the answer began.
+STREAMED_ERROR = {
+    "error": {
+        "message": "devllm: the model failed mid-answer (fault=error)",
+        "type": "server_error",
+        "code": "model_error",
+        "param": None,
+    }
+}
 
 
 class InvalidRequest(ValueError):

@@ -22,7 +22,7 @@ Routes
 ``GET /_stats``, ``POST /_reset``
     Counters (``requests``, ``errors``, ``requests_cancelled``,
     ``streams_started``, ``streams_completed``, ``streams_cancelled`` (the
-    client left mid-stream), ``streams_faulted`` (``fault=disconnect``),
+    client left mid-stream), ``streams_faulted`` (``fault=disconnect`` or ``error``),
     ``active_streams``, ``peak_active_streams``, the most open at once since
     the last reset) and ``last_requests``, the last 50 request bodies.
     ``/_reset`` zeroes them, and the ``times=N`` counts.
@@ -70,6 +70,10 @@ A model without ``;`` behaves normally. Answers echo the whole string as
 ``fault=malformed``
     After ``at`` content chunks, send ``data: {this is not json`` and go on.
     Non-streaming: the body is not JSON.
+``fault=error``
+    After ``at`` content chunks, send an error object as a ``data:`` payload
+    (``{"error": {... "code": "model_error"}}``, as vLLM does when generation
+    fails) and end the stream. Non-streaming: that object as a 200 body.
 ``at=K``
     Content chunks sent before the fault (default 0; past the end of the
     answer, the fault comes before the finish chunk).
@@ -100,7 +104,7 @@ from werkzeug.exceptions import HTTPException
 
 from devllm.answers import count_prompt_tokens, reply_tokens
 from devllm.behaviour import Behaviour, BehaviourError, Fault
-from devllm.completions import Completion, InvalidRequest, parse_request
+from devllm.completions import STREAMED_ERROR, Completion, InvalidRequest, parse_request
 from devllm.connection import ENVIRON_KEY, ClientConnection
 from devllm.errors import error_object
 from devllm.settings import BACKLOG, Settings
@@ -268,6 +272,8 @@ def _whole(
         return Response(b"", status=CLIENT_GONE)
     if fault == "malformed":
         return Response(b"{this is not json", mimetype="application/json")
+    if fault == "error":
+        return jsonify(STREAMED_ERROR)
     return jsonify(completion.to_object())
 
 

@@ -11,11 +11,12 @@ stream counts as ``streams_cancelled``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 
 from devllm.behaviour import Behaviour
-from devllm.completions import DONE, MALFORMED, Completion
+from devllm.completions import DONE, MALFORMED, STREAMED_ERROR, Completion
 from devllm.connection import ClientConnection
 from devllm.state import Outcome, State
 
@@ -61,6 +62,12 @@ def stream(
                         "%s: sending a malformed chunk after %d chunks", completion.id, index
                     )
                     yield MALFORMED
+                elif fault == "error":
+                    logger.info("%s: sending an error object after %d chunks", completion.id, index)
+                    outcome = "faulted"
+                    yield b"data: " + json.dumps(STREAMED_ERROR).encode() + b"\n\n"
+                    yield DONE
+                    return
             if index == len(completion.tokens):
                 break
             if connection.pause(delay):

@@ -341,6 +341,22 @@ def test_malformed_chunk(client: OpenAI) -> None:
         client.chat.completions.create(model="gpt-4o;fault=malformed", messages=FRANCE)
 
 
+def test_error_object_mid_stream(client: OpenAI) -> None:
+    received: list[ChatCompletionChunk] = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in client.chat.completions.create(
+            model="gpt-4o;fault=error;at=2", messages=FRANCE, stream=True
+        ):
+            received.append(chunk)
+    assert content_of(received) == "The capital"
+    assert caught.value.code == "model_error"
+    whole = client.chat.completions.with_raw_response.create(
+        model="gpt-4o;fault=error", messages=FRANCE
+    )
+    assert whole.status_code == 200
+    assert json.loads(whole.text)["error"]["code"] == "model_error"
+
+
 def test_stall_before_a_non_streaming_answer(llm: DevLLM, client: OpenAI) -> None:
     llm.reset()
     with pytest.raises(openai.APITimeoutError):

@@ -110,6 +110,24 @@ def test_a_malformed_chunk_ends_with_an_error(broker: Broker) -> None:
     assert_broken_after(answer, 2, "llm_stream_interrupted", 502)
 
 
+def test_an_error_object_in_the_stream_is_passed_on(broker: Broker, llm: DevLLM) -> None:
+    """An LLM that fails mid-answer sends an error object as a data: payload."""
+    model = f"m;fault=error;at=2;tag={tag()}"
+    _, answer = ask(broker, model)
+    assert_broken_after(answer, 2, "model_error", 502)
+    error = answer.messages[-2].json["error"]
+    assert error["type"] == "server_error"
+    assert "failed mid-answer" in error["message"]
+    assert requests_for(llm, model) == 1
+
+
+def test_an_error_object_as_a_whole_answer_is_passed_on(broker: Broker) -> None:
+    _, answer = ask(broker, f"m;fault=error;tag={tag()}", stream=False)
+    assert [m.kind for m in answer.messages] == ["error", "done"]
+    assert answer.messages[0].json["error"]["code"] == "model_error"
+    assert answer.messages[0].properties.headers["status"] == 502
+
+
 def test_a_stall_past_the_timeout_ends_with_an_error(broker: Broker) -> None:
     _, answer = ask(broker, f"m;fault=stall;at=4;stall=30;tag={tag()}")
     assert_broken_after(answer, 4, "llm_timeout", 504)
