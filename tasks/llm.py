@@ -33,6 +33,8 @@ _clients: dict[int, openai.OpenAI] = {}
 
 # Status codes the SDK retries, and with them what we may retry ourselves when
 # a stream breaks before its first chunk.
+CHAT_COMPLETIONS = "/chat/completions"
+
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 
 _TYPE_BY_STATUS = {
@@ -98,6 +100,15 @@ def _object(data: str) -> dict[str, Any]:
     return payload
 
 
+def _body(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+    return {
+        "model": request.model,
+        "messages": request.messages,
+        "stream": stream,
+        **request.params,
+    }
+
+
 @contextmanager
 def stream(
     client: openai.OpenAI, request: ChatRequest
@@ -106,13 +117,17 @@ def stream(
 
     Raises the SDK's errors when the answer does not start (after its
     retries), and :class:`UpstreamError` for a payload that is not JSON.
+
+    The request goes through the SDK's ``post`` (its retries, timeouts,
+    headers and errors, as ``create`` has them) with a body already checked
+    by :func:`app.request.parse_request`: ``create`` would walk every message
+    against its typed parameters first, which cost an eighth of the worker's
+    time.
     """
-    with client.chat.completions.with_streaming_response.create(
-        model=request.model,
-        messages=request.messages,  # type: ignore[arg-type]
-        stream=True,
-        **request.params,
-    ) as response:
+    response = client.post(
+        CHAT_COMPLETIONS, body=_body(request, stream=True), cast_to=httpx2.Response, stream=True
+    )
+    try:
 
         def payloads() -> Iterator[tuple[str, dict[str, Any]]]:
             done = False
@@ -125,15 +140,14 @@ def stream(
                 yield event.data, _object(event.data)
 
         yield payloads()
+    finally:
+        response.close()
 
 
 def complete(client: openai.OpenAI, request: ChatRequest) -> str:
     """The whole answer of a ``stream: false`` request: the ``chat.completion`` as sent."""
-    response = client.chat.completions.with_raw_response.create(
-        model=request.model,
-        messages=request.messages,  # type: ignore[arg-type]
-        stream=False,
-        **request.params,
+    response = client.post(
+        CHAT_COMPLETIONS, body=_body(request, stream=False), cast_to=httpx2.Response
     )
     text = response.text
     _object(text)
