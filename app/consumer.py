@@ -159,6 +159,10 @@ class Intake:
                 args=[request.to_task()],
                 kwargs=options or None,
                 task_id=request.uid,
+                # What Flower and the events show: no prompts (and no repr of
+                # a whole conversation for every request).
+                argsrepr=request.summary(),
+                kwargsrepr=repr(options),
                 producer=producer,
                 retry=True,
                 retry_policy=RETRY_POLICY,

@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
     app.settings = settings
     app.pools = Pools(settings)
     app.config_from_object(celery_config(settings))
-    app.task(
+    task = app.task(
         name=STREAM_CHAT,
         bind=True,
         acks_late=True,
@@ -52,6 +52,9 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
 
         llm.client(settings)
         cancel.listener(settings)
+        # Celery keeps its (disabled) result backend per thread, so per greenlet:
+        # without this, every apply_async of a request built a new one.
+        task.backend = app.backend
 
     signals.worker_process_init.connect(warm_up, weak=False)
     signals.worker_ready.connect(warm_up, weak=False)

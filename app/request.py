@@ -76,6 +76,13 @@ class ChatRequest:
     params: dict[str, Any] = field(default_factory=dict)
     reply_to: str | None = None
 
+    def summary(self) -> str:
+        """The request in one line, without its content."""
+        return (
+            f"[model={self.model!r}, messages={len(self.messages)}, "
+            f"stream={self.stream}, user={self.username!r}]"
+        )
+
     def to_task(self) -> dict[str, Any]:
         return asdict(self)
 

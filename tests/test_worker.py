@@ -210,6 +210,9 @@ def test_flower_sees_each_request_as_a_task_named_by_its_uid(
     assert "task-succeeded" in mine
     sent = next(e for e in events if e.get("uuid") == uid and e["type"] == "task-sent")
     assert sent["name"] == "chatqueue.stream_chat"
+    # The request is summed up, its content is not shown.
+    received = next(e for e in events if e.get("uuid") == uid and e["type"] == "task-received")
+    assert "messages=1" in received["args"] and "joke" not in received["args"]
 
 
 def wait_dead_letter(broker: Broker, match: Any, timeout: float = 20) -> Any:
