@@ -85,8 +85,11 @@ FULL = Plan(
     ttft_warmup=20,
     ttft_tokens=5,
     streams=1000,
-    stream_tokens=40,
-    stream_delay=0.1,
+    # 30 s streams, a token a second each: longer than starting 1,000 takes,
+    # so all are open at once (with 4 s streams the first end before the last
+    # begin), at a token rate one process carries (1,000 messages a second).
+    stream_tokens=30,
+    stream_delay=1.0,
     requests=2000,
     short_tokens=5,
     timeout=300,
