@@ -109,9 +109,13 @@ def _claim_queue(channel: Channel, settings: Settings, name: str) -> str:
     return name
 
 
-def _claim_info_queue(settings: Settings, uid: str) -> str:
+def claim_queue_name(settings: Settings, uid: str) -> str:
+    return f"{settings.claim_prefix}{uid}"
+
+
+def claim_info_queue(settings: Settings, uid: str) -> str:
     # "/" is in no uid, so this is never the name of another uid's claim.
-    return f"{settings.claim_prefix}{uid}/info"
+    return f"{claim_queue_name(settings, uid)}/info"
 
 
 def claim_uid(
@@ -129,14 +133,14 @@ def claim_uid(
     claim in. What :func:`read_claim` reads is a copy in a queue of its own,
     written once the claim is won (only when there is a token or an owner).
     """
-    name = _claim_queue(channel, settings, f"{settings.claim_prefix}{uid}")
+    name = _claim_queue(channel, settings, claim_queue_name(settings, uid))
     body = json.dumps({"token": token, "owner": owner}).encode()
     try:
         channel.basic_publish(channel.prepare_message(body), exchange="", routing_key=name)
     except MessageNacked:
         return False
     if token or owner:
-        info = _claim_queue(channel, settings, _claim_info_queue(settings, uid))
+        info = _claim_queue(channel, settings, claim_info_queue(settings, uid))
         channel.basic_publish(channel.prepare_message(body), exchange="", routing_key=info)
     return True
 
@@ -153,7 +157,7 @@ def read_claim(connection: Connection, settings: Settings, uid: str) -> dict[str
 
     Uses a channel of its own: a missing queue closes the channel it is asked on.
     """
-    name = _claim_info_queue(settings, uid)
+    name = claim_info_queue(settings, uid)
     channel = connection.channel()
     try:
         channel.queue_declare(queue=name, passive=True)

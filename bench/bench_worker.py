@@ -33,13 +33,12 @@ from typing import Any
 import openai
 import pika
 
-from app.broker import response_queue_arguments
+from app.broker import claim_queue_name, response_queue_arguments
 from bench.common import (
     CpuMeter,
     ManagedProcess,
     RunNames,
     child_env,
-    claim_queue,
     delete_queues,
     devllm_pid,
     find_pid,
@@ -236,7 +235,7 @@ class Client:
         """Delete the response queues and the claims of ``uids``."""
         for uid in uids:
             self.channel.queue_delete(self.settings.response_queue(uid))
-            self.channel.queue_delete(claim_queue(self.settings, uid))
+            self.channel.queue_delete(claim_queue_name(self.settings, uid))
         gone = set(uids)
         self.used = [u for u in self.used if u not in gone]
 

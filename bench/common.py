@@ -33,6 +33,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from app.broker import claim_info_queue, claim_queue_name
 from config import Settings, load_settings
 from devllm.testing import DevLLM
 
@@ -244,13 +245,15 @@ def run_queues(settings: Settings, uids: Iterable[str] = ()) -> list[str]:
     """The queues of a run: input, tasks, dead letters, and per request its
     response queue and its claim."""
     per_request = [
-        q for uid in uids for q in (settings.response_queue(uid), claim_queue(settings, uid))
+        q
+        for uid in uids
+        for q in (
+            settings.response_queue(uid),
+            claim_queue_name(settings, uid),
+            claim_info_queue(settings, uid),
+        )
     ]
     return [settings.rabbitmq_queue, settings.task_queue, settings.dead_letter_queue, *per_request]
-
-
-def claim_queue(settings: Settings, uid: str) -> str:
-    return settings.claim_prefix + uid
 
 
 def delete_queues(url: str, queues: Iterable[str], exchanges: Iterable[str] = ()) -> int:
