@@ -63,18 +63,43 @@ WorkerFactory = Callable[..., Process]
 def start_worker(worker_env: dict[str, str]) -> Iterator[WorkerFactory]:
     """Start a real worker from the Procfile line; all are stopped at the end."""
     started: list[Process] = []
+    envs: list[dict[str, str]] = []
 
     def start(name: str = "w", env: dict[str, str] | None = None, **extra: str) -> Process:
         argv = [*procfile_command("worker"), "--hostname", f"{name}-{RUN}-{len(started)}@%h"]
         merged = {**(env or worker_env), **extra}
         proc = Process(argv, merged, f"worker-{name}")
         started.append(proc)
+        envs.append(merged)
         wait_for_consumer(RABBITMQ_URL, merged["RABBITMQ_QUEUE"], proc=proc)
         return proc
 
     yield start
     for proc in started:
         proc.stop()
+    # The queues of workers started on names of their own (the run's are
+    # deleted by _delete_run_queues).
+    _delete_queues(
+        {
+            queue
+            for env in envs
+            for queue in (
+                env["RABBITMQ_QUEUE"],
+                env["CHATQUEUE_NAMESPACE"] + ".tasks",
+                env["CHATQUEUE_NAMESPACE"] + ".dead-letter",
+            )
+        }
+    )
+
+
+def _delete_queues(queues: set[str]) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        channel = connection.channel()
+        for queue in sorted(queues):
+            channel.queue_delete(queue)  # a missing queue is fine
+    finally:
+        connection.close()
 
 
 @pytest.fixture(scope="session")
@@ -92,12 +117,8 @@ def broker(names: dict[str, str]) -> Iterator[Broker]:
 @pytest.fixture(scope="session", autouse=True)
 def _delete_run_queues(names: dict[str, str]) -> Iterator[None]:
     yield
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    channel = connection.channel()
     ns = names["CHATQUEUE_NAMESPACE"]
-    for queue in (names["RABBITMQ_QUEUE"], f"{ns}.tasks", f"{ns}.dead-letter"):
-        channel.queue_delete(queue)
-    connection.close()
+    _delete_queues({names["RABBITMQ_QUEUE"], f"{ns}.tasks", f"{ns}.dead-letter"})
 
 
 def new_uid() -> str:
