@@ -22,6 +22,7 @@ class ChatqueueCelery(Celery):  # type: ignore[misc]
 
 def create_app(settings: Settings | None = None) -> ChatqueueCelery:
     from app.consumer import RequestConsumer
+    from app.events import BufferedTaskEvents
     from tasks.chat import stream_chat
 
     settings = settings or load_settings()
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
         ignore_result=True,
     )(stream_chat)
     app.steps["consumer"].add(RequestConsumer)
+    app.steps["consumer"].add(BufferedTaskEvents)
 
     level = logging.getLevelName(settings.log_level.upper())
 
