@@ -4,8 +4,10 @@ Each message body is one OpenAI streaming ``data:`` payload, in order, and the
 last one is always ``[DONE]``. Properties: ``content_type``, ``correlation_id``
 (the uid), ``type`` (``chunk``, ``completion``, ``error``, ``done``) and the
 header ``seq`` (0, 1, 2, ...). A stream that a worker had to start again
-(its first worker died) carries the header ``restart: true`` on every message:
-its ``seq`` starts at 0 again and a reader drops what it had.
+(its first worker died, or the LLM broke its stream after the opening chunk
+but before the first token and was asked again) carries the header
+``restart: true`` on every message: its ``seq`` starts at 0 again and a reader
+drops what it had.
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ class ResponseStream:
 
     def error(self, error_object: dict[str, Any], status: int) -> None:
         self._send(json.dumps(error_object), Kind.ERROR, JSON, status=status)
+
+    def again(self) -> None:
+        """Start the answer over: what follows carries ``restart`` and ``seq`` from 0."""
+        self.seq = 0
+        self.restart = True
 
     def done(self) -> None:
         self._send(DONE, Kind.DONE, TEXT)

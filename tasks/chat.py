@@ -166,50 +166,39 @@ def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> 
     started = time.monotonic()
     for attempt in range(settings.llm_max_retries + 1):
         opened = False  # the LLM answered 200 and its stream began
+        tokens = False  # a chunk with more than the opening role went out
         try:
             if request.stream:
                 with llm.stream(client, request) as payloads:
                     opened = True
-                    # The opening chunk (the role, no token) is held back until
-                    # a token follows, so a stream that breaks before its first
-                    # token can be tried again from a clean start.
-                    held: str | None = None
                     for payload, chunk in payloads:
                         if cancels.cancelled(uid):
                             # Leaving the block closes the HTTP stream: the
                             # LLM stops generating.
                             logger.info("uid=%s: cancelled after %d chunks", uid, stream.seq)
                             return
-                        if not stream.started and held is None and _no_token(chunk):
-                            held = payload
-                            continue
-                        if held is not None:
-                            stream.chunk(held)
-                            held = None
                         stream.chunk(payload)
-                    if held is not None:
-                        stream.chunk(held)
+                        tokens = tokens or not _no_token(chunk)
             else:
                 stream.completion(llm.complete(client, request))
         except (PublishFailed, NotAdmitted):
             raise
         except Exception as exc:
             # The SDK already retried what failed before the stream opened; a
-            # stream that broke before its first token is tried again here.
-            if (
-                opened
-                and not stream.started
-                and attempt < settings.llm_max_retries
-                and llm.retryable(exc)
-            ):
+            # stream that broke before its first token is tried again here,
+            # and its answer starts over (``restart``, seq 0) if its opening
+            # chunk went out.
+            if opened and not tokens and attempt < settings.llm_max_retries and llm.retryable(exc):
                 delay = min(0.5 * 2**attempt, 8.0)
                 logger.warning(
-                    "uid=%s: LLM failed before the first chunk (%r); retry in %.1f s",
+                    "uid=%s: LLM failed before the first token (%r); retry in %.1f s",
                     uid,
                     exc,
                     delay,
                 )
                 time.sleep(delay)
+                if stream.started:
+                    stream.again()
                 continue
             error, status = llm.describe(exc, started=stream.started)
             logger.warning(

@@ -79,10 +79,16 @@ def test_a_timeout_before_the_first_token_is_retried(broker: Broker, llm: DevLLM
 
 
 def test_a_stream_broken_before_its_first_token_is_retried(broker: Broker, llm: DevLLM) -> None:
+    """The opening chunk went out at once; the answer asked again replaces it."""
     model = f"m;fault=disconnect;at=0;times=1;tag={tag()}"
     uid, answer = ask(broker, model)
-    assert_protocol(answer, uid)
-    assert answer.content == "".join(reply_tokens([{"role": "user", "content": PROMPT}], TOKENS))
+    opening, again = answer.split()
+    assert [m.kind for m in opening.messages] == ["chunk"]
+    assert opening.messages[0].json["choices"][0]["delta"]["role"] == "assistant"
+    assert opening.content == ""
+    assert all(m.restart for m in again.messages)
+    assert_protocol(again, uid)
+    assert again.content == "".join(reply_tokens([{"role": "user", "content": PROMPT}], TOKENS))
     assert requests_for(llm, model) == 2
 
 
