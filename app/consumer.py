@@ -160,9 +160,9 @@ class Intake:
                 kwargs=options or None,
                 task_id=request.uid,
                 # What Flower and the events show: no prompts (and no repr of
-                # a whole conversation for every request).
+                # a whole conversation for every request), no claim token.
                 argsrepr=request.summary(),
-                kwargsrepr=repr(options),
+                kwargsrepr=repr({k: "***" if k == "token" else v for k, v in options.items()}),
                 producer=producer,
                 retry=True,
                 retry_policy=RETRY_POLICY,
