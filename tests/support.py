@@ -425,3 +425,23 @@ def read_sse(
                 event_id = value
     finally:
         connection.close()
+
+
+def task_events(url: str, uid: str, send: Callable[[], object], timeout: float = 20) -> list[Any]:
+    """The Celery events the workers send about ``uid`` once ``send()`` made
+    its request, up to its ``task-succeeded``, read as Flower reads them."""
+    from celery import Celery
+
+    events: list[dict[str, Any]] = []
+    probe = Celery(broker=url, set_as_current=False)
+    with probe.connection_for_read() as connection:
+        receiver = probe.events.Receiver(
+            connection, handlers={"*": events.append}, node_id=f"probe-{uid}"
+        )
+        capture = receiver.itercapture(limit=None, timeout=timeout, wakeup=False)
+        next(capture)  # consuming: the first event (a worker heartbeat) is in
+        send()
+        for _ in capture:
+            if any(e["type"] == "task-succeeded" and e.get("uuid") == uid for e in events):
+                break
+    return [e for e in events if e.get("uuid") == uid]

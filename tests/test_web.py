@@ -16,7 +16,7 @@ import pytest
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
 from tests.conftest import WebFactory, new_uid
-from tests.support import Broker, EventStream, Web, fetch, read_sse
+from tests.support import Broker, EventStream, Web, fetch, read_sse, task_events
 
 KNIGHT = "Tell me a short story about a brave knight."
 TOKENS = 12  # the development LLM's default answer length in the tests
@@ -346,3 +346,15 @@ def test_streams_spread_over_more_broker_connections(start_web: WebFactory) -> N
         assert "response-link-3: connected (up to 2 streams)" in small.output()
     finally:
         small.stop()
+
+
+def test_flower_shows_no_prompt_and_no_claim_token(web: Web, web_env: dict[str, str]) -> None:
+    """The events of a submitted request sum it up: no prompt, the token masked."""
+    uid = new_uid()
+    events = task_events(
+        web_env["RABBITMQ_URL"], uid, lambda: submit(web, chat("a secret prompt", uid=uid))
+    )
+    received = next(e for e in events if e["type"] == "task-received")
+    assert "messages=1" in received["args"] and "secret" not in received["args"]
+    assert received["kwargs"] == "{'token': '***'}"
+    assert stream(web, uid).content == expected("a secret prompt")

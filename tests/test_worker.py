@@ -12,7 +12,7 @@ import pytest
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
 from tests.conftest import new_uid
-from tests.support import Answer, Broker, Process, Received
+from tests.support import Answer, Broker, Process, Received, task_events
 
 pytestmark = pytest.mark.usefixtures("worker")
 TOKENS = 12  # the development LLM's answer length in these tests
@@ -189,21 +189,12 @@ def test_flower_sees_each_request_as_a_task_named_by_its_uid(
     broker: Broker, start_worker: Any, worker_env: dict[str, str]
 ) -> None:
     """task-sent (from the bootstep) and task-succeeded events, uid as task id."""
-    from celery import Celery
-
-    events: list[dict[str, Any]] = []
-    probe = Celery(broker=worker_env["RABBITMQ_URL"], set_as_current=False)
     uid = new_uid()
-    with probe.connection_for_read() as connection:
-        receiver = probe.events.Receiver(
-            connection, handlers={"*": events.append}, node_id=f"probe-{uid}"
-        )
-        capture = receiver.itercapture(limit=None, timeout=20, wakeup=False)
-        next(capture)  # consuming: the first event (a worker heartbeat) is in
-        broker.publish({"uid": uid, "message": "Tell me a joke."})
-        for _ in capture:
-            if any(e["type"] == "task-succeeded" and e.get("uuid") == uid for e in events):
-                break
+    events = task_events(
+        worker_env["RABBITMQ_URL"],
+        uid,
+        lambda: broker.publish({"uid": uid, "message": "Tell me a joke."}),
+    )
     mine = [e["type"] for e in events if e.get("uuid") == uid]
     assert "task-sent" in mine
     assert "task-received" in mine
