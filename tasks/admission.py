@@ -40,7 +40,6 @@ class Admission:
     def __init__(self, decide: Callable[[], bool], name: str) -> None:
         self._admitted: bool | None = None
         self._error: BaseException | None = None
-        self.name = name
         self._runner: Any
         if monkey.is_module_patched("threading"):
             # A greenlet runs once the task waits for the LLM, not before:

@@ -31,10 +31,10 @@ from config import Settings
 _lock = threading.Lock()
 _clients: dict[int, openai.OpenAI] = {}
 
-# Status codes the SDK retries, and with them what we may retry ourselves when
-# a stream breaks before its first chunk.
 CHAT_COMPLETIONS = "/chat/completions"
 
+# Status codes the SDK retries, and with them what we may retry ourselves when
+# a stream breaks before its first chunk.
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 
 _TYPE_BY_STATUS = {
