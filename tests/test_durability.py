@@ -4,6 +4,8 @@ it streams loses nothing; another worker answers each request again."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from app.factory import create_app
@@ -24,13 +26,23 @@ def isolated(worker_env: dict[str, str], names: dict[str, str], suffix: str) -> 
     }
 
 
+@contextmanager
+def client_of(env: dict[str, str]) -> Iterator[Broker]:
+    """A pika client on ``env``'s names; its input queue is deleted afterwards."""
+    client = Broker(env["RABBITMQ_URL"], env)
+    try:
+        yield client
+    finally:
+        client.channel.queue_delete(env["RABBITMQ_QUEUE"])
+        client.close()
+
+
 def test_sigkill_mid_stream_loses_no_request(
     start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
 ) -> None:
     env = isolated(worker_env, names, "kill")
-    client = Broker(env["RABBITMQ_URL"], env)
-    first = start_worker("doomed", env=env)
-    try:
+    with client_of(env) as client:
+        first = start_worker("doomed", env=env)
         model = "m;delay=0.3;tokens=30"  # about 9 s a stream: none ends before the kill
         prompts = [f"durable {i}" for i in range(40)]
         uids = [new_uid() for _ in prompts]
@@ -57,9 +69,6 @@ def test_sigkill_mid_stream_loses_no_request(
             assert partial.messages and not partial.done
             assert again.in_order
             assert again.content == "".join(reply_tokens([{"role": "user", "content": prompt}], 30))
-    finally:
-        client.channel.queue_delete(env["RABBITMQ_QUEUE"])
-        client.close()
 
 
 def test_requests_waiting_in_the_queue_survive_a_killed_worker(
@@ -68,8 +77,7 @@ def test_requests_waiting_in_the_queue_survive_a_killed_worker(
     """Requests published while no worker runs, taken by one that is killed at
     once, are answered by the next: nothing accepted is lost."""
     env = isolated(worker_env, names, "backlog")
-    client = Broker(env["RABBITMQ_URL"], env)
-    try:
+    with client_of(env) as client:
         client.channel.queue_declare(env["RABBITMQ_QUEUE"], durable=True)
         uids = [new_uid() for _ in range(300)]
         declare_response_queues(client, uids, int(env["RESPONSE_QUEUE_TTL"]))
@@ -94,9 +102,6 @@ def test_requests_waiting_in_the_queue_survive_a_killed_worker(
         for uid in uids:
             assert answers[uid].final.in_order
             assert answers[uid].final.content == "The capital of France is Paris."
-    finally:
-        client.channel.queue_delete(env["RABBITMQ_QUEUE"])
-        client.close()
 
 
 def test_a_redelivered_request_is_answered_as_a_restart(
@@ -105,8 +110,7 @@ def test_a_redelivered_request_is_answered_as_a_restart(
     """An input message given back by a consumer that died may have been
     handed off and begun already: its answer is marked ``restart``."""
     env = isolated(worker_env, names, "redelivered")
-    client = Broker(env["RABBITMQ_URL"], env)
-    try:
+    with client_of(env) as client:
         client.channel.queue_declare(env["RABBITMQ_QUEUE"], durable=True)
         uid = new_uid()
         client.publish({"uid": uid, "model": "m;tokens=5", "message": "Hello?"})
@@ -120,9 +124,6 @@ def test_a_redelivered_request_is_answered_as_a_restart(
         assert all(m.restart for m in answer.messages)
         expected = "".join(reply_tokens([{"role": "user", "content": "Hello?"}], 5))
         assert answer.content == expected
-    finally:
-        client.channel.queue_delete(env["RABBITMQ_QUEUE"])
-        client.close()
 
 
 def test_a_second_copy_of_an_answered_task_is_dropped(
@@ -134,22 +135,21 @@ def test_a_second_copy_of_an_answered_task_is_dropped(
     env = isolated(worker_env, names, "copies")
     worker = start_worker("copies", env=env)
     sender = create_app(load_settings(env))
-    client = Broker(env["RABBITMQ_URL"], env)
-    try:
-        uid = new_uid()
-        declare_response_queues(client, [uid], int(env["RESPONSE_QUEUE_TTL"]))
-        request = parse_request(
-            {"uid": uid, "model": "m;tokens=5", "message": "Hello?"}, default_model="m"
-        )
-        task = sender.tasks[STREAM_CHAT]
-        task.apply_async(args=[request.to_task()], task_id=uid)
-        assert client.answer(uid).done
-        task.apply_async(args=[request.to_task()], kwargs={"restart": True}, task_id=uid)
-        deadline = time.monotonic() + 20
-        while f"uid={uid}: already answered" not in worker.output():
-            assert time.monotonic() < deadline, "the second copy was not dropped"
-            time.sleep(0.1)
-        assert client.queue_length(client.response_queue(uid)) == 0
-    finally:
-        client.close()
-        sender.close()
+    with client_of(env) as client:
+        try:
+            uid = new_uid()
+            declare_response_queues(client, [uid], int(env["RESPONSE_QUEUE_TTL"]))
+            request = parse_request(
+                {"uid": uid, "model": "m;tokens=5", "message": "Hello?"}, default_model="m"
+            )
+            task = sender.tasks[STREAM_CHAT]
+            task.apply_async(args=[request.to_task()], task_id=uid)
+            assert client.answer(uid).done
+            task.apply_async(args=[request.to_task()], kwargs={"restart": True}, task_id=uid)
+            deadline = time.monotonic() + 20
+            while f"uid={uid}: already answered" not in worker.output():
+                assert time.monotonic() < deadline, "the second copy was not dropped"
+                time.sleep(0.1)
+            assert client.queue_length(client.response_queue(uid)) == 0
+        finally:
+            sender.close()
