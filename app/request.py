@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from app.errors import BodyTooLarge, RequestError
 
@@ -24,6 +24,9 @@ UID_RULE = "1 to 128 characters of A-Z a-z 0-9 - _ . :"
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_NAME = 256  # model and username
 MAX_REPLY_TO = 255  # an AMQP short string
+# RabbitMQ's direct reply-to: the pseudo-queue a client consumes, and the prefix
+# of the names the broker puts in ``reply_to`` in its place.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 def _number(value: Any) -> bool:
@@ -95,6 +98,58 @@ def is_valid_uid(uid: object) -> bool:
     return isinstance(uid, str) and UID_PATTERN.fullmatch(uid) is not None
 
 
+class QueueNames(Protocol):
+    """The names of chatqueue's own queues (``config.Settings`` has them)."""
+
+    @property
+    def rabbitmq_queue(self) -> str: ...
+    @property
+    def task_queue(self) -> str: ...
+    @property
+    def dead_letter_queue(self) -> str: ...
+    @property
+    def chatqueue_namespace(self) -> str: ...
+    @property
+    def response_queue_prefix(self) -> str: ...
+
+
+def owned_queues(names: QueueNames) -> Callable[[str], bool]:
+    """Whether a queue is chatqueue's: the input, task and dead-letter queues,
+    any ``<namespace>.`` name (claims...) and any response queue."""
+    exact = frozenset({names.rabbitmq_queue, names.task_queue, names.dead_letter_queue})
+    prefixes = (f"{names.chatqueue_namespace}.", names.response_queue_prefix)
+
+    def owned(queue: str) -> bool:
+        return queue in exact or queue.startswith(prefixes)
+
+    return owned
+
+
+def is_direct_reply_to(reply_to: str) -> bool:
+    """Whether ``reply_to`` is RabbitMQ's direct reply-to (as sent, or as the broker names it)."""
+    return reply_to == DIRECT_REPLY_TO or reply_to.startswith(DIRECT_REPLY_TO + ".")
+
+
+def check_reply_to(reply_to: str, *, owned: Callable[[str], bool]) -> None:
+    """Refuse a ``reply_to`` that names a queue chatqueue owns.
+
+    Answering there would put chunks on the input or task queue (a loop), on
+    the dead-letter queue, or into another request's answer. A request's own
+    ``response_<uid>`` is refused too: it is where the answer goes without
+    ``reply_to``. Direct reply-to is always allowed.
+    """
+    if is_direct_reply_to(reply_to) or not owned(reply_to):
+        return
+    raise RequestError(
+        f"reply_to {reply_to!r} names a queue of chatqueue's own (the input, task or "
+        "dead-letter queue, a claim, or a response queue): reply to a queue of your own "
+        f"(a server-named exclusive queue, or {DIRECT_REPLY_TO!r}), or leave reply_to "
+        "unset and read the response queue of your uid",
+        code="invalid_reply_to",
+        param="reply_to",
+    )
+
+
 def decode_body(body: bytes | str, max_bytes: int) -> dict[str, Any]:
     """Bytes to a JSON object, or :class:`RequestError`."""
     if len(body) > max_bytes:
@@ -132,15 +187,27 @@ def parse_request(
     correlation_id: str | None = None,
     reply_to: str | None = None,
     uid_required: bool = True,
+    owned_queue: Callable[[str], bool] | None = None,
 ) -> ChatRequest:
     """Validate a decoded request. Raises :class:`RequestError` with ``uid``
-    and ``reply_to`` set when they are known, so the caller can answer."""
+    and ``reply_to`` set when they are known, so the caller can answer.
+
+    With ``owned_queue`` (see :func:`owned_queues`), a ``reply_to`` it claims
+    is refused first (:func:`check_reply_to`, ``invalid_reply_to``), and that
+    error carries no ``reply_to``: nothing is ever sent to such a queue.
+    """
     if reply_to is not None and not (
         isinstance(reply_to, str) and 0 < len(reply_to) <= MAX_REPLY_TO
     ):
         reply_to = None
     uid = data.get("uid", data.get("key", correlation_id))
     try:
+        if reply_to is not None and owned_queue is not None:
+            try:
+                check_reply_to(reply_to, owned=owned_queue)
+            except RequestError:
+                reply_to = None
+                raise
         return _parse(data, uid, default_model, reply_to, uid_required)
     except RequestError as exc:
         exc.uid = uid if is_valid_uid(uid) else None

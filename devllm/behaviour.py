@@ -12,8 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Fault = Literal["disconnect", "stall", "malformed", "error"]
-FAULTS: tuple[Fault, ...] = ("disconnect", "stall", "malformed", "error")
+Fault = Literal["disconnect", "stall", "malformed", "error", "truncate", "truncate_eof"]
+FAULTS: tuple[Fault, ...] = (
+    "disconnect",
+    "stall",
+    "malformed",
+    "error",
+    "truncate",
+    "truncate_eof",
+)
 DEFAULT_STALL = 3600.0
 
 

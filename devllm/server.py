@@ -22,9 +22,10 @@ Routes
 ``GET /_stats``, ``POST /_reset``
     Counters (``requests``, ``errors``, ``requests_cancelled``,
     ``streams_started``, ``streams_completed``, ``streams_cancelled`` (the
-    client left mid-stream), ``streams_faulted`` (``fault=disconnect`` or ``error``),
-    ``active_streams``, ``peak_active_streams``, the most open at once since
-    the last reset) and ``last_requests``, the last 50 request bodies.
+    client left mid-stream), ``streams_faulted`` (``fault=disconnect``,
+    ``error``, ``truncate`` or ``truncate_eof``), ``active_streams``,
+    ``peak_active_streams``, the most open at once since the last reset) and
+    ``last_requests``, the last 50 request bodies.
     ``/_reset`` zeroes them, and the ``times=N`` counts.
 
 With ``--api-key KEY``, ``/v1/`` requires ``Authorization: Bearer KEY`` (401
@@ -74,6 +75,14 @@ A model without ``;`` behaves normally. Answers echo the whole string as
     After ``at`` content chunks, send an error object as a ``data:`` payload
     (``{"error": {... "code": "model_error"}}``, as vLLM does when generation
     fails) and end the stream. Non-streaming: that object as a 200 body.
+``fault=truncate``
+    After ``at`` content chunks, end the stream cleanly but early: no chunk
+    with a ``finish_reason``, the usage chunk if ``stream_options.include_usage``
+    asks for it, then ``[DONE]``. The SDK sees a normal end; only the missing
+    ``finish_reason`` tells. Non-streaming: answers normally.
+``fault=truncate_eof``
+    As ``truncate``, without ``[DONE]``: the HTTP body just ends (a clean
+    end of the chunked encoding, not a dropped connection).
 ``at=K``
     Content chunks sent before the fault (default 0; past the end of the
     answer, the fault comes before the finish chunk).

@@ -68,6 +68,21 @@ def stream(
                     yield b"data: " + json.dumps(STREAMED_ERROR).encode() + b"\n\n"
                     yield DONE
                     return
+                elif fault in ("truncate", "truncate_eof"):
+                    # A clean but early end: no finish_reason on any chunk, the
+                    # usage chunk if asked for, then [DONE] or just the end of the body.
+                    logger.info(
+                        "%s: ending the stream early (%s) after %d chunks",
+                        completion.id,
+                        fault,
+                        index,
+                    )
+                    outcome = "faulted"
+                    if include_usage:
+                        yield frames.usage()
+                    if fault == "truncate":
+                        yield DONE
+                    return
             if index == len(completion.tokens):
                 break
             if connection.pause(delay):

@@ -9,6 +9,10 @@ Answers are taken as the LLM sent them: each SSE ``data:`` payload is
 forwarded verbatim (the wire contract), checked to be a JSON object, but not
 turned into SDK objects and back, which cost most of the worker's time per
 chunk. The stream is read to its end, so its HTTP connection is reused.
+A stream that ends cleanly (``[DONE]`` or EOF) with no ``finish_reason`` on
+any chunk is cut short, which the SDK does not flag: it ends in
+:class:`IncompleteStream` (``llm_stream_incomplete``, 502), retried like a
+broken stream when no token went out.
 """
 
 from __future__ import annotations
@@ -79,6 +83,13 @@ class MalformedPayload(UpstreamError):
     code = "llm_stream_interrupted"
 
 
+class IncompleteStream(UpstreamError):
+    """The LLM's stream ended cleanly (``[DONE]`` or EOF) but no choice had a
+    ``finish_reason``: the answer is cut short, though the SDK sees no error."""
+
+    code = "llm_stream_incomplete"
+
+
 class StreamedError(UpstreamError):
     """The LLM sent an error object inside its stream."""
 
@@ -116,7 +127,9 @@ def stream(
     """Open the streamed answer; yields ``(payload, parsed)`` per ``data:`` event.
 
     Raises the SDK's errors when the answer does not start (after its
-    retries), and :class:`UpstreamError` for a payload that is not JSON.
+    retries), :class:`UpstreamError` for a payload that is not JSON, and
+    :class:`IncompleteStream` after the last payload of a stream that ended
+    (``[DONE]`` or EOF) with no ``finish_reason`` on any chunk.
 
     The request goes through the SDK's ``post`` (its retries, timeouts,
     headers and errors, as ``create`` has them) with a body already checked
@@ -131,17 +144,37 @@ def stream(
 
         def payloads() -> Iterator[tuple[str, dict[str, Any]]]:
             done = False
+            finished = False  # a choice had a finish_reason (the usage chunk after it has none)
+            count = 0
             for event in SSEDecoder().iter_bytes(response.iter_bytes()):
                 if done:
                     continue  # read to the end: the connection goes back to the pool
                 if event.data.startswith("[DONE]"):
                     done = True
                     continue
-                yield event.data, _object(event.data)
+                parsed = _object(event.data)
+                finished = finished or _finishes(parsed)
+                count += 1
+                yield event.data, parsed
+            if not finished:
+                ending = "[DONE]" if done else "the end of the HTTP body, without [DONE]"
+                raise IncompleteStream(
+                    f"the LLM stream ended ({ending}) after {count} chunks without a "
+                    "finish_reason: the answer is incomplete; ask again, or check the LLM "
+                    "server (or a proxy in front of it) for a cut stream"
+                )
 
         yield payloads()
     finally:
         response.close()
+
+
+def _finishes(chunk: dict[str, Any]) -> bool:
+    """Whether a chunk ends the answer: a ``finish_reason`` on one of its choices."""
+    choices = chunk.get("choices")
+    return isinstance(choices, list) and any(
+        isinstance(c, dict) and c.get("finish_reason") is not None for c in choices
+    )
 
 
 def complete(client: openai.OpenAI, request: ChatRequest) -> str:
@@ -168,6 +201,8 @@ def describe(exc: BaseException, *, started: bool) -> tuple[dict[str, Any], int]
             error.get("code") or "llm_error",
             error.get("param"),
         ), 502
+    if isinstance(exc, IncompleteStream):
+        return exc.to_error_object(), exc.status
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         body = exc.body if isinstance(exc.body, dict) else {}
@@ -198,6 +233,8 @@ def describe(exc: BaseException, *, started: bool) -> tuple[dict[str, Any], int]
 
 def retryable(exc: BaseException) -> bool:
     """Whether a failure may be retried (only ever before the first token)."""
+    if isinstance(exc, IncompleteStream):
+        return True
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in RETRYABLE_STATUS
     return isinstance(exc, openai.APIConnectionError | httpx2.TransportError)

@@ -357,6 +357,60 @@ def test_error_object_mid_stream(client: OpenAI) -> None:
     assert json.loads(whole.text)["error"]["code"] == "model_error"
 
 
+def raw_frames(llm: DevLLM, model: str, **extra: Any) -> list[bytes]:
+    """The ``data:`` payloads of one streamed answer, read from a plain socket to its end."""
+    body = json.dumps({"model": model, "messages": FILLER, "stream": True, **extra}).encode()
+    with httpx2.Client(base_url=llm.url, timeout=10, trust_env=False) as http:
+        response = http.post("/v1/chat/completions", content=body)
+    assert response.status_code == 200
+    return [
+        line.removeprefix(b"data: ")
+        for line in response.content.split(b"\n\n")
+        if line.startswith(b"data: ")
+    ]
+
+
+@pytest.mark.parametrize(("fault", "done"), [("truncate", True), ("truncate_eof", False)])
+def test_truncate_ends_cleanly_without_a_finish_reason(
+    llm: DevLLM, client: OpenAI, fault: str, done: bool
+) -> None:
+    """The SDK sees a normal end; only the missing finish_reason tells."""
+    llm.reset()
+    chunks = list(
+        client.chat.completions.create(
+            model=f"gpt-4o;fault={fault};at=3", messages=FILLER, stream=True
+        )
+    )
+    assert content_of(chunks) == "".join(reply_tokens(FILLER, TOKENS)[:3])
+    assert all(c.choices[0].finish_reason is None for c in chunks)
+    stats = llm.stats()
+    assert (stats["streams_faulted"], stats["streams_completed"]) == (1, 0)
+    frames = raw_frames(llm, f"gpt-4o;fault={fault};at=3")
+    assert len(frames) == 1 + 3 + done  # role, three tokens, [DONE] or nothing
+    assert (frames[-1] == b"[DONE]") is done
+
+
+@pytest.mark.parametrize("fault", ["truncate", "truncate_eof"])
+def test_truncate_keeps_the_usage_chunk(llm: DevLLM, fault: str) -> None:
+    frames = raw_frames(llm, f"gpt-4o;fault={fault};at=0", stream_options={"include_usage": True})
+    payloads = [json.loads(f) for f in frames if f != b"[DONE]"]
+    assert payloads[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]
+    assert all(c["finish_reason"] is None for p in payloads for c in p["choices"])
+    assert len(payloads) == 2
+
+
+def test_truncate_times_then_whole(client: OpenAI) -> None:
+    model = f"gpt-4o;fault=truncate;at=0;times=1;tag={tag()}"
+    first = list(client.chat.completions.create(model=model, messages=FRANCE, stream=True))
+    assert content_of(first) == "" and first[-1].choices[0].finish_reason is None
+    second = list(client.chat.completions.create(model=model, messages=FRANCE, stream=True))
+    assert content_of(second) == "The capital of France is Paris."
+    assert second[-1].choices[0].finish_reason == "stop"
+    whole = client.chat.completions.create(model="gpt-4o;fault=truncate", messages=FRANCE)
+    assert whole.choices[0].finish_reason == "stop"  # non-streaming answers are whole
+
+
 def test_stall_before_a_non_streaming_answer(llm: DevLLM, client: OpenAI) -> None:
     llm.reset()
     with pytest.raises(openai.APITimeoutError):
