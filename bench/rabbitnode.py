@@ -55,6 +55,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -667,9 +668,13 @@ class RabbitCluster:
         return ";".join(self.urls)
 
     def up(self) -> None:
-        """Start every node (in parallel), then join nodes 2.. to node 1."""
+        """Start every node (in parallel), then join nodes 2.. to node 1. Nodes that
+        already run are left alone: ``up`` after a ``kill`` starts the killed one."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self.directory.chmod(0o755)
+        (self.directory / self.STATE).write_text(
+            json.dumps({"nodes": [n.dir.name for n in self.nodes]}, indent=2)
+        )
         for node in self.nodes:
             if not node.running() and port_in_use(node.port):
                 raise RabbitNodeError(f"port {node.port} of {node.nodename} is taken")
@@ -678,9 +683,6 @@ class RabbitCluster:
                 node.start(wait=False)
         for node in self.nodes:
             node.wait_amqp(node.start_timeout)
-        (self.directory / self.STATE).write_text(
-            json.dumps({"nodes": [n.dir.name for n in self.nodes]}, indent=2)
-        )
         first = self.nodes[0]
         for node in self.nodes[1:]:
             if first.nodename in self.running_nodes(node):
@@ -731,10 +733,10 @@ class RabbitCluster:
         node.start()
 
     def down(self, remove: bool = True) -> None:
-        """Stop every node (the last ones first); remove the directory."""
+        """Stop every node (all at once); remove the directory."""
         try:
-            for node in reversed(self.nodes):
-                node.halt()
+            with ThreadPoolExecutor(len(self.nodes)) as pool:
+                list(pool.map(lambda node: node.halt(), self.nodes))
         finally:
             if remove:
                 shutil.rmtree(self.directory, ignore_errors=True)
