@@ -49,7 +49,7 @@ from app.broker import (
 from app.errors import RequestError
 from app.lifecycle import new_rid
 from app.protocol import ResponseStream
-from app.request import ChatRequest, decode_body, parse_request
+from app.request import ChatRequest, decode_body, owned_queues, parse_request
 from app.tasknames import STREAM_CHAT
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ class Intake(ConsumerMixin):
         self.settings = app.settings
         self.connection = Connection(self.settings.rabbitmq_url, heartbeat=0)
         self.task = app.tasks[STREAM_CHAT]
+        self.owned_queue = owned_queues(self.settings)
         self.pending: list[Message] = []
         self._conn: Any = None
         self._channel: Any = None
@@ -207,6 +208,7 @@ class Intake(ConsumerMixin):
                 default_model=self.settings.openai_model,
                 correlation_id=props.get("correlation_id"),
                 reply_to=props.get("reply_to"),
+                owned_queue=self.owned_queue,
             )
         except RequestError as exc:
             logger.warning("uid=%s: rejected (%s): %s", exc.uid or "-", exc.code, exc.message)

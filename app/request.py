@@ -115,7 +115,7 @@ class QueueNames(Protocol):
 
 def owned_queues(names: QueueNames) -> Callable[[str], bool]:
     """Whether a queue is chatqueue's: the input, task and dead-letter queues,
-    any ``<namespace>.`` name (claims...) and any response queue."""
+    any ``<namespace>.`` name, and any response queue."""
     exact = frozenset({names.rabbitmq_queue, names.task_queue, names.dead_letter_queue})
     prefixes = (f"{names.chatqueue_namespace}.", names.response_queue_prefix)
 
@@ -142,7 +142,8 @@ def check_reply_to(reply_to: str, *, owned: Callable[[str], bool]) -> None:
         return
     raise RequestError(
         f"reply_to {reply_to!r} names a queue of chatqueue's own (the input, task or "
-        "dead-letter queue, a claim, or a response queue): reply to a queue of your own "
+        "dead-letter queue, a queue of its namespace, or a response queue): reply to a "
+        "queue of your own "
         f"(a server-named exclusive queue, or {DIRECT_REPLY_TO!r}), or leave reply_to "
         "unset and read the response queue of your uid",
         code="invalid_reply_to",

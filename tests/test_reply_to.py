@@ -166,14 +166,11 @@ FORBIDDEN: dict[str, Callable[[dict[str, str], str], str]] = {
     "input queue": lambda env, uid: env["RABBITMQ_QUEUE"],
     "task queue": lambda env, uid: env["CHATQUEUE_NAMESPACE"] + ".tasks",
     "dead-letter queue": lambda env, uid: env["CHATQUEUE_NAMESPACE"] + ".dead-letter",
-    "a claim": lambda env, uid: env["CHATQUEUE_NAMESPACE"] + f".claim.120s.{uid}",
+    "a queue in its namespace": lambda env, uid: env["CHATQUEUE_NAMESPACE"] + f".cancel.{uid}",
     "its own response queue": lambda env, uid: env["RESPONSE_QUEUE_PREFIX"] + uid,
 }
 
 
-@pytest.mark.xfail(
-    strict=False, reason="consumer wiring pending: parse_request(..., owned_queue=...)"
-)
 @pytest.mark.parametrize("which", list(FORBIDDEN))
 def test_a_reply_to_chatqueue_owns_is_dead_lettered(
     broker: Broker, worker: Any, llm: DevLLM, which: str
@@ -189,9 +186,6 @@ def test_a_reply_to_chatqueue_owns_is_dead_lettered(
     assert requests_for(llm, model) == 0  # never handed to the task
 
 
-@pytest.mark.xfail(
-    strict=False, reason="consumer wiring pending: parse_request(..., owned_queue=...)"
-)
 def test_another_requests_stream_cannot_be_written_to(
     broker: Broker, worker: Any, llm: DevLLM
 ) -> None:
