@@ -270,7 +270,7 @@ class Bench:
             "workers": [w.pid for w in self.workers],
             "web": list(self.web.children()) if self.web else [],
             "LiteLLM": self.peer.pids() if self.peer else [],
-            "dev LLM": [None if self.dev._process is None else self.dev._process.pid],
+            "dev LLM": [self.dev.pid],
             "rabbitmq (shared)": [find_pid("beam.smp")],
             "bench client": [os.getpid()],
         }
@@ -631,7 +631,8 @@ class Bench:
             )
         streams: dict[str, bench_web.BurstResult] = {}
         rates: dict[str, float] = {}
-        cpu_per: dict[str, str] = {}
+        cpu_per: dict[str, float] = {}  # seconds a request: web + workers, or LiteLLM
+        rabbit_per = math.nan
         for name, endpoint in targets.items():
             self.dev.reset()
             result = bench_web.openai_streams(
@@ -662,10 +663,10 @@ class Bench:
             rates[name] = result.completed / result.wall
             n = plan.peer_requests
             if name == "LiteLLM":
-                cpu_per[name] = ms(cpu["LiteLLM"] / n)
+                cpu_per[name] = cpu["LiteLLM"] / n
             else:
-                own = (cpu["web"] + cpu["workers"]) / n
-                cpu_per[name] = f"{ms(own)} (+ RabbitMQ {ms(cpu['rabbitmq (shared)'] / n)})"
+                cpu_per[name] = (cpu["web"] + cpu["workers"]) / n
+                rabbit_per = cpu["rabbitmq (shared)"] / n
             say(
                 f"  {name}: {n} short requests, {plan.peer_at_a_time} at a time: completed "
                 f"{result.completed}, {rates[name]:.0f} req/s; CPU: {cpu.describe()}"
@@ -716,13 +717,10 @@ class Bench:
             Row(
                 8,
                 "peer: CPU per request (of those short requests)",
-                f"drop-in {cpu_per[ours]}",
-                peer_figure(cpu_per.get(theirs, "")),
+                f"drop-in {ms(cpu_per[ours])} (+ RabbitMQ {ms(rabbit_per)})",
+                peer_figure(ms(cpu_per.get(theirs, math.nan))),
                 "below LiteLLM (web + workers)",
-                ahead(
-                    float(cpu_per[ours].split()[0])
-                    < float(cpu_per.get(theirs, "inf ms").split()[0])
-                ),
+                ahead(cpu_per[ours] < cpu_per.get(theirs, math.inf)),
             ),
         ]
 
