@@ -9,11 +9,10 @@ Queues (names from :class:`config.Settings`):
 * ``response_<uid>``, one per request, declared once at acceptance, durable
   (an answer outlives a broker restart) and with ``x-expires`` so that
   nobody's forgotten queue lives for ever;
-* ``<ns>.claim.<uid>``, one per uid for ``DEDUP_WINDOW`` seconds: a register
-  that holds at most one message and refuses a second publish, so the broker
-  itself tells the first request with a uid from a duplicate.
-  ``<ns>.claim.<uid>/info`` holds a copy of the claim (token and owner) for
-  reading: the register itself is never read (see :func:`claim_uid`).
+* the fanout exchange ``<ns>.cancel``, on which readers that left ask the
+  workers to stop an answer.
+
+That is the whole broker state of a request (see :mod:`app.lifecycle`).
 """
 
 from __future__ import annotations
@@ -22,11 +21,12 @@ import itertools
 import json
 import logging
 import os
+import select
 import threading
-import time
 from typing import Any
 
-from amqp.exceptions import AMQPError, MessageNacked, NotFound, PreconditionFailed
+import amqp
+from amqp.exceptions import AMQPError, PreconditionFailed
 from kombu import Connection, Exchange, Producer, Queue
 from kombu.exceptions import OperationalError
 from kombu.pools import ProducerPool
@@ -89,98 +89,6 @@ def declare_response_queue(
     return channel
 
 
-CLAIM_TOKEN_HEADER = "x-chatqueue-claim"
-
-
-def _claim_queue(channel: Channel, settings: Settings, name: str) -> str:
-    # No wait for the declare's answer: the publish that follows on the same
-    # channel is routed after it, and its confirm answers for both.
-    channel.queue_declare(
-        queue=name,
-        durable=True,
-        auto_delete=False,
-        arguments={
-            "x-max-length": 1,
-            "x-overflow": "reject-publish",
-            "x-expires": settings.dedup_window * 1000,
-        },
-        nowait=True,
-    )
-    return name
-
-
-def claim_queue_name(settings: Settings, uid: str) -> str:
-    return f"{settings.claim_prefix}{uid}"
-
-
-def claim_info_queue(settings: Settings, uid: str) -> str:
-    # "/" is in no uid, so this is never the name of another uid's claim.
-    return f"{claim_queue_name(settings, uid)}/info"
-
-
-def claim_uid(
-    channel: Channel, settings: Settings, uid: str, *, token: str = "", owner: str = ""
-) -> bool:
-    """Claim ``uid`` for ``DEDUP_WINDOW`` seconds; False when it was claimed before.
-
-    The claim holds ``token`` (a secret of the submitter, which it sends along
-    in the ``x-chatqueue-claim`` header so the consumer knows the claim is the
-    request's own) and ``owner`` (a hash of the API key that may read the
-    answer). The channel must be in confirm mode (``confirm_publish``).
-
-    The claim queue itself is never read: ``x-max-length`` counts only ready
-    messages, so a reader holding its message for a moment would let a second
-    claim in. What :func:`read_claim` reads is a copy in a queue of its own,
-    written once the claim is won (only when there is a token or an owner).
-    """
-    name = _claim_queue(channel, settings, claim_queue_name(settings, uid))
-    body = json.dumps({"token": token, "owner": owner}).encode()
-    try:
-        channel.basic_publish(channel.prepare_message(body), exchange="", routing_key=name)
-    except MessageNacked:
-        return False
-    if token or owner:
-        info = _claim_queue(channel, settings, claim_info_queue(settings, uid))
-        channel.basic_publish(channel.prepare_message(body), exchange="", routing_key=info)
-    return True
-
-
-# A claim's copy is out of its queue while another reader looks at it: wait
-# this many times this long for it to come back.
-CLAIM_READ_TRIES = 40
-CLAIM_READ_PAUSE = 0.005
-
-
-def read_claim(connection: Connection, settings: Settings, uid: str) -> dict[str, str] | None:
-    """The claim of ``uid`` (``token``, ``owner``), or None when there is none
-    (or it was made with neither).
-
-    Uses a channel of its own: a missing queue closes the channel it is asked on.
-    """
-    name = claim_info_queue(settings, uid)
-    channel = connection.channel()
-    try:
-        channel.queue_declare(queue=name, passive=True)
-        for _ in range(CLAIM_READ_TRIES):
-            message = channel.basic_get(queue=name, no_ack=False)
-            if message is not None:
-                break
-            time.sleep(CLAIM_READ_PAUSE)
-        else:
-            return None
-        channel.basic_reject(message.delivery_tag, requeue=True)
-    except NotFound:
-        return None
-    finally:
-        if channel.is_open:
-            channel.close()
-    try:
-        claim = json.loads(message.body)
-    except ValueError:
-        return None
-    return claim if isinstance(claim, dict) else None
-
-
 def dead_letter(
     producer: Producer,
     settings: Settings,
@@ -190,9 +98,11 @@ def dead_letter(
     content_type: str,
     content_encoding: str,
     headers: dict[str, Any] | None = None,
+    retry: bool = True,
 ) -> None:
     """Put a request that will not be answered on ``<ns>.dead-letter``, the
-    reason in its headers. The producer's channel must be in confirm mode."""
+    reason in its headers. The producer's channel must be in confirm mode, or
+    in a transaction (then ``retry=False``: a retry would leave it)."""
     headers = dict(headers or {})
     headers.update(
         {
@@ -211,7 +121,7 @@ def dead_letter(
         content_encoding=content_encoding,
         headers=headers,
         delivery_mode=2,
-        retry=True,
+        retry=retry,
         retry_policy=RETRY_POLICY,
     )
 
@@ -221,19 +131,44 @@ def cancel_exchange(settings: Settings) -> Exchange:
     return Exchange(settings.cancel_exchange, "fanout", durable=False, auto_delete=False)
 
 
-def request_cancel(producer: Producer, settings: Settings, uid: str) -> None:
-    """Ask the worker streaming ``uid`` to stop (its client went away)."""
+def request_cancel(
+    producer: Producer, settings: Settings, uid: str, rid: str | None, at: float
+) -> None:
+    """Ask the worker streaming ``uid`` to stop (its reader left).
+
+    ``rid`` is the incarnation the reader saw (None if it saw no message);
+    ``at`` the wall-clock time of the cancel (see :class:`app.lifecycle.Cancels`).
+    """
     exchange = cancel_exchange(settings)
     producer.publish(
-        uid,
+        json.dumps({"uid": uid, "rid": rid, "at": at}),
         exchange=exchange,
         routing_key="",
         declare=[exchange],
-        content_type="text/plain",
+        content_type="application/json",
         content_encoding="utf-8",
         retry=True,
         retry_policy=RETRY_POLICY,
     )
+
+
+def frames_waiting(connection: Any) -> bool:
+    """Whether a py-amqp ``connection`` has a frame (or part of one) to read
+    without waiting.
+
+    Reads py-amqp's private ``transport._read_buffer`` (checked against amqp
+    5.3 and 5.4): bytes already taken off the socket are not seen by select.
+    tests/test_broker.py fails if the attribute moves.
+    """
+    transport = connection.transport
+    if getattr(transport, "_read_buffer", b""):
+        return True
+    sock = transport.sock
+    pending = getattr(sock, "pending", None)  # TLS
+    if pending is not None and pending():
+        return True
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
 
 
 class Lane:
@@ -241,27 +176,42 @@ class Lane:
 
     RabbitMQ keeps the order of the messages published on one channel, and
     only there: a stream sends every message through the same lane, and the
-    lane sends one message at a time.
+    lane sends one message at a time. Messages go straight to py-amqp's
+    ``basic_publish`` (no kombu ``Producer``, no serializer, no per-message
+    declare); a broken connection is renewed by kombu's ``Connection.ensure``
+    under ``RETRY_POLICY``, and the message sent again on the new channel.
     """
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
-        self._producer: Producer | None = None
+        self._channel: Any = None
         self._lock = threading.Lock()
+        self._ensured: Any = None
+
+    def revive(self, channel: Any) -> None:
+        """Called by ``ensure`` with the channel of a renewed connection."""
+        self._channel = channel
+
+    def _publish(self, body: str, routing_key: str, properties: dict[str, Any]) -> None:
+        if self._channel is None:
+            self._channel = self._connection.default_channel
+        self._channel.basic_publish(
+            amqp.Message(body, delivery_mode=2, **properties),
+            exchange="",
+            routing_key=routing_key,
+        )
 
     def publish(self, body: str, routing_key: str, properties: dict[str, Any]) -> None:
         with self._lock:
-            if self._producer is None:
-                self._producer = Producer(self._connection)
-            self._producer.publish(
-                body,
-                exchange="",
-                routing_key=routing_key,
-                delivery_mode=2,
-                retry=True,
-                retry_policy=RETRY_POLICY,
-                **properties,
-            )
+            if self._ensured is None:
+                self._ensured = self._connection.ensure(
+                    self, self._publish, errback=_log_reconnect, **RETRY_POLICY
+                )
+            self._ensured(body, routing_key, properties)
+
+
+def _log_reconnect(exc: BaseException, interval: float) -> None:
+    logger.warning("connection to RabbitMQ lost (%r); reconnecting in %.1f s", exc, interval)
 
 
 class Lanes:

@@ -1,230 +1,282 @@
-"""The consumer bootstep: raw JSON from the input queue, handed to the task.
+"""The intake bootstep: raw JSON from the input queue, handed to the task exactly once.
 
-It runs inside the worker's consumer loop, so its callback stays small and
-never waits for the LLM: decode, validate, declare the response queue,
-``apply_async(task_id=uid)`` with the broker's confirm, then ack. Every
-synchronous broker call is made on a pooled publishing connection, never on
-the consumer's own (see PITFALLS.md: re-entrant deliveries). Duplicates are
-the task's to find (see :mod:`tasks.admission`).
+Each request is parsed and validated, its response queue declared, and then
+its task message published and its input message acknowledged *in one broker
+transaction* (AMQP ``tx``) on the channel that consumes the input queue: the
+hand-off and the ack happen together or not at all. A worker killed, or a
+connection lost, at any moment leaves either the input message (redelivered,
+handed off again: nothing had been) or the task message (answered), never
+both, so no request is answered twice at once (see :mod:`app.lifecycle`).
+
+The intake has a connection of its own and runs in a thread of its own (a
+greenlet under the gevent pool). Its message callback only collects
+deliveries; a loop hands them off in batches, one transaction each, so a
+burst is taken in at the broker's pace: while the loop waits for a
+transaction's answer, the deliveries that come in are only collected, never
+dispatched into a half-done hand-off (PITFALLS.md: re-entrant deliveries).
 
 A request that cannot be served is dead-lettered to ``<ns>.dead-letter`` with
-the reason in its headers, and, where its uid or ``reply_to`` is known, the
-client gets an error object and ``[DONE]``. Nothing escapes the callback.
+the reason in its headers and, where its uid or ``reply_to`` is known, the
+client gets an error object and ``[DONE]``; in the same transaction as its
+ack. Nothing escapes the loop: a broken connection is one log line, and the
+intake reconnects (kombu's ``ensure_connection``); what was not committed is
+delivered again.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
+import amqp
 from amqp.exceptions import PreconditionFailed
 from celery import bootsteps
+from kombu import Connection, Producer
 from kombu.message import Message
 from kombu.messaging import Consumer
-from kombu.transport.pyamqp import Channel
+from kombu.mixins import ConsumerMixin
 
 from app.broker import (
     BROKER_ERRORS,
-    CLAIM_TOKEN_HEADER,
-    RETRY_POLICY,
     dead_letter,
     dead_letter_queue,
-    declare_response_queue,
+    frames_waiting,
     input_queue,
+    response_queue_arguments,
 )
 from app.errors import RequestError
+from app.lifecycle import new_rid
 from app.protocol import ResponseStream
 from app.request import ChatRequest, decode_body, parse_request
 from app.tasknames import STREAM_CHAT
 
 logger = logging.getLogger(__name__)
 
+# Seconds between two looks at the stop flag while the input queue is idle.
+IDLE_WAIT = 1.0
+# Seconds before a lost connection is tried again (kombu backs off from there).
+RECONNECT_PAUSE = 1.0
 
-class RequestConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
-    """Consumes ``RABBITMQ_QUEUE`` in every worker."""
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
+class RequestConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Runs the :class:`Intake` of ``RABBITMQ_QUEUE`` in every worker."""
+
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self.app = parent.app
-        self.green = False
+        self.intake: Intake | None = None
+        self.thread: threading.Thread | None = None
 
-    def start(self, c: Any) -> None:
-        # Under the gevent pool each request is accepted in a greenlet of its
-        # own (its broker calls wait on pooled connections, not on the
-        # consumer's), so a burst is accepted at the broker's pace, not one
-        # round trip after another. Celery's gevent pool acks from greenlets too.
-        self.green = type(c.pool).__module__ == "celery.concurrency.gevent"
-        super().start(c)
+    def start(self, w: Any) -> None:
+        self.intake = Intake(w.app)
+        self.thread = threading.Thread(target=self.intake.serve, name="chatqueue-intake")
+        self.thread.daemon = True
+        self.thread.start()
 
-    def get_consumers(self, channel: Channel) -> list[Consumer]:
-        settings = self.app.settings
-        dead_letter_queue(settings)(channel).declare()
-        handle = Intake(self.app).on_message
-        if self.green:
-            from gevent.pool import Pool
+    def stop(self, w: Any) -> None:
+        if self.intake is not None:
+            self.intake.should_stop = True
+        if self.thread is not None:
+            self.thread.join(timeout=IDLE_WAIT + 5)
 
-            handle = _spawner(Pool(settings.input_prefetch), Intake(self.app).on_message)
-        logger.info(
-            "consuming requests from %s (prefetch %d%s)",
-            settings.rabbitmq_queue,
-            settings.input_prefetch,
-            ", accepted in parallel greenlets" if self.green else "",
-        )
-        return [
-            Consumer(
-                channel,
-                queues=[input_queue(settings)],
-                on_message=handle,
-                prefetch_count=settings.input_prefetch,
-            )
-        ]
+    shutdown = stop
 
 
-def _spawner(pool: Any, handle: Any) -> Any:
-    def spawn(message: Message) -> None:
-        pool.spawn(handle, message)
+class Read:
+    """One input message as the intake read it: a request, or why not."""
 
-    return spawn
+    __slots__ = ("error", "message", "request")
+
+    def __init__(
+        self, message: Message, request: ChatRequest | None, error: RequestError | None
+    ) -> None:
+        self.message = message
+        self.request = request
+        self.error = error
+
+    @property
+    def response_uid(self) -> str | None:
+        """The uid whose response queue this message needs, if any."""
+        if self.request is not None:
+            return None if self.request.reply_to else self.request.uid
+        if self.error is not None and self.error.uid and not self.error.reply_to:
+            return self.error.uid
+        return None
 
 
-class Intake:
-    """Takes one input message at a time: accept it, or reject it with a reason."""
+class Intake(ConsumerMixin):
+    """Consumes the input queue and hands requests off in transactions."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
         self.settings = app.settings
+        self.connection = Connection(self.settings.rabbitmq_url, heartbeat=0)
+        self.task = app.tasks[STREAM_CHAT]
+        self.pending: list[Message] = []
+        self._conn: Any = None
+        self._channel: Any = None
+        self._declarer: Any = None
+        self._producer: Any = None
 
-    def on_message(self, message: Message) -> None:
-        for attempt in (1, 2):
+    # --- the loop ------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Consume until stopped; every connection loss is one line and a reconnect."""
+        while not self.should_stop:
             try:
-                uid = self.accept(message)
-            except RequestError as exc:
-                self.on_bad_request(message, exc)
+                for _ in self.consume(safety_interval=IDLE_WAIT):  # type: ignore[no-untyped-call]
+                    pass
             except BROKER_ERRORS as exc:
-                if attempt == 1:
-                    # Most often a pooled connection that died with a broker
-                    # restart: try once more on a new one rather than requeue.
-                    logger.info("broker error while accepting (%r); trying a new connection", exc)
-                    continue
-                logger.warning("broker error while accepting a request, requeued: %r", exc)
-                self._settle(message, requeue=True)
+                if self.should_stop:
+                    break
+                logger.warning("intake: connection to RabbitMQ lost (%r); reconnecting", exc)
             except Exception:
-                logger.exception("unexpected error while accepting a request; dead-lettering it")
-                self.on_bad_request(message, RequestError("internal error", code="internal_error"))
-            else:
-                self._settle(message, requeue=False)
-                logger.info("uid=%s: accepted", uid)
+                logger.exception("intake: unexpected error; reconnecting")
+            self.pending = []  # not committed: the broker delivers them again
+            time.sleep(RECONNECT_PAUSE)
+
+    def on_connection_error(self, exc: BaseException, interval: float) -> None:
+        logger.warning("intake: RabbitMQ unreachable (%r); next try in %.1f s", exc, interval)
+
+    def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Consumer]:
+        settings = self.settings
+        self.pending = []
+        dead_letter_queue(settings)(channel).declare()
+        channel.tx_select()
+        self._channel = channel
+        self._producer = Producer(channel)
+        self._declarer = channel.connection.channel()
+        logger.info(
+            "consuming requests from %s (prefetch %d, handed off in transactions)",
+            settings.rabbitmq_queue,
+            settings.input_prefetch,
+        )
+        return [
+            consumer_cls(
+                queues=[input_queue(settings)],
+                on_message=self._collect,
+                prefetch_count=settings.input_prefetch,
+            )
+        ]
+
+    def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **_: Any) -> None:
+        self._conn = connection
+
+    def _collect(self, message: Message) -> None:
+        self.pending.append(message)
+
+    def on_iteration(self) -> None:
+        """Hand off what has come in, with whatever else is already waiting."""
+        if not self.pending:
             return
-
-    def accept(self, message: Message) -> str:
-        """Hand the request off to the task, confirmed; return its uid."""
-        props = message.properties
-        data = decode_body(message.body, self.settings.max_body_bytes)
-        request = parse_request(
-            data,
-            default_model=self.settings.openai_model,
-            correlation_id=props.get("correlation_id"),
-            reply_to=props.get("reply_to"),
-        )
-        options: dict[str, Any] = {}
-        if message.delivery_info.get("redelivered"):
-            # An earlier attempt may have handed off and begun the answer.
-            options["restart"] = True
-        token = (message.headers or {}).get(CLAIM_TOKEN_HEADER)
-        if isinstance(token, str) and token:
-            options["token"] = token
-        task = self.app.tasks[STREAM_CHAT]
-        with self.app.pools.confirmed.acquire(block=True) as producer:
+        amqp_connection = self._conn.connection
+        while frames_waiting(amqp_connection):
             try:
-                self._hand_off(producer, task, request, options)
-            except BROKER_ERRORS:
-                producer.connection.collect()  # dead: the next acquire reconnects
-                raise
-        logger.debug(
-            "uid=%s: model %s, stream %s, user %s",
-            request.uid,
-            request.model,
-            request.stream,
-            request.username,
-        )
-        return request.uid
+                self._conn.drain_events(timeout=IDLE_WAIT)
+            except TimeoutError:
+                break
+        batch, self.pending = self.pending, []
+        self.hand_off(batch)
 
-    def _hand_off(
-        self, producer: Any, task: Any, request: ChatRequest, options: dict[str, Any]
-    ) -> None:
-        def hand_off() -> None:
-            task.apply_async(
-                args=[request.to_task()],
-                kwargs=options or None,
-                task_id=request.uid,
-                # What Flower and the events show: no prompts (and no repr of
-                # a whole conversation for every request), no claim token.
-                argsrepr=request.summary(),
-                kwargsrepr=repr({k: "***" if k == "token" else v for k, v in options.items()}),
-                producer=producer,
-                retry=True,
-                retry_policy=RETRY_POLICY,
+    # --- one batch, one transaction ------------------------------------------------------------
+
+    def hand_off(self, batch: list[Message]) -> None:
+        reads = [self.read(message) for message in batch]
+        self.declare_response_queues([u for r in reads if (u := r.response_uid) is not None])
+        at = time.time()
+        for r in reads:
+            if r.request is not None:
+                self._send_task(r.request, at)
+            elif r.error is not None:
+                self._refuse(r.message, r.error)
+            r.message.ack()
+        self._channel.tx_commit()
+        for r in reads:
+            if r.request is not None:
+                logger.info("uid=%s: accepted", r.request.uid)
+
+    def read(self, message: Message) -> Read:
+        try:
+            props = message.properties
+            data = decode_body(message.body, self.settings.max_body_bytes)
+            request = parse_request(
+                data,
+                default_model=self.settings.openai_model,
+                correlation_id=props.get("correlation_id"),
+                reply_to=props.get("reply_to"),
+            )
+        except RequestError as exc:
+            logger.warning("uid=%s: rejected (%s): %s", exc.uid or "-", exc.code, exc.message)
+            return Read(message, None, exc)
+        except Exception:
+            logger.exception("unexpected error while reading a request; dead-lettering it")
+            return Read(message, None, RequestError("internal error", code="internal_error"))
+        return Read(message, request, None)
+
+    def declare_response_queues(self, uids: list[str]) -> None:
+        """Declare these response queues, pipelined: one round trip for all.
+
+        A queue that a client declared with other arguments is used as it is:
+        the broker closes the channel at the mismatch, and the rest are then
+        declared one by one on fresh channels.
+        """
+        if not uids:
+            return
+        arguments = response_queue_arguments(self.settings)
+        names = [self.settings.response_queue(uid) for uid in dict.fromkeys(uids)]
+        try:
+            for i, name in enumerate(names):
+                self._declarer.queue_declare(
+                    queue=name,
+                    durable=True,
+                    auto_delete=False,
+                    arguments=arguments,
+                    nowait=i < len(names) - 1,
+                )
+        except PreconditionFailed:
+            for name in names:
+                self._declarer = self._channel.connection.channel()
+                try:
+                    self._declarer.queue_declare(
+                        queue=name, durable=True, auto_delete=False, arguments=arguments
+                    )
+                except PreconditionFailed:
+                    logger.info("%s exists with other arguments; used as it is", name)
+            self._declarer = self._channel.connection.channel()
+
+    def _send_task(self, request: ChatRequest, at: float) -> None:
+        self.task.apply_async(
+            args=[request.to_task()],
+            kwargs={"rid": new_rid(), "at": at},
+            task_id=request.uid,
+            # What Flower and the events show: no prompts, and no repr of a
+            # whole conversation for every request.
+            argsrepr=request.summary(),
+            producer=self._producer,
+            retry=False,  # the transaction is the retry: uncommitted, it comes back
+        )
+
+    def _refuse(self, message: Message, error: RequestError) -> None:
+        dead_letter(
+            self._producer,
+            self.settings,
+            message.body,
+            error,
+            content_type=message.content_type or "application/octet-stream",
+            content_encoding=message.content_encoding or "binary",
+            headers=message.headers,
+            retry=False,
+        )
+        queue = error.reply_to or (self.settings.response_queue(error.uid) if error.uid else None)
+        if queue is not None:
+            ResponseStream(self._publish, queue, error.uid or "").fail(
+                error.to_error_object(), error.status
             )
 
-        try:
-            if request.reply_to is None:
-                # Pipelined: the task's confirm answers for the declare too,
-                # and the task starts only once the queue is there.
-                declare_response_queue(producer.channel, self.settings, request.uid, nowait=True)
-            hand_off()
-        except PreconditionFailed:
-            # The client declared response_<uid> with other arguments: the
-            # broker closed the channel before taking the task; use the
-            # queue as it is and hand off again on a fresh channel.
-            logger.info("uid=%s: response queue exists with other arguments", request.uid)
-            producer.revive(producer.connection.channel())
-            hand_off()
-
-    def on_bad_request(self, message: Message, error: RequestError) -> None:
-        """Dead-letter the message and tell the client, if it can be reached."""
-        uid = error.uid
-        logger.warning("uid=%s: rejected (%s): %s", uid or "-", error.code, error.message)
-        try:
-            with self.app.pools.confirmed.acquire(block=True) as producer:
-                dead_letter(
-                    producer,
-                    self.settings,
-                    message.body,
-                    error,
-                    content_type=message.content_type or "application/octet-stream",
-                    content_encoding=message.content_encoding or "binary",
-                    headers=message.headers,
-                )
-                self._tell_client(producer, error)
-        except BROKER_ERRORS as exc:
-            logger.warning("uid=%s: could not dead-letter (%r); requeued", uid or "-", exc)
-            self._settle(message, requeue=True)
-            return
-        self._settle(message, requeue=False)
-
-    def _tell_client(self, producer: Any, error: RequestError) -> None:
-        if error.reply_to:
-            queue = error.reply_to
-        elif error.uid:
-            channel = declare_response_queue(producer.channel, self.settings, error.uid)
-            producer.revive(channel)
-            queue = self.settings.response_queue(error.uid)
-        else:
-            return
-
-        def publish(body: str, routing_key: str, properties: dict[str, Any]) -> None:
-            producer.publish(body, exchange="", routing_key=routing_key, **properties)
-
-        ResponseStream(publish, queue, error.uid or "").fail(error.to_error_object(), error.status)
-
-    @staticmethod
-    def _settle(message: Message, *, requeue: bool) -> None:
-        try:
-            if requeue:
-                message.requeue()
-            else:
-                message.ack()
-        except Exception as exc:  # the channel is gone: the broker redelivers
-            logger.warning("could not settle an input message: %r", exc)
+    def _publish(self, body: str, routing_key: str, properties: dict[str, Any]) -> None:
+        self._channel.basic_publish(
+            amqp.Message(body, delivery_mode=2, **properties), exchange="", routing_key=routing_key
+        )

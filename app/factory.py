@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
         reject_on_worker_lost=True,
         ignore_result=True,
     )(stream_chat)
-    app.steps["consumer"].add(RequestConsumer)
+    app.steps["worker"].add(RequestConsumer)
     app.steps["consumer"].add(BufferedTaskEvents)
 
     level = logging.getLevelName(settings.log_level.upper())

@@ -7,7 +7,12 @@ header ``seq`` (0, 1, 2, ...). A stream that a worker had to start again
 (its first worker died, or the LLM broke its stream after the opening chunk
 but before the first token and was asked again) carries the header
 ``restart: true`` on every message: its ``seq`` starts at 0 again and a reader
-drops what it had.
+drops what it had. The header ``rid`` names the incarnation (the hand-off)
+that wrote the message: a reader that leaves cancels that one (see
+:mod:`app.lifecycle`).
+
+Properties are given to ``publish`` as py-amqp names them
+(``application_headers`` for the headers table).
 """
 
 from __future__ import annotations
@@ -43,11 +48,14 @@ class ResponseStream:
     properties. Once :meth:`done` has been sent nothing more goes out.
     """
 
-    def __init__(self, publish: Publish, queue: str, uid: str, *, restart: bool = False) -> None:
+    def __init__(
+        self, publish: Publish, queue: str, uid: str, *, restart: bool = False, rid: str = ""
+    ) -> None:
         self._publish = publish
         self.queue = queue
         self.uid = uid
         self.restart = restart
+        self.rid = rid
         self.seq = 0
         self.finished = False
 
@@ -85,6 +93,8 @@ class ResponseStream:
         headers["seq"] = self.seq
         if self.restart:
             headers["restart"] = True
+        if self.rid:
+            headers["rid"] = self.rid
         self._publish(
             body,
             self.queue,
@@ -93,7 +103,7 @@ class ResponseStream:
                 "content_encoding": "utf-8",
                 "correlation_id": self.uid,
                 "type": str(kind),
-                "headers": headers,
+                "application_headers": headers,
             },
         )
         self.seq += 1

@@ -102,12 +102,7 @@ class Settings:
     chatqueue_namespace: str = _env(
         _name,
         "chatqueue",
-        "prefix of chatqueue's own queues: <ns>.tasks, <ns>.dead-letter, <ns>.claim.*",
-    )
-    dedup_window: int = _env(
-        _positive_int,
-        "600",
-        "seconds during which a second request with the same uid is a duplicate",
+        "prefix of chatqueue's own queues and exchanges: <ns>.tasks, <ns>.dead-letter, <ns>.cancel",
     )
     max_body_bytes: int = _env(_positive_int, "1048576", "largest request body accepted, in bytes")
     input_prefetch: int = _env(
@@ -175,12 +170,6 @@ class Settings:
     @property
     def dead_letter_queue(self) -> str:
         return f"{self.chatqueue_namespace}.dead-letter"
-
-    @property
-    def claim_prefix(self) -> str:
-        # The window is part of the name: a claim queue is always declared
-        # with the same x-expires, even across a change of DEDUP_WINDOW.
-        return f"{self.chatqueue_namespace}.claim.{self.dedup_window}s."
 
     @property
     def cancel_exchange(self) -> str:

@@ -1,19 +1,19 @@
 """Cooperative cancel: a client that went away stops its stream.
 
-The web front publishes the uid on the fanout exchange ``<ns>.cancel``. Every
-process that runs tasks listens there (one small consumer thread, or greenlet
-under gevent, per process, started with the process), and a task looks at
-:meth:`CancelListener.cancelled` between chunks: when its uid is there it
-closes the HTTP stream to the LLM, which is the only way to stop generation
-upstream.
+The web front publishes ``{"uid", "rid", "at"}`` on the fanout exchange
+``<ns>.cancel``. Every process that runs tasks listens there (one small
+consumer thread, or greenlet under gevent, per process, started with the
+process) into its :class:`~app.lifecycle.Cancels`, and a task looks there
+between chunks: when its incarnation is cancelled it closes the HTTP stream to
+the LLM, which is the only way to stop generation upstream.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
-import time
 from typing import Any
 
 from kombu.connection import Connection
@@ -23,12 +23,10 @@ from kombu.messaging import Consumer
 from kombu.mixins import ConsumerMixin
 
 from app.broker import cancel_exchange
+from app.lifecycle import Cancels
 from config import Settings
 
 logger = logging.getLogger(__name__)
-
-# A cancel is kept this long: long enough for a task still in the queue.
-REMEMBER_SECONDS = 600.0
 
 
 class CancelListener(ConsumerMixin):
@@ -37,8 +35,7 @@ class CancelListener(ConsumerMixin):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.connection = Connection(settings.rabbitmq_url, heartbeat=0)
-        self._cancelled: dict[str, float] = {}
-        self._lock = threading.Lock()
+        self.cancels = Cancels(keep=settings.response_queue_ttl)
         self.ready = threading.Event()
 
     def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Consumer]:
@@ -51,22 +48,19 @@ class CancelListener(ConsumerMixin):
         self.ready.set()
 
     def on_message(self, message: Message) -> None:
-        body = message.body  # str when the message has a content_encoding
-        uid = body if isinstance(body, str) else bytes(body).decode("utf-8", "replace")
-        now = time.monotonic()
-        with self._lock:
-            self._cancelled[uid] = now
-            if len(self._cancelled) > 10_000:
-                cutoff = now - REMEMBER_SECONDS
-                self._cancelled = {u: t for u, t in self._cancelled.items() if t > cutoff}
-        logger.info("uid=%s: cancel requested", uid)
+        try:
+            cancel = json.loads(message.body)
+            uid, rid, at = cancel["uid"], cancel.get("rid"), float(cancel["at"])
+            if not isinstance(uid, str) or not (rid is None or isinstance(rid, str)):
+                raise TypeError("uid and rid must be strings")
+        except (ValueError, TypeError, KeyError) as exc:
+            logger.warning("a cancel that is not {uid, rid, at} is ignored: %r", exc)
+            return
+        self.cancels.add(uid, rid, at)
+        logger.info("uid=%s: cancel requested (rid %s)", uid, rid or "-")
 
-    def cancelled(self, uid: str) -> bool:
-        return uid in self._cancelled
-
-    def forget(self, uid: str) -> None:
-        with self._lock:
-            self._cancelled.pop(uid, None)
+    def on_connection_error(self, exc: BaseException, interval: float) -> None:
+        logger.warning("cancels: RabbitMQ unreachable (%r); next try in %.1f s", exc, interval)
 
 
 _listeners: dict[int, CancelListener] = {}

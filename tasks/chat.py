@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections import OrderedDict
 from typing import Any
 
 from celery import Task
@@ -19,125 +17,85 @@ from celery.exceptions import Reject
 
 from app.broker import Lane, dead_letter
 from app.errors import DuplicateRequest
+from app.lifecycle import Incarnation, Running, Verdict
 from app.protocol import Publish, ResponseStream
 from app.request import ChatRequest
 from config import Settings
 from tasks import cancel, llm
-from tasks.admission import Admission, NotAdmitted, claim_in_background
 
 logger = logging.getLogger(__name__)
 
-
-class Seen:
-    """The uids this process is answering, or answered within the dedup window.
-
-    A second copy of a task (a duplicate that slipped through the claim, or a
-    redelivered task whose input message was also redelivered and handed off
-    again) is dropped rather than answered twice.
-    """
-
-    def __init__(self, limit: int = 100_000) -> None:
-        self._running: set[str] = set()
-        self._answered: OrderedDict[str, float] = OrderedDict()
-        self._limit = limit
-        self._lock = threading.Lock()
-
-    def begin(self, uid: str, window: float) -> bool:
-        """Whether this copy of ``uid`` is to be answered."""
-        now = time.monotonic()
-        with self._lock:
-            while self._answered and (
-                len(self._answered) > self._limit
-                or next(iter(self._answered.values())) < now - window
-            ):
-                self._answered.popitem(last=False)
-            if uid in self._running or uid in self._answered:
-                return False
-            self._running.add(uid)
-            return True
-
-    def end(self, uid: str, *, answered: bool) -> None:
-        with self._lock:
-            self._running.discard(uid)
-            if answered:
-                self._answered[uid] = time.monotonic()
+# The incarnations this process streams, and those it finished in the last
+# RESPONSE_QUEUE_TTL (made with the first task, from its settings).
+_running: Running | None = None
 
 
-_seen = Seen()
+def running(settings: Settings) -> Running:
+    global _running  # noqa: PLW0603 - one per process, made on first use
+    if _running is None:
+        _running = Running(keep=settings.response_queue_ttl)
+    return _running
 
 
 class PublishFailed(Exception):
     """The broker would not take a response message, even after retries."""
 
 
-def _publisher(lane: Lane, admission: Admission) -> Publish:
-    """Publishes through ``lane``, once ``admission`` says the uid is this task's."""
-    admitted = False
-
+def _publisher(lane: Lane) -> Publish:
     def publish(body: str, routing_key: str, properties: dict[str, Any]) -> None:
-        nonlocal admitted
         try:
-            if not admitted:
-                if not admission.admitted():
-                    raise NotAdmitted()
-                admitted = True
             lane.publish(body, routing_key, properties)
-        except NotAdmitted:
-            raise
         except Exception as exc:
             raise PublishFailed(str(exc)) from exc
 
     return publish
 
 
-def stream_chat(
-    task: Task, payload: dict[str, Any], restart: bool = False, token: str = ""
-) -> None:
-    """Answer one request; registered as ``chatqueue.stream_chat``.
+def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 0.0) -> None:
+    """Answer one incarnation of a request; registered as ``chatqueue.stream_chat``.
 
-    ``restart`` comes from a hand-off of a redelivered input message: an
-    earlier worker may have begun the answer, so this one starts it again.
-    ``token`` is the secret of a claim the web front made at submission.
+    ``rid`` and ``at`` name the hand-off (see :mod:`app.lifecycle`). A task
+    message that comes back (its worker died mid-answer) starts the answer
+    again, marked ``restart``.
     """
     settings: Settings = task.app.settings
     request = ChatRequest.from_task(payload)
     uid = request.uid
-    restart = restart or bool((task.request.delivery_info or {}).get("redelivered"))
-    if not _seen.begin(uid, settings.dedup_window):
-        if restart:
-            logger.warning("uid=%s: already answered or being answered here; copy dropped", uid)
-        else:
-            _drop_duplicate(task, request)
+    incarnation = Incarnation(uid, rid or str(task.request.id), at)
+    restart = bool((task.request.delivery_info or {}).get("redelivered"))
+    runs = running(settings)
+    verdict = runs.begin(incarnation, cancel.listener(settings).cancels)
+    if verdict is Verdict.ANSWERED:
+        logger.warning("uid=%s: rid %s was answered already; copy dropped", uid, rid)
         return
-    answered = False
+    if verdict is Verdict.DUPLICATE:
+        _drop_duplicate(task, request)
+        return
+    finished = False
     try:
-        admission = claim_in_background(task.app.pools, settings, uid, restart=restart, token=token)
         stream = ResponseStream(
-            _publisher(task.app.pools.lanes.next(), admission),
+            _publisher(task.app.pools.lanes.next()),
             request.reply_to or settings.response_queue(uid),
             uid,
             restart=restart,
+            rid=incarnation.rid,
         )
         if restart:
             logger.warning("uid=%s: redelivered; the answer starts again", uid)
-        answer(stream, request, settings)
-        answered = True
-    except NotAdmitted:
-        _drop_duplicate(task, request)
+        finished = answer(stream, request, incarnation, settings)
     except PublishFailed as exc:
         # The broker is unreachable: give the request back to be answered later.
         logger.error("uid=%s: cannot publish the answer (%s); requeued", uid, exc)
         raise Reject(exc, requeue=True) from exc
     finally:
-        _seen.end(uid, answered=answered)
+        runs.end(incarnation, finished=finished)
 
 
 def _drop_duplicate(task: Task, request: ChatRequest) -> None:
-    """Dead-letter a copy of a uid that another request has (its first copy is answered)."""
+    """Dead-letter a request whose uid another request is streaming in this process."""
     settings: Settings = task.app.settings
     error = DuplicateRequest(
-        f"uid {request.uid} was already accepted in the last {settings.dedup_window} s; "
-        "this copy is dropped"
+        f"uid {request.uid} is being answered for another request; this one is dropped"
     )
     error.uid = request.uid
     logger.warning("uid=%s: rejected (%s): %s", request.uid, error.code, error.message)
@@ -155,13 +113,15 @@ def _drop_duplicate(task: Task, request: ChatRequest) -> None:
         logger.warning("uid=%s: could not dead-letter a duplicate: %r", request.uid, exc)
 
 
-def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> None:
-    """Stream the LLM's answer, or an error object, then ``[DONE]``."""
+def answer(
+    stream: ResponseStream, request: ChatRequest, incarnation: Incarnation, settings: Settings
+) -> bool:
+    """Stream the LLM's answer, or an error object, then ``[DONE]``; False if cancelled."""
     uid = request.uid
-    cancels = cancel.listener(settings)
-    if cancels.cancelled(uid):
+    cancels = cancel.listener(settings).cancels
+    if cancels.cancelled(incarnation):
         logger.info("uid=%s: cancelled before it started", uid)
-        return
+        return False
     client = llm.client(settings)
     started = time.monotonic()
     for attempt in range(settings.llm_max_retries + 1):
@@ -172,16 +132,17 @@ def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> 
                 with llm.stream(client, request) as payloads:
                     opened = True
                     for payload, chunk in payloads:
-                        if cancels.cancelled(uid):
+                        if cancels.cancelled(incarnation):
                             # Leaving the block closes the HTTP stream: the
                             # LLM stops generating.
                             logger.info("uid=%s: cancelled after %d chunks", uid, stream.seq)
-                            return
+                            cancels.forget(incarnation)
+                            return False
                         stream.chunk(payload)
                         tokens = tokens or not _no_token(chunk)
             else:
                 stream.completion(llm.complete(client, request))
-        except (PublishFailed, NotAdmitted):
+        except PublishFailed:
             raise
         except Exception as exc:
             # The SDK already retried what failed before the stream opened; a
@@ -208,12 +169,13 @@ def answer(stream: ResponseStream, request: ChatRequest, settings: Settings) -> 
                 error["error"]["message"],
             )
             stream.fail(error, status)
-            return
+            return True
         stream.done()
         logger.info(
             "uid=%s: answered in %.2f s (%d messages)", uid, time.monotonic() - started, stream.seq
         )
-        return
+        return True
+    return True  # pragma: no cover - the loop always returns
 
 
 def _no_token(chunk: dict[str, Any]) -> bool:

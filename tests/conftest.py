@@ -40,7 +40,6 @@ def names() -> dict[str, str]:
         "RESPONSE_QUEUE_PREFIX": f"cq-{RUN}-response_",
         "CHATQUEUE_NAMESPACE": f"cq-{RUN}",
         "RESPONSE_QUEUE_TTL": "120",
-        "DEDUP_WINDOW": "120",
     }
 
 

@@ -104,11 +104,12 @@ def test_requests_waiting_in_the_queue_survive_a_killed_worker(
             assert answers[uid].final.content == "The capital of France is Paris."
 
 
-def test_a_redelivered_request_is_answered_as_a_restart(
+def test_a_redelivered_request_is_answered_once_from_the_start(
     start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
 ) -> None:
-    """An input message given back by a consumer that died may have been
-    handed off and begun already: its answer is marked ``restart``."""
+    """An input message given back unacknowledged was never handed off (the
+    hand-off and the ack are one transaction): it is answered once, as a first
+    answer, not a restart."""
     env = isolated(worker_env, names, "redelivered")
     with client_of(env) as client:
         client.channel.queue_declare(env["RABBITMQ_QUEUE"], durable=True)
@@ -121,7 +122,7 @@ def test_a_redelivered_request_is_answered_as_a_restart(
         start_worker("after-redelivery", env=env)
         answer = client.answer(uid)
         assert answer.done and answer.in_order
-        assert all(m.restart for m in answer.messages)
+        assert not any(m.restart for m in answer.messages)
         expected = "".join(reply_tokens([{"role": "user", "content": "Hello?"}], 5))
         assert answer.content == expected
 
@@ -129,9 +130,9 @@ def test_a_redelivered_request_is_answered_as_a_restart(
 def test_a_second_copy_of_an_answered_task_is_dropped(
     start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
 ) -> None:
-    """A task handed off twice (the input message was redelivered after its
-    first hand-off) is answered once, even when the copies come one after the
-    other."""
+    """A task message that comes back after its answer went out (its ack was
+    lost) is the same incarnation (rid): it is not answered again. The same
+    uid sent again later is a new request, and is answered."""
     env = isolated(worker_env, names, "copies")
     worker = start_worker("copies", env=env)
     sender = create_app(load_settings(env))
@@ -143,13 +144,17 @@ def test_a_second_copy_of_an_answered_task_is_dropped(
                 {"uid": uid, "model": "m;tokens=5", "message": "Hello?"}, default_model="m"
             )
             task = sender.tasks[STREAM_CHAT]
-            task.apply_async(args=[request.to_task()], task_id=uid)
+            kwargs = {"rid": "r1", "at": time.time()}
+            task.apply_async(args=[request.to_task()], kwargs=kwargs, task_id=uid)
             assert client.answer(uid).done
-            task.apply_async(args=[request.to_task()], kwargs={"restart": True}, task_id=uid)
+            task.apply_async(args=[request.to_task()], kwargs=kwargs, task_id=uid)
             deadline = time.monotonic() + 20
-            while f"uid={uid}: already answered" not in worker.output():
+            while f"uid={uid}: rid r1 was answered already" not in worker.output():
                 assert time.monotonic() < deadline, "the second copy was not dropped"
                 time.sleep(0.1)
             assert client.queue_length(client.response_queue(uid)) == 0
+            again = {"rid": "r2", "at": time.time()}
+            task.apply_async(args=[request.to_task()], kwargs=again, task_id=uid)
+            assert client.answer(uid).done
         finally:
             sender.close()

@@ -62,13 +62,25 @@ def test_a_stream_is_read_only_with_the_key_that_submitted_it(keyed_web: Web) ->
     assert as_alice.content == "Hello!"
 
 
-def test_a_taken_uid_gives_no_access_to_its_stream(keyed_web: Web) -> None:
-    uid = f"shared-{new_uid()}"
-    body = {**BODY, "uid": uid, "model": "m;first_delay=1"}
-    assert fetch("POST", keyed_web.url + "/v1/chat/completions", body, ALICE)[0] == 202
-    status, _, raw = fetch("POST", keyed_web.url + "/v1/chat/completions", body, BOB)
-    assert status == 409
-    assert code_of(raw) == "uid_in_use"
+def test_with_keys_a_uid_is_bound_to_the_key_that_got_it(keyed_web: Web) -> None:
+    """A uid a client makes up is refused; another key's uid is refused; the
+    owner sending its own unread uid again is a duplicate."""
+    made_up = {**BODY, "uid": f"shared-{new_uid()}"}
+    status, _, raw = fetch("POST", keyed_web.url + "/v1/chat/completions", made_up, ALICE)
+    assert status == 400 and code_of(raw) == "invalid_uid"
+
+    body = {**BODY, "model": "m;first_delay=1"}
+    status, _, raw = fetch("POST", keyed_web.url + "/v1/chat/completions", body, ALICE)
+    assert status == 202
+    uid = json.loads(raw)["uid"]
+    status, _, raw = fetch(
+        "POST", keyed_web.url + "/v1/chat/completions", {**body, "uid": uid}, BOB
+    )
+    assert status == 400 and code_of(raw) == "invalid_uid"
+    status, _, raw = fetch(
+        "POST", keyed_web.url + "/v1/chat/completions", {**body, "uid": uid}, ALICE
+    )
+    assert status == 409 and code_of(raw) == "uid_in_use"
     url = f"{keyed_web.url}/v1/chat/response?uid={uid}"
     assert read_sse(url, BOB).status == 404
     assert read_sse(url, ALICE).content == "Hello!"
@@ -87,7 +99,7 @@ def test_the_openai_sdk_with_keys(keyed_web: Web) -> None:
 
 
 def test_reading_at_once_after_submitting(keyed_web: Web) -> None:
-    """The owner check and the worker's claim check run at the same moment."""
+    """A stream read the moment it was submitted, with its key."""
     for i in range(10):
         body = {"messages": [{"role": "user", "content": f"at once {i}"}]}
         status, _, raw = fetch("POST", keyed_web.url + "/v1/chat/completions", body, ALICE)

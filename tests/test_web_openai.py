@@ -110,8 +110,10 @@ def test_web_errors_are_the_sdks_exceptions(client: OpenAI, web: Web) -> None:
     assert bad.value.code == "invalid_type"
     assert bad.value.param == "messages"
 
+    # A uid whose answer waits unread in its queue is taken.
     uid = new_uid()
-    client.chat.completions.create(model="gpt-4o", messages=FRANCE, extra_body={"uid": uid})  # type: ignore[arg-type]
+    body = {"uid": uid, "model": "m;first_delay=1", "messages": FRANCE}
+    assert fetch("POST", web.url + "/v1/chat/completions", body)[0] == 202
     with pytest.raises(openai.ConflictError) as taken:
         client.chat.completions.create(model="gpt-4o", messages=FRANCE, extra_body={"uid": uid})  # type: ignore[arg-type]
     assert taken.value.code == "uid_in_use"

@@ -2,9 +2,11 @@
 
 With keys set, every route but ``/ping``, ``/healthz`` and the playground's
 static page needs ``Authorization: Bearer <key>`` (a browser's WebSocket cannot
-send headers, so ``/v1/chat/ws`` also takes ``?api_key=<key>``). A request is
-submitted under its key's *owner*, the SHA-256 of the key, which the uid's
-claim keeps: a stream is readable only with the key that submitted it.
+send headers, so ``/v1/chat/ws`` also takes ``?api_key=<key>``). The uid of a
+request submitted with a key carries an HMAC of its random part under that key
+(:func:`app.lifecycle.new_uid`): a stream is readable only with the key that
+submitted it, checked without a broker lookup, and a uid that carries no such
+tag is nobody's (:func:`may_read`).
 """
 
 from __future__ import annotations
@@ -12,17 +14,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from flask import Flask, request
+from flask import Flask, current_app, request
 
+from app.lifecycle import owned_by
 from web.errors import Unauthorized
 
 # Endpoints anyone may call: liveness, health, and the page with no data in it.
 PUBLIC_ENDPOINTS = frozenset({"health.ping", "health.healthz", "playground.index", "static"})
-
-
-def owner_of(key: str) -> str:
-    """What a claim records of the key that submitted a request."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 def presented_key() -> str | None:
@@ -35,14 +33,22 @@ def presented_key() -> str | None:
     return None
 
 
-def current_owner() -> str:
-    """The owner of this request: the key's hash, or ``""`` without keys."""
+def current_key() -> str | None:
+    """The key this request's uids are bound to: the caller's, or None without ``API_KEYS``."""
+    return presented_key() if current_app.config.get("CHATQUEUE_API_KEYS") else None
+
+
+def may_read(uid: str) -> bool:
+    """Whether the caller may read the answer of ``uid`` (always, without ``API_KEYS``)."""
+    if not current_app.config.get("CHATQUEUE_API_KEYS"):
+        return True
     key = presented_key()
-    return owner_of(key) if key else ""
+    return key is not None and owned_by(uid, key)
 
 
 def init_auth(app: Flask, api_keys: frozenset[str]) -> None:
     """Refuse, before any route runs, a request without a valid key."""
+    app.config["CHATQUEUE_API_KEYS"] = bool(api_keys)
     if not api_keys:
         return
     digests = [hashlib.sha256(k.encode("utf-8")).digest() for k in api_keys]

@@ -26,7 +26,7 @@ import httpx2
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 
 from app.errors import BrokerUnavailable, UpstreamError
-from web.auth import current_owner
+from web.auth import current_key
 from web.client import ClientGone
 from web.errors import AnswerTimeout
 from web.responses import Answer
@@ -64,7 +64,7 @@ def chat_completions() -> Response:
     settings = svc.settings
     data = read_json_body(settings.max_body_bytes)
     data.setdefault("stream", False)  # OpenAI's default, not chatqueue's
-    accepted = submit(svc, data, current_owner())
+    accepted = submit(svc, data, current_key())
     uid = accepted.uid
     answer = Answer(svc, uid, environ=request.environ)
     streaming = False

@@ -11,6 +11,7 @@ for nobody); and delete the queue, whose stream has been delivered.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,12 +31,12 @@ class Answer:
         services: Services,
         uid: str,
         *,
-        owner: str | None = None,
         environ: Mapping[str, Any] | None = None,
     ) -> None:
         self.services = services
         self.uid = uid
-        self.stream = services.router.open(uid, owner)
+        self.rid: str | None = None  # the incarnation whose messages came
+        self.stream = services.router.open(uid)
         self.finished = False  # the worker has nothing more to send
         self.delivered = 0
         self._closed = False
@@ -54,6 +55,7 @@ class Answer:
         delivery = self.stream.get(timeout)
         if delivery is not None:
             self.delivered += 1
+            self.rid = delivery.rid or self.rid
             if delivery.final:
                 self.finished = True
         return delivery
@@ -97,7 +99,7 @@ class Answer:
         settings = self.services.settings
         try:
             with self.services.producer() as producer:
-                request_cancel(producer, settings, self.uid)
+                request_cancel(producer, settings, self.uid, self.rid, time.time())
         except Exception as exc:
             # The client is gone either way; the LLM timeout bounds the waste.
             logger.warning("uid=%s: could not ask for a cancel: %r", self.uid, exc)

@@ -31,8 +31,7 @@ use, after gunicorn's fork and gevent's monkey-patching.
 from __future__ import annotations
 
 import logging
-import select
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +45,7 @@ from gevent.socket import wait_read
 from kombu.connection import Connection
 from kombu.exceptions import OperationalError
 
-from app.broker import read_claim
+from app.broker import frames_waiting
 from app.errors import BrokerUnavailable
 from app.protocol import DONE
 from config import Settings
@@ -88,6 +87,7 @@ class Delivery:
     seq: int | None
     status: int | None = None
     restart: bool = False
+    rid: str | None = None  # the incarnation that wrote it (app.lifecycle)
 
     @property
     def done(self) -> bool:
@@ -111,7 +111,14 @@ class Delivery:
             seq=_int_or_none(headers.get("seq")),
             status=_int_or_none(headers.get("status")),
             restart=bool(headers.get("restart")),
+            rid=_str_or_none(headers.get("rid")),
         )
+
+
+def _str_or_none(value: object) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and value else None
 
 
 def _int_or_none(value: object) -> int | None:
@@ -218,17 +225,13 @@ class Link:
                 self.fail(exc)
                 raise LinkDown(str(exc)) from exc
 
-    def open(self, uid: str, owner: str | None) -> Stream:
-        """Consume ``response_<uid>``; with ``owner``, only if the uid's claim is that owner's."""
+    def open(self, uid: str) -> Stream:
+        """Consume ``response_<uid>``."""
         queue = self.settings.response_queue(uid)
         stream = Stream(self, uid, queue)
         self.streams.add(stream)  # the slot is taken before anything yields
         try:
             with self.locked() as amqp:
-                if owner is not None:
-                    claim = read_claim(amqp, self.settings, uid)
-                    if claim and claim.get("owner") and claim.get("owner") != owner:
-                        raise UnknownStream(f"no stream with uid {uid} for this API key")
                 channel = amqp.channel()
                 try:
                     channel.basic_consume(
@@ -260,15 +263,7 @@ class Link:
 
     def _pending(self) -> bool:
         """Whether a frame (or part of one) can be read without waiting."""
-        transport = self.amqp.transport
-        if getattr(transport, "_read_buffer", b""):
-            return True
-        sock = transport.sock
-        pending: Callable[[], int] | None = getattr(sock, "pending", None)  # TLS
-        if pending is not None and pending():
-            return True
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable)
+        return frames_waiting(self.amqp)
 
     def _read(self) -> None:
         try:
@@ -326,7 +321,7 @@ class Router:
         self._opening = Semaphore()
         self._count = 0
 
-    def open(self, uid: str, owner: str | None = None) -> Stream:
+    def open(self, uid: str) -> Stream:
         """A :class:`Stream` of ``response_<uid>``.
 
         Raises :class:`UnknownStream` (404), :class:`StreamBusy` (409) or
@@ -335,7 +330,7 @@ class Router:
         for attempt in (1, 2):
             link = self._link()
             try:
-                return link.open(uid, owner)
+                return link.open(uid)
             except LinkDown as exc:
                 if attempt == 2:
                     raise BrokerUnavailable(f"RabbitMQ cannot be reached: {exc}") from exc

@@ -21,8 +21,9 @@ from flask import Blueprint, Response, request, stream_with_context
 
 from app.errors import ChatqueueError, RequestError
 from app.request import UID_RULE, is_valid_uid
-from web.auth import current_owner
+from web.auth import may_read
 from web.client import ClientGone
+from web.errors import UnknownStream
 from web.responses import Answer
 from web.router import Delivery
 from web.services import services
@@ -90,8 +91,10 @@ def response() -> Response:
             param="uid",
         )
     svc = services()
-    owner = current_owner() if svc.settings.api_keys else None
-    answer = Answer(svc, uid, owner=owner, environ=request.environ)
+    if not may_read(uid):
+        # The same answer as for a uid that does not exist: nothing leaks.
+        raise UnknownStream(f"no stream with uid {uid} for this API key")
+    answer = Answer(svc, uid, environ=request.environ)
     return Response(
         stream_with_context(events(answer, svc.settings.sse_keepalive)),
         mimetype="text/event-stream",

@@ -24,7 +24,7 @@ from simple_websocket import ConnectionClosed
 from app.errors import ChatqueueError
 from app.protocol import DONE
 from app.request import decode_body
-from web.auth import current_owner
+from web.auth import current_key
 from web.responses import Answer
 from web.services import services
 from web.submit import submit
@@ -63,7 +63,7 @@ def init_ws(app: Flask, sock: Sock | None = None) -> Sock:
 def serve(ws: Any) -> None:
     """Requests in, answers out, until the client closes the socket."""
     svc = services()
-    owner = current_owner()
+    key = current_key()
     while True:
         frame = ws.receive()
         if frame is None:
@@ -71,7 +71,7 @@ def serve(ws: Any) -> None:
         raw = frame.encode("utf-8") if isinstance(frame, str) else frame
         try:
             data = decode_body(raw, svc.settings.max_body_bytes)
-            uid = submit(svc, data, owner).uid
+            uid = submit(svc, data, key).uid
             answer = Answer(svc, uid)
         except ChatqueueError as exc:
             ws.send(json.dumps(exc.to_error_object()))

@@ -1,0 +1,253 @@
+"""The life of one request, and every piece of state it keeps, in one place.
+
+A uid is followed from the input queue to ``[DONE]`` like this::
+
+    SUBMITTED  a message on the input queue (a client's, or the web front's)
+       | intake (app/consumer.py): parse, validate, declare response_<uid>;
+       | then, in ONE broker transaction, the task message and the input's ack
+    HANDED_OFF a task message on <ns>.tasks, stamped with an incarnation id (rid)
+       | the task (tasks/chat.py) begins: Running.begin()
+    STREAMING  the LLM is called; each payload goes to response_<uid> (or reply_to)
+       |---> ANSWERED   [DONE] after the answer or an error object
+       |---> CANCELLED  the reader left: Cancels holds this incarnation
+       |---> DROPPED    another incarnation of the uid is streaming in this process
+       '---> (the worker died) the task message comes back: STREAMING again, as a
+             restart of the same rid (``restart: true``, seq from 0)
+
+Each piece of state has one owner and one lifetime, and a check that cannot
+find its state refuses:
+
+============================  ===========================  ===========================
+piece                         where it lives               how long
+============================  ===========================  ===========================
+who may read the answer       the uid itself: the web      as long as the uid; no
+                              front's uids carry an HMAC   lookup, nothing to expire
+                              of their random part under
+                              the caller's API key
+whether the uid is answered   the task message: exactly    while the task runs; a
+                              one per accepted request,    second copy in the same
+                              since its hand-off and the   process is dropped
+                              input's ack are one broker   (:class:`Running`)
+                              transaction
+whether it was cancelled      :class:`Cancels`, per        until its incarnation
+                              worker process, keyed by     ends, at most
+                              (uid, rid), or by uid for    RESPONSE_QUEUE_TTL
+                              incarnations handed off
+                              before the cancel
+its response queue            ``response_<uid>`` on the    until read (the reader
+                              broker, ``x-expires``        deletes it) or TTL
+============================  ===========================  ===========================
+
+The broker work per request is the contract's one queue (``response_<uid>``),
+none on the ``reply_to`` path: no claim queue, no lookup on a read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class State(StrEnum):
+    SUBMITTED = "submitted"
+    HANDED_OFF = "handed_off"
+    STREAMING = "streaming"
+    ANSWERED = "answered"
+    CANCELLED = "cancelled"
+    DROPPED = "dropped"
+
+
+# Allowed transitions; anything else is a bug (:class:`IllegalTransition`).
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.SUBMITTED: frozenset({State.HANDED_OFF}),
+    State.HANDED_OFF: frozenset({State.STREAMING, State.DROPPED, State.CANCELLED}),
+    # STREAMING -> STREAMING: the worker died and the task came back (restart).
+    State.STREAMING: frozenset({State.STREAMING, State.ANSWERED, State.CANCELLED, State.DROPPED}),
+    State.ANSWERED: frozenset(),
+    State.CANCELLED: frozenset(),
+    State.DROPPED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A request was moved to a state its current one does not lead to."""
+
+
+def check_transition(old: State, new: State) -> State:
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"a request cannot go from {old} to {new}")
+    return new
+
+
+# --- who may read: uids that carry their owner -----------------------------------------------
+
+TAG_HEX = 32  # 128 bits of HMAC-SHA256
+
+
+def _tag(key: str, random_part: str) -> str:
+    digest = hmac.new(key.encode("utf-8"), random_part.encode("ascii"), hashlib.sha256)
+    return digest.hexdigest()[:TAG_HEX]
+
+
+def new_uid(key: str | None = None) -> str:
+    """A fresh uid; with ``key``, one that only that API key may read."""
+    random_part = uuid.uuid4().hex
+    return f"{random_part}.{_tag(key, random_part)}" if key else random_part
+
+
+def owned_by(uid: str, key: str) -> bool:
+    """Whether ``uid`` was issued to ``key``. Fails closed: a uid that carries no
+    tag, or another key's, is nobody's."""
+    random_part, dot, tag = uid.rpartition(".")
+    if not dot or not random_part or len(tag) != TAG_HEX:
+        return False
+    try:
+        random_part.encode("ascii")
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(_tag(key, random_part), tag)
+
+
+# --- one incarnation of a request --------------------------------------------------------------
+
+
+def new_rid() -> str:
+    """The id of one hand-off (an incarnation): a task that comes back after its
+    worker died keeps it; a request sent again gets a new one."""
+    return secrets.token_hex(8)
+
+
+@dataclass(frozen=True)
+class Incarnation:
+    uid: str
+    rid: str
+    handed_off_at: float  # the intake's wall clock, seconds since the epoch
+
+
+# --- whether an incarnation was cancelled ------------------------------------------------------
+
+
+class Cancels:
+    """The cancels one worker process has heard of (the web front's readers that left).
+
+    A cancel names the incarnation it saw (``rid``). A reader that left before
+    the first message saw none: its cancel names the uid and the time, and
+    applies to incarnations handed off before it, never to a request sent
+    again with the same uid afterwards. Each is forgotten after ``keep``
+    seconds (RESPONSE_QUEUE_TTL: an answer nobody reads is gone by then).
+    Wall clocks of different hosts are compared here: they are assumed to
+    agree within a second or so (NTP).
+    """
+
+    def __init__(self, keep: float, limit: int = 100_000) -> None:
+        self._keep = keep
+        self._limit = limit
+        self._by_rid: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._by_uid: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, uid: str, rid: str | None, at: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if rid:
+                self._by_rid[(uid, rid)] = now
+                self._by_rid.move_to_end((uid, rid))
+            else:
+                self._by_uid[uid] = max(at, self._by_uid.get(uid, 0.0))
+                self._by_uid.move_to_end(uid)
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        while self._by_rid and (
+            len(self._by_rid) > self._limit or next(iter(self._by_rid.values())) < now - self._keep
+        ):
+            self._by_rid.popitem(last=False)
+        wall = time.time()
+        while self._by_uid and (
+            len(self._by_uid) > self._limit or next(iter(self._by_uid.values())) < wall - self._keep
+        ):
+            self._by_uid.popitem(last=False)
+
+    def cancelled(self, incarnation: Incarnation) -> bool:
+        if (incarnation.uid, incarnation.rid) in self._by_rid:
+            return True
+        at = self._by_uid.get(incarnation.uid)
+        return at is not None and at >= incarnation.handed_off_at
+
+    def forget(self, incarnation: Incarnation) -> None:
+        with self._lock:
+            self._by_rid.pop((incarnation.uid, incarnation.rid), None)
+
+
+# --- whether the uid is being answered (in this process) ---------------------------------------
+
+
+class Verdict(StrEnum):
+    ANSWER = "answer"  # go on
+    DUPLICATE = "duplicate"  # another incarnation of the uid is streaming here
+    ANSWERED = "answered"  # this incarnation's answer is already out
+
+
+class Running:
+    """The incarnations this process is streaming, and those it finished lately.
+
+    Across processes, a request has one task message (its hand-off and the
+    input's ack are one transaction), so two copies of one incarnation only
+    meet when a task message comes back while its first copy still runs here
+    (the connection dropped; Celery stops that copy) or after its answer went
+    out (the ack was lost). A second request that reuses a uid still streaming
+    here is a duplicate. A uid whose answer is out is free again.
+    """
+
+    def __init__(self, keep: float, limit: int = 100_000) -> None:
+        self._keep = keep
+        self._limit = limit
+        self._streaming: dict[str, Incarnation] = {}
+        self._finished: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._ended = threading.Condition()
+
+    def begin(
+        self, incarnation: Incarnation, cancels: Cancels | None = None, wait: float = 10.0
+    ) -> Verdict:
+        """Whether to answer ``incarnation``. One whose uid is held by a cancelled
+        incarnation (about to stop at its next chunk) takes the uid over."""
+        uid, rid = incarnation.uid, incarnation.rid
+        deadline = time.monotonic() + wait
+        with self._ended:
+            self._prune()
+            while self._rid_of(uid) == rid and time.monotonic() < deadline:
+                # A copy of this very incarnation still runs here: let it end first.
+                self._ended.wait(timeout=0.1)
+            if (uid, rid) in self._finished:
+                return Verdict.ANSWERED
+            holder = self._streaming.get(uid)
+            if holder is not None and not (cancels is not None and cancels.cancelled(holder)):
+                return Verdict.DUPLICATE
+            self._streaming[uid] = incarnation
+            return Verdict.ANSWER
+
+    def _rid_of(self, uid: str) -> str | None:
+        holder = self._streaming.get(uid)
+        return None if holder is None else holder.rid
+
+    def end(self, incarnation: Incarnation, *, finished: bool) -> None:
+        with self._ended:
+            if self._streaming.get(incarnation.uid) == incarnation:
+                del self._streaming[incarnation.uid]
+            if finished:
+                self._finished[(incarnation.uid, incarnation.rid)] = time.monotonic()
+            self._ended.notify_all()
+
+    def _prune(self) -> None:
+        cutoff = time.monotonic() - self._keep
+        while self._finished and (
+            len(self._finished) > self._limit or next(iter(self._finished.values())) < cutoff
+        ):
+            self._finished.popitem(last=False)

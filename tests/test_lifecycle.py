@@ -1,0 +1,155 @@
+"""A request's state (app/lifecycle.py), through real processes and RabbitMQ:
+ownership that fails closed, cancels of one incarnation, one answer at a
+time per uid, and no queue left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from typing import Any
+
+from app.lifecycle import new_uid as owned_uid
+from app.lifecycle import owned_by
+from devllm.testing import DevLLM
+from tests.conftest import WebFactory, new_uid
+from tests.support import Web, collect, fetch, read_sse
+from tests.test_durability import client_of, isolated
+from tests.test_web import chat, expected, stream, submit
+
+ALICE = {"Authorization": "Bearer key-alice"}
+BOB = {"Authorization": "Bearer key-bob"}
+
+
+def test_an_owned_uid_verifies_only_with_its_key() -> None:
+    uid = owned_uid("key-alice")
+    assert owned_by(uid, "key-alice")
+    assert not owned_by(uid, "key-bob")
+    assert not owned_by(uid.split(".")[0], "key-alice")  # no tag: nobody's
+    assert not owned_by(uid[:-1] + ("0" if uid[-1] != "0" else "1"), "key-alice")
+    assert not owned_by("é.é", "key-alice")
+
+
+def test_isolation_does_not_expire(start_web: WebFactory) -> None:
+    """Defect 1: the owner used to live in a claim that expired (DEDUP_WINDOW)
+    while the answer lived on; then any key read it. Now the uid carries it."""
+    web = start_web("isolation", API_KEYS="key-alice,key-bob", DEDUP_WINDOW="1")
+    uid = submit(web, chat("Say hello."), ALICE)
+    url = f"{web.url}/v1/chat/response?uid={uid}"
+    assert read_sse(url, BOB).status == 404
+    time.sleep(3)  # past the old claim's life
+    as_bob = read_sse(url, BOB)
+    assert as_bob.status == 404, as_bob.body
+    assert json.loads(as_bob.body)["error"]["code"] == "unknown_uid"
+    assert read_sse(url, ALICE).content == "Hello!"
+
+
+def test_a_uid_sent_again_after_a_cancel_is_answered(web: Web, llm: DevLLM) -> None:
+    """Defect 2: a cancel was remembered by bare uid for 600 s, so the same uid
+    sent again was dropped ("cancelled before it started") and its client
+    waited for ever. A cancel now stops one incarnation only."""
+    uid = new_uid()
+    before = llm.stats()["streams_cancelled"]
+    submit(web, chat("slow one", uid=uid, model="m;delay=0.2;tokens=50"))
+    first = stream(web, uid, until=lambda s: len(s.events) >= 3)  # then hang up
+    assert first.events and first.events[-1].data != "[DONE]"
+    deadline = time.monotonic() + 20
+    while llm.stats()["streams_cancelled"] <= before:
+        assert time.monotonic() < deadline, "the first answer was not cancelled"
+        time.sleep(0.1)
+    # Its queue was deleted with the cancel, so the uid is free again.
+    submit(web, chat("again", uid=uid))
+    assert stream(web, uid, timeout=30).content == expected("again")
+
+
+def test_a_cancel_before_the_first_message_stops_that_request_only(web: Web) -> None:
+    """A reader that leaves before any message cancels by uid and time: the
+    request in flight is stopped, the same uid sent afterwards is answered."""
+    uid = new_uid()
+    # hang: the LLM answers (even its headers) only after 3 s.
+    submit(web, chat("never read", uid=uid, model="m;hang=3"))
+    left = stream(web, uid, timeout=30, until=lambda s: True)  # leave at the first ping
+    assert not left.events
+    time.sleep(0.5)  # the cancel reaches the worker
+    submit(web, chat("read this", uid=uid))
+    assert stream(web, uid, timeout=30).content == expected("read this")
+
+
+def test_hand_off_and_ack_are_one_transaction(
+    start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
+) -> None:
+    """Defect 3: a worker killed between a request's hand-off and the ack of its
+    input message left both, so the request was handed off twice, and two
+    workers streamed the same uid at once (two [DONE]s, interleaved seq).
+    Killed at any moment now, each request is handed off exactly once."""
+    env = {**isolated(worker_env, names, "onetx"), "INPUT_PREFETCH": "200"}
+    with client_of(env) as client:
+        client.channel.queue_declare(env["RABBITMQ_QUEUE"], durable=True)
+        uids = [new_uid() for _ in range(300)]
+        for uid in uids:
+            client.publish({"uid": uid, "model": "m;tokens=8;delay=0.05", "message": uid})
+        doomed = start_worker("onetx-doomed", env=env)
+        deadline = time.monotonic() + 30
+        while "accepted" not in doomed.output():
+            assert time.monotonic() < deadline, "the first worker accepted nothing"
+            time.sleep(0.01)
+        time.sleep(0.2)  # mid-intake
+        doomed.kill()
+        start_worker("onetx-a", env=env)
+        start_worker("onetx-b", env=env)
+        answers = collect(client, uids, timeout=120)
+        time.sleep(2)  # a second answer would be on its way by now
+        answers_again = collect(client, uids, timeout=1)
+        for uid in uids:
+            messages = answers[uid].messages + answers_again[uid].messages
+            dones = [m for m in messages if m.body == b"[DONE]"]
+            assert len(dones) == 1, f"{uid}: {len(dones)} answers"
+            assert answers[uid].final.in_order
+
+
+def _queues_named(prefix: str) -> list[str]:
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name", "--no-table-headers"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    return [q for q in listed if q.startswith(prefix)]
+
+
+def test_no_queue_is_left_after_a_request_once_its_ttl_passed(
+    start_web: WebFactory, start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
+) -> None:
+    """Read, cancelled, abandoned: each request made one queue, and none
+    remains once RESPONSE_QUEUE_TTL has passed (counted on the broker)."""
+    env = {
+        **isolated(worker_env, names, "leftover"),
+        "RESPONSE_QUEUE_PREFIX": names["CHATQUEUE_NAMESPACE"] + "-leftover-response_",
+        "RESPONSE_QUEUE_TTL": "8",
+        "SSE_KEEPALIVE": "1",
+    }
+    start_worker("leftover", env=env)
+    web = start_web("leftover", env=env)
+    prefix = env["RESPONSE_QUEUE_PREFIX"]
+    read = submit(web, chat("read"))
+    assert stream(web, read).content == expected("read")
+    cancelled = submit(web, chat("cancelled", model="m;delay=0.2;tokens=40"))
+    stream(web, cancelled, until=lambda s: len(s.events) >= 2)
+    deadline = time.monotonic() + 10
+    while prefix + cancelled in _queues_named(prefix):
+        assert time.monotonic() < deadline, "the cancelled answer's queue was not deleted"
+    abandoned = [submit(web, chat(f"abandoned {i}")) for i in range(5)]
+    made = _queues_named(prefix)
+    assert set(made) <= {prefix + u for u in [read, cancelled, *abandoned]}
+    assert len(made) == len(abandoned)  # the read and the cancelled are gone already
+    deadline = time.monotonic() + 30
+    while _queues_named(prefix):
+        assert time.monotonic() < deadline, _queues_named(prefix)
+        time.sleep(1)
+    # Nothing else of the request is on the broker: only the deployment's own queues.
+    ns = env["CHATQUEUE_NAMESPACE"]
+    mine = [q for q in _queues_named(ns) if not q.startswith(prefix)]
+    assert sorted(mine) == sorted([f"{ns}.dead-letter", f"{ns}.tasks"]), mine
+    status, _, _ = fetch("GET", web.url + "/ping")
+    assert status == 200
