@@ -39,6 +39,7 @@ The machine is small and shared: read medians and ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -48,6 +49,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 import openai
+import pika.exceptions
 
 from bench import bench_web, bench_worker
 from bench.bench_web import Endpoint
@@ -80,6 +82,7 @@ from devllm.testing import DevLLM
 
 SECTIONS = ("worker", "web", "peer")
 QUEUE_TTL = 300  # an unread response queue of a killed run lives no longer
+BROKER_RESTARTS = 2  # a row is run again after as many broker restarts
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,24 @@ class Bench:
             "bench client": [os.getpid()],
         }
         return CpuMeter(groups)
+
+    def reconnect(self, timeout: float = 300) -> None:
+        """After a broker restart: a new client once the workers consume again."""
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                wait_for_consumer(
+                    self.url, self.settings.rabbitmq_queue, 60, self.workers[0], self.n_workers
+                )
+                break
+            except (AssertionError, pika.exceptions.AMQPConnectionError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        self.client = AmqpClient(self.url, self.settings, self.workers)
 
     def count_queues(self) -> int | None:
         if self.no_count:
@@ -728,20 +749,33 @@ class Bench:
 def run(bench: Bench) -> None:
     only = bench.sections
     bench.start()
-    bench.direct()
+    steps: list[tuple[str, Callable[[], None]]] = [("0", bench.direct)]
     if "worker" in only:
-        bench.worker_ttft()
+        steps.append(("1", bench.worker_ttft))
     if only & {"web", "peer"}:
-        bench.web_and_peer_ttft()
+        steps.append(("2", bench.web_and_peer_ttft))
     if "worker" in only:
-        bench.short(reply_to=False)
-        bench.short(reply_to=True)
-        bench.worker_burst()
+        steps += [
+            ("5", partial(bench.short, reply_to=False)),
+            ("6", partial(bench.short, reply_to=True)),
+            ("3", bench.worker_burst),
+        ]
     if "web" in only:
-        bench.web_burst()
-        bench.web_queues()
+        steps += [("4", bench.web_burst), ("7", bench.web_queues)]
     if "peer" in only:
-        bench.peer_workloads()
+        steps.append(("8", bench.peer_workloads))
+    for row, step in steps:
+        for attempt in range(1, BROKER_RESTARTS + 2):
+            try:
+                step()
+                break
+            except pika.exceptions.AMQPConnectionError as exc:
+                # Tests on the same machine restart RabbitMQ (rabbitmqctl stop_app,
+                # start_app): wait for it, and run the row again.
+                if attempt > BROKER_RESTARTS:
+                    raise
+                say(f"  row {row}: the broker went away ({exc!r}); running the row again")
+                bench.reconnect()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
