@@ -227,8 +227,7 @@ class Bench:
             f"recommends (one per core), distinct hostnames: {' '.join(argv[1:])} --hostname ..."
         )
         if self.sections & {"web", "peer"}:
-            self.web = web = Process(procfile_command("web"), self.env, "web", detached=True)
-            wait_for_http(f"{self.web_url}/ping", web, lambda _, body: body == b"pong")
+            self.web = web = self.start_web()
             deadline = time.monotonic() + 30
             while len(web.children()) < self.n_webs and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -240,6 +239,21 @@ class Bench:
             self.start_peer()
         self.client = AmqpClient(self.url, self.settings, self.workers)
         say(f"dev LLM at {self.dev.base_url}")
+
+    def start_web(self, tries: int = 3) -> Process:
+        """The Procfile's web line on a free port (another one if that is taken by then)."""
+        for attempt in range(1, tries + 1):
+            self.port = free_port()
+            self.env["PORT"] = str(self.port)
+            web = Process(procfile_command("web"), self.env, "web", detached=True)
+            try:
+                wait_for_http(f"{self.web_url}/ping", web, lambda _, body: body == b"pong")
+                return web
+            except AssertionError:
+                web.stop()
+                if attempt == tries or "Address already in use" not in web.output():
+                    raise
+        raise AssertionError("unreachable")
 
     def start_peer(self) -> None:
         assert self.dev is not None
