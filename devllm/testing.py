@@ -166,6 +166,11 @@ class DevLLM:
         self.stop()
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (for CPU and memory figures)."""
+        return None if self._process is None else self._process.pid
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

@@ -8,7 +8,6 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 
-import pika
 import pytest
 
 from devllm.testing import DevLLM
@@ -16,6 +15,7 @@ from tests.support import (
     Broker,
     Process,
     Web,
+    delete_queues,
     environ,
     procfile_command,
     wait_for_consumer,
@@ -92,13 +92,7 @@ def start_worker(worker_env: dict[str, str]) -> Iterator[WorkerFactory]:
 
 
 def _delete_queues(queues: set[str]) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    try:
-        channel = connection.channel()
-        for queue in sorted(queues):
-            channel.queue_delete(queue)  # a missing queue is fine
-    finally:
-        connection.close()
+    delete_queues(RABBITMQ_URL, queues)  # a missing queue is fine
 
 
 @pytest.fixture(scope="session")

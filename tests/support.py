@@ -1,75 +1,61 @@
-"""Test helpers: real processes from the Procfile, a pika client of the response protocol."""
+"""Test helpers: a pika client of the response protocol, and a real web front.
+
+The process runner, the SSE client, the port finder and the broker clean-up
+are the benchmarks' too: they live in :mod:`bench.harness` and are
+re-exported here, so tests import everything from ``tests.support``.
+"""
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
-import shlex
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from bench.harness import (
+    BIN,
+    ROOT,
+    Event,
+    EventStream,
+    Process,
+    SseParser,
+    delete_queues,
+    environ,
+    fetch,
+    free_port,
+    procfile_command,
+    read_sse,
+    wait_for_consumer,
+    wait_for_http,
+)
 
-
-def procfile_command(name: str) -> list[str]:
-    """The Procfile line ``name`` as argv, with the venv's executables."""
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        key, _, command = line.partition(":")
-        if key.strip() == name:
-            argv = shlex.split(command)
-            exe = BIN / argv[0]
-            argv[0] = str(exe) if exe.exists() else argv[0]
-            if argv[0] == "python":
-                argv[0] = sys.executable
-            return argv
-    raise KeyError(f"no {name!r} line in the Procfile")
-
-
-class Process:
-    """A real process with its output in a file, stopped on :meth:`stop`."""
-
-    def __init__(self, argv: list[str], env: Mapping[str, str], name: str) -> None:
-        self.name = name
-        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
-            prefix=f"cq-{name}-", suffix=".log", delete=False
-        )
-        self.proc = subprocess.Popen(
-            argv, env=dict(env), cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
-        )
-
-    def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
+__all__ = [
+    "BIN",
+    "ROOT",
+    "Answer",
+    "Broker",
+    "Event",
+    "EventStream",
+    "Process",
+    "Received",
+    "SseParser",
+    "Web",
+    "collect",
+    "declare_response_queues",
+    "delete_queues",
+    "environ",
+    "fetch",
+    "free_port",
+    "procfile_command",
+    "read_sse",
+    "task_events",
+    "wait_for_consumer",
+]
 
 
 @dataclass
@@ -218,37 +204,6 @@ class Broker:
             out.append(Received(body, properties))
 
 
-def wait_for_consumer(
-    url: str, queue: str, timeout: float = 60, proc: Process | None = None
-) -> None:
-    """Until a consumer (the worker's bootstep) is on ``queue``."""
-    deadline = time.monotonic() + timeout
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        while time.monotonic() < deadline:
-            if proc is not None and proc.proc.poll() is not None:
-                raise AssertionError(f"{proc.name} exited:\n{proc.output()[-4000:]}")
-            channel = connection.channel()
-            try:
-                ok = channel.queue_declare(queue=queue, passive=True)
-                if ok.method.consumer_count > 0:
-                    return
-                channel.close()
-            except pika.exceptions.ChannelClosedByBroker:
-                pass
-            time.sleep(0.1)
-    finally:
-        connection.close()
-    output = proc.output()[-4000:] if proc else ""
-    raise AssertionError(f"no consumer on {queue} after {timeout} s\n{output}")
-
-
-def environ(**overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "OPENAI"))}
-    env.update(overrides)
-    return env
-
-
 def collect(broker: Broker, uids: list[str], timeout: float) -> dict[str, Answer]:
     """Read the answers of many requests at once on one channel, until each is
     ``[DONE]`` or ``timeout``. The response queues must exist (declare them first)."""
@@ -285,12 +240,6 @@ def declare_response_queues(broker: Broker, uids: list[str], ttl: int) -> None:
 # --- the web front ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Web:
     """A real ``gunicorn web:app`` from the Procfile line, on a free port."""
 
@@ -300,131 +249,18 @@ class Web:
         self.process = Process(procfile_command("web"), {**env, "PORT": str(self.port)}, name)
 
     def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.proc.poll() is not None:
-                raise AssertionError(f"{self.process.name} exited:\n{self.output()[-4000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/ping", timeout=2) as response:
-                    if response.read() == b"pong":
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError(f"{self.process.name} never answered /ping:\n{self.output()[-4000:]}")
+        wait_for_http(self.url + "/ping", self.process, lambda _, body: body == b"pong", timeout)
 
     def output(self) -> str:
         return self.process.output()
 
     def worker_pids(self) -> list[int]:
         """The gunicorn worker processes (children of the master)."""
-        pid = self.process.proc.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return [int(c) for c in children]
+        return self.process.children()
 
     def stop(self) -> None:
         """Quick shutdown (SIGQUIT): a graceful one waits for idle keep-alive connections."""
         self.process.kill(signal.SIGQUIT)
-        self.process.log.close()
-
-
-@dataclass
-class Event:
-    """One Server-Sent Event, with the time it arrived."""
-
-    data: str
-    id: str | None
-    at: float
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.data)
-
-
-@dataclass
-class EventStream:
-    status: int
-    headers: dict[str, str]
-    opened: float = 0.0  # when the request was sent
-    events: list[Event] = field(default_factory=list)
-    comments: list[str] = field(default_factory=list)
-    body: bytes = b""
-
-    @property
-    def content(self) -> str:
-        return "".join(
-            e.json["choices"][0]["delta"].get("content") or ""
-            for e in self.events
-            if e.data != "[DONE]" and e.json.get("choices")
-        )
-
-
-def fetch(
-    method: str,
-    url: str,
-    body: bytes | str | dict[str, Any] | None = None,
-    headers: Mapping[str, str] | None = None,
-    timeout: float = 30,
-) -> tuple[int, dict[str, str], bytes]:
-    """One plain HTTP request (urllib, no proxies): status, headers, body."""
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    if isinstance(data, str):
-        data = data.encode()
-    request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
-    if data is not None and "Content-Type" not in request.headers:
-        request.add_header("Content-Type", "application/json")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
-
-
-def read_sse(
-    url: str,
-    headers: Mapping[str, str] | None = None,
-    timeout: float = 30,
-    until: Callable[[EventStream], bool] | None = None,
-) -> EventStream:
-    """GET ``url`` and read its Server-Sent Events until the server ends the
-    response, or until ``until(stream)`` holds after an event or a comment:
-    then the client hangs up."""
-    parts = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    try:
-        connection.request("GET", f"{parts.path}?{parts.query}", headers=dict(headers or {}))
-        opened = time.monotonic()
-        response = connection.getresponse()
-        stream = EventStream(response.status, dict(response.headers), opened)
-        if response.status != 200:
-            stream.body = response.read()
-            return stream
-        data: list[str] = []
-        event_id: str | None = None
-        while True:
-            raw = response.readline()
-            if not raw:
-                return stream
-            line = raw.decode().rstrip("\r\n")
-            if not line:
-                if data:
-                    stream.events.append(Event("\n".join(data), event_id, time.monotonic()))
-                    data, event_id = [], None
-                    if until is not None and until(stream):
-                        return stream
-                continue
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "":
-                stream.comments.append(value)
-                if until is not None and until(stream):
-                    return stream
-            elif name == "data":
-                data.append(value)
-            elif name == "id":
-                event_id = value
-    finally:
-        connection.close()
 
 
 def task_events(url: str, uid: str, send: Callable[[], object], timeout: float = 20) -> list[Any]:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 from typing import Any
 
 from tests.conftest import RUN, new_uid
-from tests.support import BIN, Broker, Process, procfile_command, wait_for_consumer
+from tests.support import (
+    BIN,
+    Broker,
+    Process,
+    free_port,
+    procfile_command,
+    wait_for_consumer,
+)
 from tests.test_durability import isolated
 from tests.test_worker import assert_protocol
 
@@ -39,12 +45,6 @@ def test_the_bare_worker_command_starts_a_correct_worker(
         client.channel.queue_delete(env["RABBITMQ_QUEUE"])
         client.close()
         proc.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get_json(url: str) -> Any:

@@ -1,0 +1,613 @@
+"""The harness that the benchmarks and the tests share.
+
+- processes: :func:`procfile_command` (a Procfile line as argv, with this
+  venv's executables), :class:`Process` (a child with its output in a file),
+  :func:`wait_for_consumer` and :func:`wait_for_http` (until it serves),
+  :func:`environ` (this environment without Celery's and the LLM's variables);
+- HTTP: :func:`free_port`, :func:`fetch` (one plain request), Server-Sent
+  Events with :class:`SseParser` (line by line, for any reader),
+  :func:`read_sse` (a whole stream with ``http.client``) and
+  :func:`open_stream` (an ``asyncio`` reader for thousands of clients at once);
+- the broker: :func:`delete_queues`, and :class:`RunVhost`, a virtual host of a
+  run's own that counts its queues and goes away with all of them;
+- figures: :func:`median` and :func:`p99` (``statistics.quantiles``),
+  :class:`CpuMeter` and :func:`rss_mib` (``psutil``), :func:`format_table`;
+- signals: :func:`sigterm_as_interrupt` and :func:`uninterrupted`, so that a
+  benchmark stopped by Ctrl-C, SIGTERM or SIGHUP still cleans up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import http.client
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pika
+import pika.exceptions
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PR_SET_PDEATHSIG = 1
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def procfile_command(name: str) -> list[str]:
+    """The Procfile line ``name`` as argv, with this venv's executables."""
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        key, _, command = line.partition(":")
+        if key.strip() == name:
+            argv = shlex.split(command)
+            exe = BIN / argv[0]
+            if argv[0] == "python":
+                argv[0] = sys.executable
+            elif exe.exists():
+                argv[0] = str(exe)
+            return argv
+    raise KeyError(f"no {name!r} line in {ROOT / 'Procfile'}")
+
+
+def environ(**overrides: str) -> dict[str, str]:
+    """This environment without Celery's and the LLM's variables, plus ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "OPENAI"))}
+    env.update(overrides)
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class Process:
+    """A real process with its output in a file; :meth:`stop` ends it.
+
+    With ``detached`` (the benchmarks) it runs in a session of its own, so a
+    Ctrl-C reaches only the parent, which stops its children in order, and it
+    gets SIGTERM if the parent is killed outright.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        name: str,
+        *,
+        detached: bool = False,
+        cwd: Path = ROOT,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        fd, log = tempfile.mkstemp(prefix=f"cq-{name}-", suffix=".log")
+        self.log_path = Path(log)
+        with os.fdopen(fd, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=dict(env),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=detached,
+                # Only the benchmarks, which run no threads, ask for it.
+                preexec_fn=_die_with_parent if detached else None,  # noqa: PLW1509
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def check_alive(self) -> None:
+        if not self.alive:
+            raise RuntimeError(
+                f"{self.name} exited with status {self.proc.returncode}:\n{self.output()[-4000:]}"
+            )
+
+    def children(self) -> list[int]:
+        """The pids of its child processes (gunicorn's workers, say)."""
+        try:
+            return [child.pid for child in psutil.Process(self.pid).children()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive:
+            self.proc.send_signal(sig)
+        self.proc.wait(30)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        if self.alive:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def remove_log(self) -> None:
+        self.log_path.unlink(missing_ok=True)
+
+
+def wait_for_consumer(
+    url: str, queue: str, timeout: float = 60, proc: Process | None = None, consumers: int = 1
+) -> None:
+    """Until ``consumers`` consumers (workers' bootsteps) are on ``queue``, or ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        while time.monotonic() < deadline:
+            if proc is not None and not proc.alive:
+                raise AssertionError(f"{proc.name} exited:\n{proc.output()[-4000:]}")
+            channel = connection.channel()
+            try:
+                ok = channel.queue_declare(queue=queue, passive=True)
+                channel.close()
+                if ok.method.consumer_count >= consumers:
+                    return
+            except pika.exceptions.ChannelClosedByBroker:
+                pass  # not declared yet
+            time.sleep(0.1)
+    finally:
+        connection.close()
+    output = proc.output()[-4000:] if proc else ""
+    raise AssertionError(f"no consumer on {queue} after {timeout} s\n{output}")
+
+
+def wait_for_http(
+    url: str, proc: Process, ready: Callable[[int, bytes], bool], timeout: float = 60
+) -> None:
+    """Until ``GET url`` answers so that ``ready(status, body)``, or ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive:
+            raise AssertionError(f"{proc.name} exited:\n{proc.output()[-4000:]}")
+        with contextlib.suppress(OSError):
+            status, _, body = fetch("GET", url, timeout=2)
+            if ready(status, body):
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{proc.name} never answered {url}:\n{proc.output()[-4000:]}")
+
+
+# --- HTTP and Server-Sent Events ------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port of the loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def fetch(
+    method: str,
+    url: str,
+    body: bytes | str | dict[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30,
+) -> tuple[int, dict[str, str], bytes]:
+    """One plain HTTP request (urllib, no proxies): status, headers, body."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    if isinstance(data, str):
+        data = data.encode()
+    request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+    if data is not None and "Content-Type" not in request.headers:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+@dataclass
+class Event:
+    """One Server-Sent Event, with the time (``time.monotonic``) it arrived."""
+
+    data: str
+    id: str | None
+    at: float
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+    @property
+    def content(self) -> str:
+        """The ``delta.content`` of a ``chat.completion.chunk`` ("" for anything else)."""
+        if not self.data.startswith("{"):
+            return ""
+        choices = self.json.get("choices") or []
+        return ((choices[0].get("delta") or {}).get("content") or "") if choices else ""
+
+
+@dataclass
+class Comment:
+    """A comment line (``: ping``), as a keep-alive sends it."""
+
+    text: str
+
+
+class SseParser:
+    """Server-Sent Events, one line at a time: :meth:`feed` returns an
+    :class:`Event` when a blank line ends one, a :class:`Comment`, or None."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+        self._id: str | None = None
+
+    def feed(self, raw: bytes | str) -> Event | Comment | None:
+        line = (raw.decode() if isinstance(raw, bytes) else raw).rstrip("\r\n")
+        if not line:
+            if not self._data:
+                return None
+            event = Event("\n".join(self._data), self._id, time.monotonic())
+            self._data, self._id = [], None
+            return event
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "":
+            return Comment(value)
+        if name == "data":
+            self._data.append(value)
+        elif name == "id":
+            self._id = value
+        return None
+
+
+@dataclass
+class EventStream:
+    status: int
+    headers: dict[str, str]
+    opened: float = 0.0  # when the request was sent (time.monotonic)
+    events: list[Event] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+    body: bytes = b""
+
+    @property
+    def content(self) -> str:
+        return "".join(e.content for e in self.events)
+
+    @property
+    def first_content_at(self) -> float:
+        """When the first content token came (NaN if none did)."""
+        return next((e.at for e in self.events if e.content), math.nan)
+
+
+def read_sse(
+    url: str,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30,
+    until: Callable[[EventStream], bool] | None = None,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+) -> EventStream:
+    """Send ``method url`` (GET by default) and read its Server-Sent Events
+    until the server ends the response, or until ``until(stream)`` holds after
+    an event or a comment: then the client hangs up."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    path = f"{parts.path}?{parts.query}" if parts.query else parts.path
+    try:
+        opened = time.monotonic()
+        connection.request(method, path, body=body, headers=dict(headers or {}))
+        response = connection.getresponse()
+        stream = EventStream(response.status, dict(response.headers), opened)
+        if response.status != 200:
+            stream.body = response.read()
+            return stream
+        parser = SseParser()
+        while raw := response.readline():
+            item = parser.feed(raw)
+            if item is None:
+                continue
+            if isinstance(item, Event):
+                stream.events.append(item)
+            else:
+                stream.comments.append(item.text)
+            if until is not None and until(stream):
+                return stream
+        return stream
+    finally:
+        connection.close()
+
+
+async def open_stream(
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    *,
+    body: bytes = b"",
+    headers: Mapping[str, str] | None = None,
+) -> tuple[int, AsyncIterator[bytes], asyncio.StreamWriter]:
+    """An HTTP/1.1 request with ``Connection: close`` over asyncio: the status,
+    the body's lines (chunked transfer decoded) and the writer to close."""
+    reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+    head = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if body:
+        head += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+    await writer.drain()
+    status_line = await reader.readline()
+    parts = status_line.split()
+    if len(parts) < 2:
+        writer.close()
+        raise ConnectionError(f"no HTTP status line: {status_line!r}")
+    chunked = False
+    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.strip().lower() == "transfer-encoding" and "chunked" in value.lower():
+            chunked = True
+    return int(parts[1]), _lines(reader, chunked), writer
+
+
+async def _lines(reader: asyncio.StreamReader, chunked: bool) -> AsyncIterator[bytes]:
+    if not chunked:
+        while line := await reader.readline():
+            yield line
+        return
+    pending = b""
+    while True:
+        size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            break
+        pending += await reader.readexactly(size)
+        await reader.readline()  # the CRLF after the chunk
+        *whole, pending = pending.split(b"\n")
+        for line in whole:
+            yield line + b"\n"
+    if pending:
+        yield pending
+
+
+# --- the broker -----------------------------------------------------------------------------
+
+
+def delete_queues(url: str, queues: Iterable[str], exchanges: Iterable[str] = ()) -> int:
+    """Delete ``queues`` and ``exchanges`` (missing ones are fine); return the number of
+    queue deletions that failed."""
+    failed = 0
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        for queue in sorted(set(queues)):
+            try:
+                channel.queue_delete(queue)
+            except pika.exceptions.ChannelClosedByBroker:
+                failed += 1
+                channel = connection.channel()
+        for exchange in exchanges:
+            try:
+                channel.exchange_delete(exchange)
+            except pika.exceptions.ChannelClosedByBroker:
+                channel = connection.channel()
+    finally:
+        connection.close()
+    return failed
+
+
+def rabbitmqctl(*args: str, timeout: float = 120) -> str:
+    """``rabbitmqctl -q ARGS`` (as root, on the broker's machine); its output."""
+    exe = shutil.which("rabbitmqctl")
+    if exe is None:
+        raise OSError("rabbitmqctl is not on the PATH")
+    done = subprocess.run(
+        [exe, "-q", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if done.returncode != 0:
+        raise OSError(f"rabbitmqctl {' '.join(args)}: {done.stderr.strip() or done.stdout}")
+    return done.stdout
+
+
+class RunVhost:
+    """A RabbitMQ virtual host of one run's own: every queue a run makes is in
+    it, so :meth:`queues` counts them (whatever their names), and
+    :meth:`delete` removes them all at once. Needs ``rabbitmqctl`` (root on the
+    broker's machine); :meth:`create` says why when it cannot be had."""
+
+    def __init__(self, base_url: str, name: str) -> None:
+        self.name = name
+        parts = urllib.parse.urlsplit(base_url)
+        self.user = urllib.parse.unquote(parts.username or "guest")
+        vhost = urllib.parse.quote(name, safe="")
+        self.url = urllib.parse.urlunsplit(parts._replace(path=f"/{vhost}"))
+        self.created = False
+
+    def create(self) -> None:
+        rabbitmqctl("add_vhost", self.name)
+        self.created = True
+        rabbitmqctl("set_permissions", "-p", self.name, self.user, ".*", ".*", ".*")
+
+    def queues(self) -> list[str]:
+        out = rabbitmqctl("list_queues", "-p", self.name, "name", "--no-table-headers")
+        return [line.strip() for line in out.splitlines() if line.strip()]
+
+    def delete(self) -> None:
+        if self.created:
+            rabbitmqctl("delete_vhost", self.name, timeout=600)
+            self.created = False
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def p99(values: Sequence[float]) -> float:
+    """The 99th percentile (``statistics.quantiles``, inclusive)."""
+    if len(values) < 2:
+        return values[0] if values else math.nan
+    return statistics.quantiles(values, n=100, method="inclusive")[98]
+
+
+def ms(seconds: float, digits: int = 1) -> str:
+    """Seconds as milliseconds: ``"12.3 ms"``."""
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.{digits}f} ms"
+
+
+def secs(seconds: float) -> str:
+    return "n/a" if math.isnan(seconds) else f"{seconds:.2f} s"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time that process ``pid`` has used so far (0 if it is gone)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def rss_mib(pid: int) -> float:
+    try:
+        return float(psutil.Process(pid).memory_info().rss) / 2**20
+    except psutil.NoSuchProcess:
+        return math.nan
+
+
+def find_pid(name: str) -> int | None:
+    """The pid of a process named ``name`` (e.g. ``beam.smp``, the broker)."""
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] == name:
+            return int(proc.pid)
+    return None
+
+
+class CpuMeter:
+    """CPU seconds used by groups of processes between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, groups: Mapping[str, Iterable[int | None]]) -> None:
+        self.groups = {
+            name: [p for p in pids if p is not None] for name, pids in groups.items() if pids
+        }
+        self._start: dict[str, float] = {}
+        self._started_at = 0.0
+        self.used: dict[str, float] = {}
+        self.wall = 0.0
+
+    def _now(self) -> dict[str, float]:
+        return {name: sum(map(cpu_seconds, pids)) for name, pids in self.groups.items()}
+
+    def start(self) -> None:
+        self._started_at = time.monotonic()
+        self._start = self._now()
+
+    def stop(self) -> dict[str, float]:
+        self.wall = time.monotonic() - self._started_at
+        now = self._now()
+        self.used = {name: now[name] - self._start[name] for name in self.groups}
+        return self.used
+
+    def __getitem__(self, name: str) -> float:
+        return self.used.get(name, math.nan)
+
+    def describe(self) -> str:
+        """``"worker 1.20 s (60%), ..."``: CPU seconds, and share of one core."""
+        wall = self.wall or math.nan
+        return ", ".join(
+            f"{name} {used:.2f} s ({100 * used / wall:.0f}%)" for name, used in self.used.items()
+        )
+
+
+def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A plain-text table, columns left-aligned."""
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def source_state() -> str:
+    """The commit of the code under test, and the files changed since."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], check=False, cwd=ROOT, capture_output=True, text=True)
+        return done.stdout
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+        changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    except OSError:
+        return "unknown (no git)"
+    files = [line[3:] for line in changed if line.strip()]
+    return commit + (f" + changes to {', '.join(files)}" if files else "")
+
+
+# --- signals --------------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def sigterm_as_interrupt() -> None:
+    """Make SIGINT (even when started in the background), SIGTERM and SIGHUP raise
+    KeyboardInterrupt, so ``finally`` blocks clean up."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, interrupt)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold off SIGINT, SIGTERM and SIGHUP (a second Ctrl-C) while cleaning up."""
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def say(*args: object) -> None:
+    """``print``, flushed, that never fails (stdout may be a closed pipe by then)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(*args, flush=True)
