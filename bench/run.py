@@ -180,7 +180,6 @@ class Bench:
             RESPONSE_QUEUE_PREFIX=f"{self.run}-response_",
             CHATQUEUE_NAMESPACE=self.run,
             RESPONSE_QUEUE_TTL=str(QUEUE_TTL),
-            DEDUP_WINDOW=str(QUEUE_TTL),
             OPENAI_MODEL="bench",
             LOG_LEVEL="warning",
             PORT=str(self.port),
