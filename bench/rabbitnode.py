@@ -60,6 +60,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import psutil
+
+from bench.harness import free_port
+
 DEFAULT_NOFILE = 65536
 SERVER_USER = "rabbitmq"
 SCRIPT_DIRS = ("/usr/lib/rabbitmq/bin", "/usr/lib/rabbitmq/sbin", "/usr/local/sbin")
@@ -101,12 +105,6 @@ def scripts_dir() -> Path | None:
 def available() -> bool:
     """Whether ``rabbitmq-server`` is installed here (tests skip when it is not)."""
     return scripts_dir() is not None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def port_in_use(port: int) -> bool:
@@ -162,16 +160,12 @@ def _server_user() -> pwd.struct_passwd | None:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        # A zombie is gone for our purposes.
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    # A zombie is gone for our purposes.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return True
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
@@ -350,16 +344,17 @@ class RabbitNode:
         if not _alive(pid):
             return None
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
+            cmdline = psutil.Process(pid).cmdline()
+        except psutil.Error:
             return pid
-        return pid if b"beam" in cmdline else None
+        return pid if any("beam" in part for part in cmdline) else None
 
     def running(self) -> bool:
         return self.beam_pid is not None
 
     def open_files_limit(self) -> int | None:
-        """The soft open-file limit of the running ``beam.smp`` (from /proc)."""
+        """The soft open-file limit of the running ``beam.smp`` (from /proc: psutil's
+        ``rlimit`` calls prlimit(2), which this machine denies even to root)."""
         pid = self.beam_pid
         if pid is None:
             return None
