@@ -616,7 +616,7 @@ class Bench:
                 4,
                 f"web: {n} SSE clients at once, POST->202 (median / p99)",
                 pair(submits, secs) + failed,
-                "",
+                "-",
                 "<= 0.5 s / <= 2 s",
                 verdict(
                     at_most(median(submits), 0.5), at_most(p99(submits), 2), result.failed == 0
