@@ -170,17 +170,21 @@ class Intake(ConsumerMixin):
         self.pending.append(message)
 
     def on_iteration(self) -> None:
-        """Hand off what has come in, with whatever else is already waiting."""
-        if not self.pending:
-            return
+        """Hand off what has come in, with whatever else is already waiting.
+
+        Deliveries keep coming while a transaction's answer is awaited (they
+        are collected then): they are handed off at once too, not after the
+        loop's next idle wait.
+        """
         amqp_connection = self._conn.connection
-        while frames_waiting(amqp_connection):
-            try:
-                self._conn.drain_events(timeout=IDLE_WAIT)
-            except TimeoutError:
-                break
-        batch, self.pending = self.pending, []
-        self.hand_off(batch)
+        while self.pending:
+            while frames_waiting(amqp_connection):
+                try:
+                    self._conn.drain_events(timeout=IDLE_WAIT)
+                except TimeoutError:
+                    break
+            batch, self.pending = self.pending, []
+            self.hand_off(batch)
 
     # --- one batch, one transaction ------------------------------------------------------------
 

@@ -17,8 +17,11 @@ broken stream when no token went out.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +36,7 @@ from app.request import ChatRequest
 from config import Settings
 
 _lock = threading.Lock()
-_clients: dict[int, openai.OpenAI] = {}
+_clients: dict[int, Clients] = {}
 
 CHAT_COMPLETIONS = "/chat/completions"
 
@@ -52,29 +55,54 @@ _TYPE_BY_STATUS = {
 }
 
 
+# Connections one HTTP connection pool holds. httpcore looks at every
+# connection of its pool on each request and each response closed (and polls
+# each idle socket): with 1,000 streams in one pool that scan was more than
+# half of the worker's CPU. So a process keeps several small pools (clients),
+# and each request takes the next one in turn.
+CONNECTIONS_PER_POOL = 64
+
+
+class Clients:
+    """The openai clients of one process, each with a small connection pool."""
+
+    def __init__(self, settings: Settings) -> None:
+        pools = max(1, math.ceil(settings.llm_max_connections / CONNECTIONS_PER_POOL))
+        per_pool = math.ceil(settings.llm_max_connections / pools)
+        tls = httpx2.create_ssl_context()  # one for all: each costs milliseconds to make
+        self._clients = [_new_client(settings, per_pool, tls) for _ in range(pools)]
+        self._turn = itertools.count()
+
+    def next(self) -> openai.OpenAI:
+        return self._clients[next(self._turn) % len(self._clients)]
+
+
+def _new_client(settings: Settings, connections: int, tls: ssl.SSLContext) -> openai.OpenAI:
+    return openai.OpenAI(
+        api_key=settings.openai_api_key,
+        base_url=settings.openai_url,
+        max_retries=settings.llm_max_retries,
+        timeout=openai.Timeout(settings.llm_read_timeout, connect=settings.llm_connect_timeout),
+        http_client=openai.DefaultHttpxClient(
+            verify=tls,
+            limits=httpx2.Limits(
+                max_connections=connections, max_keepalive_connections=connections
+            ),
+        ),
+    )
+
+
 def client(settings: Settings) -> openai.OpenAI:
-    """This process's client (made after a fork, so never shared across one)."""
+    """A client of this process (made after a fork, so never shared across one),
+    the next in turn."""
     pid = os.getpid()
     found = _clients.get(pid)
     if found is None:
         with _lock:
             found = _clients.get(pid)
             if found is None:
-                found = _clients[pid] = openai.OpenAI(
-                    api_key=settings.openai_api_key,
-                    base_url=settings.openai_url,
-                    max_retries=settings.llm_max_retries,
-                    timeout=openai.Timeout(
-                        settings.llm_read_timeout, connect=settings.llm_connect_timeout
-                    ),
-                    http_client=openai.DefaultHttpxClient(
-                        limits=httpx2.Limits(
-                            max_connections=settings.llm_max_connections,
-                            max_keepalive_connections=min(settings.llm_max_connections, 256),
-                        )
-                    ),
-                )
-    return found
+                found = _clients[pid] = Clients(settings)
+    return found.next()
 
 
 class MalformedPayload(UpstreamError):
