@@ -58,6 +58,9 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT = 1.0
 # Seconds before a lost connection is tried again (kombu backs off from there).
 RECONNECT_PAUSE = 1.0
+# Seconds the intake declares response queues apart (one more round trip a
+# batch) after a client's queue with other arguments broke a transaction.
+CAREFUL_SECONDS = 600.0
 
 
 class RequestConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -121,6 +124,7 @@ class Intake(ConsumerMixin):
         self._channel: Any = None
         self._declarer: Any = None
         self._producer: Any = None
+        self._careful_until = 0.0
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -130,6 +134,15 @@ class Intake(ConsumerMixin):
             try:
                 for _ in self.consume(safety_interval=IDLE_WAIT):  # type: ignore[no-untyped-call]
                     pass
+            except PreconditionFailed as exc:
+                # A client declared a response queue with other arguments: the
+                # broker closed the channel, and the batch comes back. For a
+                # while, declare apart, where a mismatch closes only the
+                # declaring channel.
+                logger.info("intake: %s; the batch comes back, declared apart", exc)
+                self._careful_until = time.monotonic() + CAREFUL_SECONDS
+                self.pending = []
+                continue
             except BROKER_ERRORS as exc:
                 if self.should_stop:
                     break
@@ -190,7 +203,13 @@ class Intake(ConsumerMixin):
 
     def hand_off(self, batch: list[Message]) -> None:
         reads = [self.read(message) for message in batch]
-        self.declare_response_queues([u for r in reads if (u := r.response_uid) is not None])
+        uids = [u for r in reads if (u := r.response_uid) is not None]
+        if time.monotonic() < self._careful_until:
+            self.declare_response_queues(uids)
+        else:
+            # On the transaction's own channel, unanswered: they are done
+            # before the commit, whose answer then stands for them too.
+            self._declare_in_line(uids)
         at = time.time()
         for r in reads:
             if r.request is not None:
@@ -221,6 +240,17 @@ class Intake(ConsumerMixin):
             logger.exception("unexpected error while reading a request; dead-lettering it")
             return Read(message, None, RequestError("internal error", code="internal_error"))
         return Read(message, request, None)
+
+    def _declare_in_line(self, uids: list[str]) -> None:
+        arguments = response_queue_arguments(self.settings)
+        for uid in dict.fromkeys(uids):
+            self._channel.queue_declare(
+                queue=self.settings.response_queue(uid),
+                durable=True,
+                auto_delete=False,
+                arguments=arguments,
+                nowait=True,
+            )
 
     def declare_response_queues(self, uids: list[str]) -> None:
         """Declare these response queues, pipelined: one round trip for all.
