@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 import time
@@ -100,6 +101,16 @@ def new_uid(key: str | None = None) -> str:
     """A fresh uid; with ``key``, one that only that API key may read."""
     random_part = uuid.uuid4().hex
     return f"{random_part}.{_tag(key, random_part)}" if key else random_part
+
+
+_ISSUED = re.compile(rf"[0-9a-f]{{32}}(\.[0-9a-f]{{{TAG_HEX}}})?")
+
+
+def looks_issued(uid: str) -> bool:
+    """Whether ``uid`` has the form of the uids :func:`new_uid` makes (the web
+    front's): its response queue may not be declared yet, as the worker
+    declares it when it accepts the request."""
+    return _ISSUED.fullmatch(uid) is not None
 
 
 def owned_by(uid: str, key: str) -> bool:

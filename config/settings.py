@@ -157,6 +157,12 @@ class Settings:
         "15",
         "seconds between keep-alive comments (and WebSocket pings) of a silent stream",
     )
+    web_accept_wait: float = _env(
+        _seconds,
+        "10",
+        "seconds GET /v1/chat/response waits for the response queue of a uid the web front "
+        "issued (a worker declares it when it accepts the request) before it answers 404",
+    )
     web_answer_timeout: float = _env(
         _seconds,
         "600",

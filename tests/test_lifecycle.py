@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -138,7 +139,9 @@ def test_no_queue_is_left_after_a_request_once_its_ttl_passed(
     while prefix + cancelled in _queues_named(prefix):
         assert time.monotonic() < deadline, "the cancelled answer's queue was not deleted"
     abandoned = [submit(web, chat(f"abandoned {i}")) for i in range(5)]
-    made = _queues_named(prefix)
+    deadline = time.monotonic() + 10
+    while len(made := _queues_named(prefix)) < len(abandoned):  # the worker declares them
+        assert time.monotonic() < deadline, made
     assert set(made) <= {prefix + u for u in [read, cancelled, *abandoned]}
     assert len(made) == len(abandoned)  # the read and the cancelled are gone already
     deadline = time.monotonic() + 30
@@ -151,3 +154,29 @@ def test_no_queue_is_left_after_a_request_once_its_ttl_passed(
     assert sorted(mine) == sorted([f"{ns}.dead-letter", f"{ns}.tasks"]), mine
     status, _, _ = fetch("GET", web.url + "/ping")
     assert status == 200
+
+
+def test_a_reader_waits_for_the_worker_to_accept_its_request(
+    start_web: WebFactory, start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
+) -> None:
+    """A fresh uid's response queue is declared by the worker that accepts the
+    request, not by the POST: a reader that comes first waits for it
+    (WEB_ACCEPT_WAIT), and a uid of that form that nobody submitted is 404
+    once the wait is over."""
+    env = {**isolated(worker_env, names, "accept"), "WEB_ACCEPT_WAIT": "20"}
+    web = start_web("accept", env=env)
+    uid = submit(web, chat("wait for me"))  # no worker on this input queue yet
+    results: list[Any] = []
+    reader = threading.Thread(target=lambda: results.append(stream(web, uid, timeout=40)))
+    reader.start()
+    time.sleep(2)
+    assert reader.is_alive()  # waiting, not 404
+    start_worker("accept", env=env)
+    reader.join(40)
+    assert results and results[0].content == expected("wait for me")
+
+    quick = start_web("accept-quick", env={**env, "WEB_ACCEPT_WAIT": "1"})
+    started = time.monotonic()
+    nobody = stream(quick, owned_uid())
+    assert nobody.status == 404
+    assert 0.5 <= time.monotonic() - started < 10  # it waited, then gave up

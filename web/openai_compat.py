@@ -66,7 +66,7 @@ def chat_completions() -> Response:
     data.setdefault("stream", False)  # OpenAI's default, not chatqueue's
     accepted = submit(svc, data, current_key())
     uid = accepted.uid
-    answer = Answer(svc, uid, environ=request.environ)
+    answer = Answer(svc, uid, environ=request.environ, wait=settings.web_answer_timeout)
     streaming = False
     try:
         try:

@@ -32,11 +32,12 @@ class Answer:
         uid: str,
         *,
         environ: Mapping[str, Any] | None = None,
+        wait: float = 0.0,
     ) -> None:
         self.services = services
         self.uid = uid
         self.rid: str | None = None  # the incarnation whose messages came
-        self.stream = services.router.open(uid)
+        self.stream = services.router.open(uid, wait)
         self.finished = False  # the worker has nothing more to send
         self.delivered = 0
         self._closed = False

@@ -31,6 +31,7 @@ use, after gunicorn's fork and gevent's monkey-patching.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +58,10 @@ CONNECT_TIMEOUT = 5.0
 # Once a frame has begun to arrive, the rest of it comes within this time or
 # the link is taken for dead.
 FRAME_TIMEOUT = 10.0
+# A response queue not declared yet is looked for again after this many
+# seconds, twice as long each time up to the second figure.
+FIRST_PAUSE = 0.002
+MAX_PAUSE = 0.05
 # Errors that mean the connection itself is gone.
 LINK_ERRORS: tuple[type[BaseException], ...] = (
     AMQPConnectionError,
@@ -321,12 +326,26 @@ class Router:
         self._opening = Semaphore()
         self._count = 0
 
-    def open(self, uid: str) -> Stream:
-        """A :class:`Stream` of ``response_<uid>``.
+    def open(self, uid: str, wait: float = 0.0) -> Stream:
+        """A :class:`Stream` of ``response_<uid>``; a queue that does not exist
+        yet (its request is still on its way to a worker) is waited for up to
+        ``wait`` seconds.
 
         Raises :class:`UnknownStream` (404), :class:`StreamBusy` (409) or
         :class:`BrokerUnavailable` (503).
         """
+        deadline = time.monotonic() + wait
+        pause = FIRST_PAUSE
+        while True:
+            try:
+                return self._open(uid)
+            except UnknownStream:
+                if time.monotonic() + pause > deadline:
+                    raise
+            gevent.sleep(pause)
+            pause = min(pause * 2, MAX_PAUSE)
+
+    def _open(self, uid: str) -> Stream:
         for attempt in (1, 2):
             link = self._link()
             try:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, request, stream_with_context
 
 from app.errors import ChatqueueError, RequestError
+from app.lifecycle import looks_issued
 from app.request import UID_RULE, is_valid_uid
 from web.auth import may_read
 from web.client import ClientGone
@@ -94,7 +95,8 @@ def response() -> Response:
     if not may_read(uid):
         # The same answer as for a uid that does not exist: nothing leaks.
         raise UnknownStream(f"no stream with uid {uid} for this API key")
-    answer = Answer(svc, uid, environ=request.environ)
+    wait = svc.settings.web_accept_wait if looks_issued(uid) else 0.0
+    answer = Answer(svc, uid, environ=request.environ, wait=wait)
     return Response(
         stream_with_context(events(answer, svc.settings.sse_keepalive)),
         mimetype="text/event-stream",

@@ -9,9 +9,12 @@ input queue exactly as any client does, so the intake accepts it:
    client chose is taken only if it carries that tag);
 2. a uid the client chose is refused (409) while its response queue exists:
    another request's answer lives there;
-3. the response queue, declared before the request is published so the
-   answer can be read at once; and the request, persistent, confirmed by the
-   broker before the client hears 202. Both go in one round trip.
+3. the request, persistent, confirmed by the broker before the client hears
+   202, through the process's :class:`~web.publisher.Publisher`: one round
+   trip, shared with every submission in flight. The response queue of a
+   fresh uid is declared by the worker that accepts the request (a reader
+   waits for it, ``WEB_ACCEPT_WAIT``); that of a uid the client chose is
+   declared with the request, so that a duplicate finds it at once.
 
 That is the whole broker work of a submission: one queue, one publish.
 """
@@ -25,13 +28,11 @@ from typing import Any
 
 from amqp.exceptions import NotFound
 from flask import Blueprint, Response, jsonify, request, url_for
-from kombu.exceptions import OperationalError
 
-from app.broker import BROKER_ERRORS, RETRY_POLICY, declare_response_queue
+from app.broker import BROKER_ERRORS
 from app.errors import BodyTooLarge, BrokerUnavailable, DuplicateRequest, RequestError
 from app.lifecycle import new_uid, owned_by
 from app.request import ChatRequest, decode_body, parse_request
-from config import Settings
 from web.auth import current_key
 from web.services import Services, services
 
@@ -77,62 +78,46 @@ def submit(services: Services, data: dict[str, Any], key: str | None) -> ChatReq
             f"the request is {len(raw)} bytes as published; the limit is "
             f"{settings.max_body_bytes} (MAX_BODY_BYTES)"
         )
-    try:
-        with services.producer() as producer:
-            # A pooled connection may have died with the broker (a restart):
-            # the first broker error renews it, and the hand-off is tried again.
-            for attempt in (1, 2):
-                try:
-                    hand_off(producer, settings, uid, raw, check_free=chosen)
-                    break
-                except BROKER_ERRORS as exc:
-                    # OperationalError: kombu could not connect at all, retries included.
-                    if attempt == 2 or isinstance(exc, OperationalError):
-                        raise
-                    logger.info("uid=%s: broker connection lost (%r); on a new one", uid, exc)
-                    connection = producer.connection
-                    connection.collect()
-                    producer.revive(connection)
-    except BROKER_ERRORS as exc:
-        logger.warning("uid=%s: broker unavailable while submitting: %r", uid, exc)
-        raise BrokerUnavailable(f"RabbitMQ cannot be reached ({exc}); try again later") from exc
-    logger.info("uid=%s: submitted (model %s, stream %s)", uid, accepted.model, accepted.stream)
-    return replace(accepted, uid=uid)
-
-
-def hand_off(producer: Any, settings: Settings, uid: str, raw: bytes, *, check_free: bool) -> None:
-    """Declare the response queue of ``uid`` and publish the request (confirmed)."""
-    if check_free and _queue_exists(producer, settings.response_queue(uid)):
+    if chosen and _queue_in_use(services, uid):
         raise DuplicateRequest(
             f"uid {uid} is in use: its answer has not been read yet (or its queue has not "
             "expired, RESPONSE_QUEUE_TTL): choose another uid, or send none to get a fresh one"
         )
-    # No wait for the declare's answer: the publish that follows on the same
-    # channel is routed after it, and its confirm answers for both.
-    producer.revive(declare_response_queue(producer.channel, settings, uid, nowait=True))
-    producer.publish(
-        raw,
-        exchange="",
-        routing_key=settings.rabbitmq_queue,
-        content_type="application/json",
-        content_encoding="utf-8",
-        delivery_mode=2,
-        retry=True,
-        retry_policy=RETRY_POLICY,
-    )
+    for attempt in (1, 2):
+        try:
+            # A fresh uid's response queue is declared by the worker as it
+            # accepts the request (declaring ~1,000 durable queues took the
+            # broker ~6 s here: a burst's 202s must not wait for that); a uid
+            # the client chose is declared now, so a duplicate sees it at once.
+            services.publisher().submit(uid, raw, declare=chosen)
+            break
+        except BrokerUnavailable as exc:
+            # Most often a connection that died with the broker (a restart):
+            # once more, on a new one.
+            if attempt == 2:
+                logger.warning("uid=%s: broker unavailable while submitting: %s", uid, exc)
+                raise
+            logger.info("uid=%s: %s; on a new connection", uid, exc)
+    logger.info("uid=%s: submitted (model %s, stream %s)", uid, accepted.model, accepted.stream)
+    return replace(accepted, uid=uid)
 
 
-def _queue_exists(producer: Any, name: str) -> bool:
-    # On a channel of its own: a missing queue closes the channel it is asked on.
-    channel = producer.channel.connection.channel()
+def _queue_in_use(services: Services, uid: str) -> bool:
+    """Whether ``response_<uid>`` exists (on a channel of its own: a missing
+    queue closes the channel it is asked on)."""
     try:
-        channel.queue_declare(queue=name, passive=True)
-    except NotFound:
-        return False
-    finally:
-        if channel.is_open:
-            channel.close()
-    return True
+        with services.producer() as producer:
+            channel = producer.channel.connection.channel()
+            try:
+                channel.queue_declare(queue=services.settings.response_queue(uid), passive=True)
+            except NotFound:
+                return False
+            finally:
+                if channel.is_open:
+                    channel.close()
+            return True
+    except BROKER_ERRORS as exc:
+        raise BrokerUnavailable(f"RabbitMQ cannot be reached ({exc}); try again later") from exc
 
 
 @bp.post("/v1/chat/completions")

@@ -72,7 +72,7 @@ def serve(ws: Any) -> None:
         try:
             data = decode_body(raw, svc.settings.max_body_bytes)
             uid = submit(svc, data, key).uid
-            answer = Answer(svc, uid)
+            answer = Answer(svc, uid, wait=svc.settings.web_answer_timeout)
         except ChatqueueError as exc:
             ws.send(json.dumps(exc.to_error_object()))
             ws.send(DONE)

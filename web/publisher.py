@@ -1,0 +1,144 @@
+"""Publishing submitted requests: many greenlets, one connection, confirms in flight.
+
+A burst of submissions must not wait for each other's confirms. A
+:class:`Publisher` is one AMQP connection with one channel in confirm mode:
+
+* a greenlet that submits takes the lock only to write its frames (the
+  response queue's declare, unanswered, and the request), notes the delivery
+  tag the broker will confirm, and waits, without the lock, for that confirm;
+* one reader greenlet waits until the socket is readable, then reads the
+  frames that are there, and resolves every waiting tag a ``basic.ack``
+  covers (RabbitMQ confirms many at once with ``multiple``), or fails it on
+  ``basic.nack``.
+
+So a thousand requests cost a thousand writes and a few confirm frames, and
+the broker writes their persistent messages to disk in batches. A broken
+connection fails every waiting submission with :class:`BrokerUnavailable`
+(the route's retry takes a new connection); nothing connects at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import amqp
+import gevent
+from gevent.event import AsyncResult
+from gevent.lock import Semaphore
+from gevent.socket import wait_read
+
+from app.broker import frames_waiting, response_queue_arguments
+from app.errors import BrokerUnavailable
+from config import Settings
+from web.router import FRAME_TIMEOUT, LINK_ERRORS, connect
+
+logger = logging.getLogger(__name__)
+
+# Seconds a submission waits for the broker's confirm before it is 503.
+CONFIRM_TIMEOUT = 30.0
+
+
+class Publisher:
+    """One connection publishing the requests of many greenlets (see the module)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.connection = connect(settings.rabbitmq_url)
+        self.amqp = self.connection.connection
+        self.channel = self.amqp.channel()
+        # Before any worker has: a message to a queue that does not exist is
+        # dropped by the broker, and confirmed all the same.
+        self.channel.queue_declare(queue=settings.rabbitmq_queue, durable=True, auto_delete=False)
+        self.channel.confirm_select()
+        self.channel.events["basic_ack"].add(self._on_ack)
+        self.channel.events["basic_nack"].add(self._on_nack)
+        self.lock = Semaphore()
+        self.error: BaseException | None = None
+        self._next_tag = 1
+        self._waiting: dict[int, AsyncResult[bool]] = {}
+        self._reader = gevent.spawn(self._read)
+
+    def submit(self, uid: str, body: bytes, *, declare: bool = True) -> None:
+        """Declare ``response_<uid>`` (unless not ``declare``) and publish ``body``
+        to the input queue, persistent; return once the broker confirmed it."""
+        settings = self.settings
+        with self.lock:
+            if self.error is not None:
+                raise BrokerUnavailable(f"the connection to RabbitMQ was lost: {self.error}")
+            result: AsyncResult[bool] = AsyncResult()
+            try:
+                if declare:
+                    self.channel.queue_declare(
+                        queue=settings.response_queue(uid),
+                        durable=True,
+                        auto_delete=False,
+                        arguments=response_queue_arguments(settings),
+                        nowait=True,
+                    )
+                self.channel.basic_publish(
+                    amqp.Message(
+                        body,
+                        content_type="application/json",
+                        content_encoding="utf-8",
+                        delivery_mode=2,
+                    ),
+                    exchange="",
+                    routing_key=settings.rabbitmq_queue,
+                )
+            except LINK_ERRORS as exc:
+                self._fail(exc)
+                raise BrokerUnavailable(f"RabbitMQ cannot be reached: {exc}") from exc
+            self._waiting[self._next_tag] = result
+            self._next_tag += 1
+        if not result.get(timeout=CONFIRM_TIMEOUT):
+            raise BrokerUnavailable("RabbitMQ refused the request (nack); try again later")
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple, True)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple, False)
+
+    def _settle(self, delivery_tag: int, multiple: bool, ok: bool) -> None:
+        tags = [t for t in self._waiting if t <= delivery_tag] if multiple else [delivery_tag]
+        for tag in tags:
+            result = self._waiting.pop(tag, None)
+            if result is not None:
+                result.set(ok)
+
+    def _read(self) -> None:
+        try:
+            fileno = self.amqp.transport.sock.fileno()
+            while self.error is None:
+                if not frames_waiting(self.amqp):
+                    wait_read(fileno)
+                with self.lock:
+                    while self.error is None and frames_waiting(self.amqp):
+                        self.amqp.drain_events(timeout=FRAME_TIMEOUT)
+        except gevent.GreenletExit:
+            raise
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, error: BaseException) -> None:
+        if self.error is not None:
+            return
+        self.error = error
+        logger.warning(
+            "publisher: connection to RabbitMQ lost (%r); %d submissions fail",
+            error,
+            len(self._waiting),
+        )
+        waiting, self._waiting = self._waiting, {}
+        for result in waiting.values():
+            result.set_exception(BrokerUnavailable(f"the connection to RabbitMQ was lost: {error}"))
+        if gevent.getcurrent() is not self._reader:
+            self._reader.kill(block=False)
+        try:
+            self.connection.collect()
+        except Exception as exc:  # pragma: no cover - closing a broken socket
+            logger.debug("publisher: while closing: %r", exc)
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None
