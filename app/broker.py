@@ -10,7 +10,8 @@ Queues (names from :class:`config.Settings`):
   (an answer outlives a broker restart) and with ``x-expires`` so that
   nobody's forgotten queue lives for ever;
 * the fanout exchange ``<ns>.cancel``, on which readers that left ask the
-  workers to stop an answer.
+  workers to stop an answer, and ``<ns>.accepted``, on which the intake names
+  the response queues it made, for the web front's readers waiting for them.
 
 That is the whole broker state of a request (see :mod:`app.lifecycle`).
 """
@@ -129,6 +130,12 @@ def dead_letter(
 def cancel_exchange(settings: Settings) -> Exchange:
     """Fanout exchange on which a uid asks every worker to stop its stream."""
     return Exchange(settings.cancel_exchange, "fanout", durable=False, auto_delete=False)
+
+
+def accepted_exchange(settings: Settings) -> Exchange:
+    """Fanout exchange on which the intake names the uids whose response queues
+    it has just made (a comma-separated list), for readers waiting for them."""
+    return Exchange(settings.accepted_exchange, "fanout", durable=False, auto_delete=False)
 
 
 def request_cancel(

@@ -40,6 +40,7 @@ from kombu.mixins import ConsumerMixin
 
 from app.broker import (
     BROKER_ERRORS,
+    accepted_exchange,
     dead_letter,
     dead_letter_queue,
     frames_waiting,
@@ -58,6 +59,11 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT = 1.0
 # Seconds before a lost connection is tried again (kombu backs off from there).
 RECONNECT_PAUSE = 1.0
+# A batch with more response queues than this declares them on DECLARING_CHANNELS
+# channels in parallel, and waits for them; a smaller one declares them on the
+# transaction's channel, in the commit's round trip.
+IN_LINE_DECLARES = 8
+DECLARING_CHANNELS = 8
 # Seconds the intake declares response queues apart (one more round trip a
 # batch) after a client's queue with other arguments broke a transaction.
 CAREFUL_SECONDS = 600.0
@@ -122,7 +128,7 @@ class Intake(ConsumerMixin):
         self.pending: list[Message] = []
         self._conn: Any = None
         self._channel: Any = None
-        self._declarer: Any = None
+        self._declarers: list[Any] = []
         self._producer: Any = None
         self._careful_until = 0.0
 
@@ -162,7 +168,8 @@ class Intake(ConsumerMixin):
         channel.tx_select()
         self._channel = channel
         self._producer = Producer(channel)
-        self._declarer = channel.connection.channel()
+        self._declarers = [channel.connection.channel() for _ in range(DECLARING_CHANNELS)]
+        accepted_exchange(settings)(channel).declare()
         logger.info(
             "consuming requests from %s (prefetch %d, handed off in transactions)",
             settings.rabbitmq_queue,
@@ -204,12 +211,20 @@ class Intake(ConsumerMixin):
     def hand_off(self, batch: list[Message]) -> None:
         reads = [self.read(message) for message in batch]
         uids = [u for r in reads if (u := r.response_uid) is not None]
-        if time.monotonic() < self._careful_until:
+        if len(uids) > IN_LINE_DECLARES or time.monotonic() < self._careful_until:
             self.declare_response_queues(uids)
         else:
             # On the transaction's own channel, unanswered: they are done
             # before the commit, whose answer then stands for them too.
             self._declare_in_line(uids)
+        if uids:
+            # Readers of the web front waiting for these queues (web/accepted.py)
+            # hear of them with the commit.
+            self._channel.basic_publish(
+                amqp.Message(",".join(uids), content_type="text/plain"),
+                exchange=self.settings.accepted_exchange,
+                routing_key="",
+            )
         at = time.time()
         for r in reads:
             if r.request is not None:
@@ -242,46 +257,49 @@ class Intake(ConsumerMixin):
         return Read(message, request, None)
 
     def _declare_in_line(self, uids: list[str]) -> None:
-        arguments = response_queue_arguments(self.settings)
         for uid in dict.fromkeys(uids):
-            self._channel.queue_declare(
-                queue=self.settings.response_queue(uid),
-                durable=True,
-                auto_delete=False,
-                arguments=arguments,
-                nowait=True,
-            )
+            self._declare(self._channel, self.settings.response_queue(uid), nowait=True)
 
     def declare_response_queues(self, uids: list[str]) -> None:
-        """Declare these response queues, pipelined: one round trip for all.
+        """Declare these response queues on the declaring channels, spread over
+        them (the broker makes queues of different channels in parallel, about
+        three times as many a second), and wait until all are there: one
+        round trip for all.
 
         A queue that a client declared with other arguments is used as it is:
-        the broker closes the channel at the mismatch, and the rest are then
-        declared one by one on fresh channels.
+        the broker closes the channel at the mismatch, and that channel's
+        share is then declared one by one on fresh channels.
         """
-        if not uids:
-            return
-        arguments = response_queue_arguments(self.settings)
         names = [self.settings.response_queue(uid) for uid in dict.fromkeys(uids)]
-        try:
-            for i, name in enumerate(names):
-                self._declarer.queue_declare(
-                    queue=name,
-                    durable=True,
-                    auto_delete=False,
-                    arguments=arguments,
-                    nowait=i < len(names) - 1,
-                )
-        except PreconditionFailed:
-            for name in names:
-                self._declarer = self._channel.connection.channel()
-                try:
-                    self._declarer.queue_declare(
-                        queue=name, durable=True, auto_delete=False, arguments=arguments
-                    )
-                except PreconditionFailed:
-                    logger.info("%s exists with other arguments; used as it is", name)
-            self._declarer = self._channel.connection.channel()
+        shares = [names[i :: len(self._declarers)] for i in range(len(self._declarers))]
+        for channel, share in zip(self._declarers, shares, strict=True):
+            for name in share[:-1]:
+                self._declare(channel, name, nowait=True)
+        again: list[str] = []
+        for i, share in enumerate(shares):
+            if not share:
+                continue
+            try:
+                # Answered once the channel has made every queue before it too.
+                self._declare(self._declarers[i], share[-1], nowait=False)
+            except PreconditionFailed:
+                self._declarers[i] = self._channel.connection.channel()
+                again.extend(share)
+        for name in again:
+            try:
+                self._declare(self._declarers[0], name, nowait=False)
+            except PreconditionFailed:
+                logger.info("%s exists with other arguments; used as it is", name)
+                self._declarers[0] = self._channel.connection.channel()
+
+    def _declare(self, channel: Any, name: str, *, nowait: bool) -> None:
+        channel.queue_declare(
+            queue=name,
+            durable=True,
+            auto_delete=False,
+            arguments=response_queue_arguments(self.settings),
+            nowait=nowait,
+        )
 
     def _send_task(self, request: ChatRequest, at: float) -> None:
         self.task.apply_async(

@@ -178,6 +178,10 @@ class Settings:
         return f"{self.chatqueue_namespace}.dead-letter"
 
     @property
+    def accepted_exchange(self) -> str:
+        return f"{self.chatqueue_namespace}.accepted"
+
+    @property
     def cancel_exchange(self) -> str:
         return f"{self.chatqueue_namespace}.cancel"
 

@@ -14,7 +14,7 @@ from app.lifecycle import new_uid as owned_uid
 from app.lifecycle import owned_by
 from devllm.testing import DevLLM
 from tests.conftest import WebFactory, new_uid
-from tests.support import Web, collect, fetch, read_sse
+from tests.support import Web, collect, declare_response_queues, fetch, read_sse
 from tests.test_durability import client_of, isolated
 from tests.test_web import chat, expected, stream, submit
 
@@ -87,6 +87,7 @@ def test_hand_off_and_ack_are_one_transaction(
     with client_of(env) as client:
         client.channel.queue_declare(env["RABBITMQ_QUEUE"], durable=True)
         uids = [new_uid() for _ in range(300)]
+        declare_response_queues(client, uids, int(env["RESPONSE_QUEUE_TTL"]))
         for uid in uids:
             client.publish({"uid": uid, "model": "m;tokens=8;delay=0.05", "message": uid})
         doomed = start_worker("onetx-doomed", env=env)

@@ -31,7 +31,6 @@ use, after gunicorn's fork and gevent's monkey-patching.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from app.broker import frames_waiting
 from app.errors import BrokerUnavailable
 from app.protocol import DONE
 from config import Settings
+from web.accepted import Accepted
 from web.errors import StreamBusy, UnknownStream
 
 logger = logging.getLogger(__name__)
@@ -58,10 +58,6 @@ CONNECT_TIMEOUT = 5.0
 # Once a frame has begun to arrive, the rest of it comes within this time or
 # the link is taken for dead.
 FRAME_TIMEOUT = 10.0
-# A response queue not declared yet is looked for again after this many
-# seconds, twice as long each time up to the second figure.
-FIRST_PAUSE = 0.002
-MAX_PAUSE = 0.05
 # Errors that mean the connection itself is gone.
 LINK_ERRORS: tuple[type[BaseException], ...] = (
     AMQPConnectionError,
@@ -325,6 +321,7 @@ class Router:
         self._links: list[Link] = []
         self._opening = Semaphore()
         self._count = 0
+        self.accepted = Accepted(settings)
 
     def open(self, uid: str, wait: float = 0.0) -> Stream:
         """A :class:`Stream` of ``response_<uid>``; a queue that does not exist
@@ -334,16 +331,9 @@ class Router:
         Raises :class:`UnknownStream` (404), :class:`StreamBusy` (409) or
         :class:`BrokerUnavailable` (503).
         """
-        deadline = time.monotonic() + wait
-        pause = FIRST_PAUSE
-        while True:
-            try:
-                return self._open(uid)
-            except UnknownStream:
-                if time.monotonic() + pause > deadline:
-                    raise
-            gevent.sleep(pause)
-            pause = min(pause * 2, MAX_PAUSE)
+        if wait > 0:
+            return self.accepted.wait(uid, wait, lambda: self._open(uid))
+        return self._open(uid)
 
     def _open(self, uid: str) -> Stream:
         for attempt in (1, 2):
