@@ -64,7 +64,7 @@ def chat_completions() -> Response:
     settings = svc.settings
     data = read_json_body(settings.max_body_bytes)
     data.setdefault("stream", False)  # OpenAI's default, not chatqueue's
-    accepted = submit(svc, data, current_key())
+    accepted = submit(svc, data, current_key(), reading=True)
     uid = accepted.uid
     answer = Answer(svc, uid, environ=request.environ, wait=settings.web_answer_timeout)
     streaming = False

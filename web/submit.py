@@ -51,8 +51,14 @@ def read_json_body(max_bytes: int) -> dict[str, Any]:
     return decode_body(request.get_data(cache=False), max_bytes)
 
 
-def submit(services: Services, data: dict[str, Any], key: str | None) -> ChatRequest:
+def submit(
+    services: Services, data: dict[str, Any], key: str | None, *, reading: bool = False
+) -> ChatRequest:
     """Validate ``data`` and publish it to the input queue; the accepted request.
+
+    ``reading``: the caller reads the answer at once (the drop-in, the
+    WebSocket), so the response queue is declared with the request, in the
+    same round trip, rather than by the worker.
 
     ``key``: the caller's API key when ``API_KEYS`` is set (the uid is bound
     to it). Raises :class:`~app.errors.RequestError` (400, 413),
@@ -89,7 +95,7 @@ def submit(services: Services, data: dict[str, Any], key: str | None) -> ChatReq
             # accepts the request (declaring ~1,000 durable queues took the
             # broker ~6 s here: a burst's 202s must not wait for that); a uid
             # the client chose is declared now, so a duplicate sees it at once.
-            services.publisher().submit(uid, raw, declare=chosen)
+            services.publisher().submit(uid, raw, declare=chosen or reading)
             break
         except BrokerUnavailable as exc:
             # Most often a connection that died with the broker (a restart):

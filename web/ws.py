@@ -71,7 +71,7 @@ def serve(ws: Any) -> None:
         raw = frame.encode("utf-8") if isinstance(frame, str) else frame
         try:
             data = decode_body(raw, svc.settings.max_body_bytes)
-            uid = submit(svc, data, key).uid
+            uid = submit(svc, data, key, reading=True).uid
             answer = Answer(svc, uid, wait=svc.settings.web_answer_timeout)
         except ChatqueueError as exc:
             ws.send(json.dumps(exc.to_error_object()))
