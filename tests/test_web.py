@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -241,6 +242,18 @@ def test_ping_and_healthz(web: Web) -> None:
     assert health["status"] == "ok"
     assert health["broker"]["ok"] is True
     assert health["llm"]["ok"] is True
+
+
+def test_healthz_checks_at_most_once_in_two_seconds(web: Web) -> None:
+    """A flood of /healthz makes the broker and the LLM work once, not per call."""
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: fetch("GET", web.url + "/healthz"), range(20)))
+    assert all(status == 200 for status, _, _ in answers)
+    stamps = {json.loads(raw)["checked_at"] for _, _, raw in answers}
+    assert len(stamps) <= 2  # one check, or two if the flood straddled its expiry
+    time.sleep(2.5)
+    later = json.loads(fetch("GET", web.url + "/healthz")[2])["checked_at"]
+    assert later > max(stamps)
 
 
 def wait_until(predicate: Any, timeout: float = 10) -> bool:

@@ -1,4 +1,10 @@
-"""``GET /ping`` (is the process up) and ``GET /healthz`` (can it work)."""
+"""``GET /ping`` (is the process up) and ``GET /healthz`` (can it work).
+
+``/healthz`` connects to the broker and asks the LLM for its models: work on
+both for every call. So one check runs at a time per process, and its result
+is kept for ``HEALTH_CACHE`` seconds: a flood of calls costs the broker and
+the LLM one check each that long. The answer says when it was checked.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from typing import Any
 
 import httpx2
 from flask import Blueprint, Response, jsonify
+from gevent.lock import Semaphore
 
 from web.router import connect
 from web.services import services
@@ -14,6 +21,10 @@ from web.services import services
 bp = Blueprint("health", __name__)
 
 CHECK_TIMEOUT = 3.0
+HEALTH_CACHE = 2.0
+
+_checking = Semaphore()
+_last: tuple[float, dict[str, Any]] | None = None
 
 
 @bp.get("/ping")
@@ -49,12 +60,23 @@ def check_llm(base_url: str, api_key: str) -> dict[str, Any]:
     return result
 
 
+def checked() -> dict[str, Any]:
+    """The checks, made now or at most HEALTH_CACHE seconds ago."""
+    global _last  # noqa: PLW0603 - the one cache of this process
+    with _checking:
+        if _last is None or time.monotonic() - _last[0] > HEALTH_CACHE:
+            settings = services().settings
+            checks = {
+                "broker": check_broker(settings.rabbitmq_url),
+                "llm": check_llm(settings.openai_url, settings.openai_api_key),
+                "checked_at": round(time.time(), 3),
+            }
+            _last = (time.monotonic(), checks)
+        return _last[1]
+
+
 @bp.get("/healthz")
 def healthz() -> tuple[Response, int]:
-    settings = services().settings
-    checks = {
-        "broker": check_broker(settings.rabbitmq_url),
-        "llm": check_llm(settings.openai_url, settings.openai_api_key),
-    }
-    healthy = all(c["ok"] for c in checks.values())
+    checks = checked()
+    healthy = checks["broker"]["ok"] and checks["llm"]["ok"]
     return jsonify(status="ok" if healthy else "unavailable", **checks), 200 if healthy else 503
