@@ -70,7 +70,7 @@ def start_worker(worker_env: dict[str, str]) -> Iterator[WorkerFactory]:
         proc = Process(argv, merged, f"worker-{name}")
         started.append(proc)
         envs.append(merged)
-        wait_for_consumer(RABBITMQ_URL, merged["RABBITMQ_QUEUE"], proc=proc)
+        wait_for_consumer(merged["RABBITMQ_URL"], merged["RABBITMQ_QUEUE"], proc=proc)
         return proc
 
     yield start
@@ -82,6 +82,7 @@ def start_worker(worker_env: dict[str, str]) -> Iterator[WorkerFactory]:
         {
             queue
             for env in envs
+            if env["RABBITMQ_URL"] == RABBITMQ_URL  # a private node goes with its data
             for queue in (
                 env["RABBITMQ_QUEUE"],
                 env["CHATQUEUE_NAMESPACE"] + ".tasks",

@@ -23,6 +23,7 @@ import logging
 
 import amqp
 import gevent
+from amqp.exceptions import NotFound
 from gevent.event import AsyncResult
 from gevent.lock import Semaphore
 from gevent.socket import wait_read
@@ -92,6 +93,26 @@ class Publisher:
             self._next_tag += 1
         if not result.get(timeout=CONFIRM_TIMEOUT):
             raise BrokerUnavailable("RabbitMQ refused the request (nack); try again later")
+
+    def queue_exists(self, name: str) -> bool:
+        """Whether queue ``name`` exists (asked on a channel of its own: a missing
+        queue closes the channel it is asked on)."""
+        with self.lock:
+            if self.error is not None:
+                raise BrokerUnavailable(f"the connection to RabbitMQ was lost: {self.error}")
+            try:
+                channel = self.amqp.channel()
+                try:
+                    channel.queue_declare(queue=name, passive=True)
+                except NotFound:
+                    return False
+                finally:
+                    if channel.is_open:
+                        channel.close()
+            except LINK_ERRORS as exc:
+                self._fail(exc)
+                raise BrokerUnavailable(f"RabbitMQ cannot be reached: {exc}") from exc
+            return True
 
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, True)

@@ -26,10 +26,8 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from amqp.exceptions import NotFound
 from flask import Blueprint, Response, jsonify, request, url_for
 
-from app.broker import BROKER_ERRORS
 from app.errors import BodyTooLarge, BrokerUnavailable, DuplicateRequest, RequestError
 from app.lifecycle import new_uid, owned_by
 from app.request import ChatRequest, decode_body, parse_request
@@ -84,18 +82,20 @@ def submit(
             f"the request is {len(raw)} bytes as published; the limit is "
             f"{settings.max_body_bytes} (MAX_BODY_BYTES)"
         )
-    if chosen and _queue_in_use(services, uid):
-        raise DuplicateRequest(
-            f"uid {uid} is in use: its answer has not been read yet (or its queue has not "
-            "expired, RESPONSE_QUEUE_TTL): choose another uid, or send none to get a fresh one"
-        )
     for attempt in (1, 2):
         try:
+            publisher = services.publisher()
+            if chosen and publisher.queue_exists(settings.response_queue(uid)):
+                raise DuplicateRequest(
+                    f"uid {uid} is in use: its answer has not been read yet (or its queue has "
+                    "not expired, RESPONSE_QUEUE_TTL): choose another uid, or send none to get "
+                    "a fresh one"
+                )
             # A fresh uid's response queue is declared by the worker as it
             # accepts the request (declaring ~1,000 durable queues took the
             # broker ~6 s here: a burst's 202s must not wait for that); a uid
             # the client chose is declared now, so a duplicate sees it at once.
-            services.publisher().submit(uid, raw, declare=chosen or reading)
+            publisher.submit(uid, raw, declare=chosen or reading)
             break
         except BrokerUnavailable as exc:
             # Most often a connection that died with the broker (a restart):
@@ -106,24 +106,6 @@ def submit(
             logger.info("uid=%s: %s; on a new connection", uid, exc)
     logger.info("uid=%s: submitted (model %s, stream %s)", uid, accepted.model, accepted.stream)
     return replace(accepted, uid=uid)
-
-
-def _queue_in_use(services: Services, uid: str) -> bool:
-    """Whether ``response_<uid>`` exists (on a channel of its own: a missing
-    queue closes the channel it is asked on)."""
-    try:
-        with services.producer() as producer:
-            channel = producer.channel.connection.channel()
-            try:
-                channel.queue_declare(queue=services.settings.response_queue(uid), passive=True)
-            except NotFound:
-                return False
-            finally:
-                if channel.is_open:
-                    channel.close()
-            return True
-    except BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f"RabbitMQ cannot be reached ({exc}); try again later") from exc
 
 
 @bp.post("/v1/chat/completions")
