@@ -33,7 +33,7 @@ from web.responses import Answer
 from web.router import Delivery
 from web.services import services
 from web.sse import SSE_HEADERS, events
-from web.submit import read_json_body, submit
+from web.submit import read_json_body, submit_and_read
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,9 @@ def chat_completions() -> Response:
     settings = svc.settings
     data = read_json_body(settings.max_body_bytes)
     data.setdefault("stream", False)  # OpenAI's default, not chatqueue's
-    accepted = submit(svc, data, current_key(), reading=True)
+    accepted, replies = submit_and_read(svc, data, current_key())
     uid = accepted.uid
-    answer = Answer(svc, uid, environ=request.environ, wait=settings.web_answer_timeout)
+    answer = Answer(svc, uid, environ=request.environ, replies=replies)
     streaming = False
     try:
         try:

@@ -17,7 +17,8 @@ from typing import Any
 
 from app.broker import request_cancel
 from web.client import ClientGone, ClientWatch
-from web.router import Delivery
+from web.publisher import Replies
+from web.router import Delivery, Stream
 from web.services import Services
 
 logger = logging.getLogger(__name__)
@@ -33,11 +34,15 @@ class Answer:
         *,
         environ: Mapping[str, Any] | None = None,
         wait: float = 0.0,
+        replies: Replies | None = None,
     ) -> None:
         self.services = services
         self.uid = uid
         self.rid: str | None = None  # the incarnation whose messages came
-        self.stream = services.router.open(uid, wait)
+        # Its direct replies, or its response queue.
+        self.stream: Replies | Stream = (
+            replies if replies is not None else services.router.open(uid, wait)
+        )
         self.finished = False  # the worker has nothing more to send
         self.delivered = 0
         self._closed = False

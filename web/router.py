@@ -31,7 +31,7 @@ use, after gunicorn's fork and gevent's monkey-patching.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +73,29 @@ def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Any:
     connection = factory(url, heartbeat=0, connect_timeout=timeout)
     connection.connect()
     return connection
+
+
+def read_frames(
+    amqp: Any, lock: Semaphore, alive: Callable[[], bool], fail: Callable[[BaseException], None]
+) -> None:
+    """The reader greenlet of a connection shared by many greenlets: wait,
+    without ``lock``, until the socket is readable, then take the lock and
+    read every frame that is there (py-amqp dispatches each to its callback),
+    while ``alive()``. What breaks the connection goes to ``fail``."""
+    try:
+        fileno = amqp.transport.sock.fileno()
+        while alive():
+            if not frames_waiting(amqp):
+                wait_read(fileno)
+            with lock:
+                while alive() and frames_waiting(amqp):
+                    amqp.drain_events(timeout=FRAME_TIMEOUT)
+    except gevent.GreenletExit:
+        raise
+    except TimeoutError as exc:
+        fail(TimeoutError(f"a frame did not arrive whole in {FRAME_TIMEOUT} s: {exc}"))
+    except Exception as exc:
+        fail(exc)
 
 
 class LinkDown(Exception):
@@ -130,22 +153,21 @@ def _int_or_none(value: object) -> int | None:
     return None
 
 
-class Stream:
-    """The consumer of one response queue; :meth:`get` the next delivery."""
+class Inbox:
+    """The deliveries of one answer, in order, as they come; :meth:`get` the next."""
 
-    def __init__(self, link: Link, uid: str, queue: str) -> None:
-        self.link = link
-        self.uid = uid
-        self.queue = queue
-        self.channel: Any = None
+    def __init__(self) -> None:
         self._inbox: Queue[Delivery | BaseException] = Queue()
-        self._closed = False
+
+    def put(self, item: Delivery | BaseException) -> None:
+        self._inbox.put(item)
 
     def get(self, timeout: float | None) -> Delivery | None:
         """The next delivery; None after ``timeout`` seconds of silence.
 
         Raises what :meth:`interrupt` was given, :class:`BrokerUnavailable`
-        when the link broke, :class:`UnknownStream` when the queue was deleted.
+        when the connection broke, :class:`UnknownStream` when the queue was
+        deleted.
         """
         try:
             item: Delivery | BaseException = self._inbox.get(timeout=timeout)
@@ -160,8 +182,20 @@ class Stream:
         """Make the waiting (or next) :meth:`get` raise ``error``."""
         self._inbox.put(error)
 
+
+class Stream(Inbox):
+    """The consumer of one response queue; :meth:`get` the next delivery."""
+
+    def __init__(self, link: Link, uid: str, queue: str) -> None:
+        super().__init__()
+        self.link = link
+        self.uid = uid
+        self.queue = queue
+        self.channel: Any = None
+        self._closed = False
+
     def on_message(self, message: Any) -> None:
-        self._inbox.put(Delivery.from_message(message))
+        self.put(Delivery.from_message(message))
 
     def on_cancel(self, consumer_tag: str) -> None:
         if not self._closed:
@@ -262,25 +296,8 @@ class Link:
     def release(self, stream: Stream) -> None:
         self.streams.discard(stream)
 
-    def _pending(self) -> bool:
-        """Whether a frame (or part of one) can be read without waiting."""
-        return frames_waiting(self.amqp)
-
     def _read(self) -> None:
-        try:
-            fileno = self.amqp.transport.sock.fileno()
-            while self.error is None:
-                if not self._pending():
-                    wait_read(fileno)
-                with self.lock:
-                    while self.error is None and self._pending():
-                        self.amqp.drain_events(timeout=FRAME_TIMEOUT)
-        except gevent.GreenletExit:
-            raise
-        except TimeoutError as exc:
-            self.fail(TimeoutError(f"a frame did not arrive whole in {FRAME_TIMEOUT} s: {exc}"))
-        except Exception as exc:
-            self.fail(exc)
+        read_frames(self.amqp, self.lock, lambda: self.error is None, self.fail)
 
     def fail(self, error: BaseException) -> None:
         """The connection is gone: fail every stream on it, and close it."""

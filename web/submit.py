@@ -32,6 +32,7 @@ from app.errors import BodyTooLarge, BrokerUnavailable, DuplicateRequest, Reques
 from app.lifecycle import new_uid, owned_by
 from app.request import ChatRequest, decode_body, parse_request
 from web.auth import current_key
+from web.publisher import Replies
 from web.services import Services, services
 
 logger = logging.getLogger(__name__)
@@ -49,19 +50,31 @@ def read_json_body(max_bytes: int) -> dict[str, Any]:
     return decode_body(request.get_data(cache=False), max_bytes)
 
 
-def submit(
-    services: Services, data: dict[str, Any], key: str | None, *, reading: bool = False
-) -> ChatRequest:
-    """Validate ``data`` and publish it to the input queue; the accepted request.
-
-    ``reading``: the caller reads the answer at once (the drop-in, the
-    WebSocket), so the response queue is declared with the request, in the
-    same round trip, rather than by the worker.
+def submit(services: Services, data: dict[str, Any], key: str | None) -> ChatRequest:
+    """Validate ``data`` and publish it to the input queue; the accepted request,
+    whose answer goes to ``response_<uid>``.
 
     ``key``: the caller's API key when ``API_KEYS`` is set (the uid is bound
     to it). Raises :class:`~app.errors.RequestError` (400, 413),
     :class:`DuplicateRequest` (409) or :class:`BrokerUnavailable` (503).
     """
+    return _submit(services, data, key, reading=False)[0]
+
+
+def submit_and_read(
+    services: Services, data: dict[str, Any], key: str | None
+) -> tuple[ChatRequest, Replies]:
+    """As :func:`submit`, for a caller that reads the answer at once in this
+    process (the drop-in, the WebSocket): it comes back by direct reply-to,
+    and no response queue is made."""
+    accepted, replies = _submit(services, data, key, reading=True)
+    assert replies is not None
+    return accepted, replies
+
+
+def _submit(
+    services: Services, data: dict[str, Any], key: str | None, *, reading: bool
+) -> tuple[ChatRequest, Replies | None]:
     settings = services.settings
     accepted = parse_request(data, default_model=settings.openai_model, uid_required=False)
     chosen = bool(accepted.uid)
@@ -95,7 +108,7 @@ def submit(
             # accepts the request (declaring ~1,000 durable queues took the
             # broker ~6 s here: a burst's 202s must not wait for that); a uid
             # the client chose is declared now, so a duplicate sees it at once.
-            publisher.submit(uid, raw, declare=chosen or reading)
+            replies = publisher.submit(uid, raw, declare=chosen and not reading, reply=reading)
             break
         except BrokerUnavailable as exc:
             # Most often a connection that died with the broker (a restart):
@@ -105,7 +118,7 @@ def submit(
                 raise
             logger.info("uid=%s: %s; on a new connection", uid, exc)
     logger.info("uid=%s: submitted (model %s, stream %s)", uid, accepted.model, accepted.stream)
-    return replace(accepted, uid=uid)
+    return replace(accepted, uid=uid), replies
 
 
 @bp.post("/v1/chat/completions")

@@ -27,7 +27,7 @@ from app.request import decode_body
 from web.auth import current_key
 from web.responses import Answer
 from web.services import services
-from web.submit import submit
+from web.submit import submit_and_read
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ def serve(ws: Any) -> None:
         raw = frame.encode("utf-8") if isinstance(frame, str) else frame
         try:
             data = decode_body(raw, svc.settings.max_body_bytes)
-            uid = submit(svc, data, key, reading=True).uid
-            answer = Answer(svc, uid, wait=svc.settings.web_answer_timeout)
+            accepted, replies = submit_and_read(svc, data, key)
+            answer = Answer(svc, accepted.uid, replies=replies)
         except ChatqueueError as exc:
             ws.send(json.dumps(exc.to_error_object()))
             ws.send(DONE)
