@@ -5,6 +5,7 @@ time per uid, and no queue left behind."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -181,3 +182,30 @@ def test_a_reader_waits_for_the_worker_to_accept_its_request(
     nobody = stream(quick, owned_uid())
     assert nobody.status == 404
     assert 0.5 <= time.monotonic() - started < 10  # it waited, then gave up
+
+
+def test_a_reader_that_does_not_read_leaves_the_backlog_in_rabbitmq(
+    web: Web, broker: Any, llm: DevLLM
+) -> None:
+    """The web front takes at most a few dozen messages of a stream ahead of its
+    reader (prefetch, ack once written): a client that stops reading leaves the
+    rest in RabbitMQ, not in the web process's memory."""
+    uid = submit(web, chat("a firehose", model="m;tokens=60000;delay=0"))
+    host, port = web.url.removeprefix("http://").split(":")
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect((host, int(port)))
+    try:
+        client.sendall(f"GET /v1/chat/response?uid={uid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        queue = broker.response_queue(uid)
+        deadline = time.monotonic() + 60
+        while broker.queue_length(queue) < 5000:  # and never reads a byte
+            assert time.monotonic() < deadline, "the web process took the backlog in"
+            time.sleep(0.2)
+    finally:
+        client.close()
+    before = llm.stats()["streams_cancelled"]
+    deadline = time.monotonic() + 30
+    while llm.stats()["streams_cancelled"] <= before and llm.stats()["active_streams"]:
+        assert time.monotonic() < deadline, "the answer of a reader that left went on"
+        time.sleep(0.2)

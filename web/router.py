@@ -58,6 +58,8 @@ CONNECT_TIMEOUT = 5.0
 # Once a frame has begun to arrive, the rest of it comes within this time or
 # the link is taken for dead.
 FRAME_TIMEOUT = 10.0
+# Messages of one stream taken from RabbitMQ ahead of its reader.
+READ_AHEAD = 64
 # Errors that mean the connection itself is gone.
 LINK_ERRORS: tuple[type[BaseException], ...] = (
     AMQPConnectionError,
@@ -112,6 +114,7 @@ class Delivery:
     status: int | None = None
     restart: bool = False
     rid: str | None = None  # the incarnation that wrote it (app.lifecycle)
+    tag: int | None = None  # its delivery tag, to acknowledge once written
 
     @property
     def done(self) -> bool:
@@ -136,6 +139,7 @@ class Delivery:
             status=_int_or_none(headers.get("status")),
             restart=bool(headers.get("restart")),
             rid=_str_or_none(headers.get("rid")),
+            tag=getattr(message, "delivery_tag", None),
         )
 
 
@@ -184,7 +188,14 @@ class Inbox:
 
 
 class Stream(Inbox):
-    """The consumer of one response queue; :meth:`get` the next delivery."""
+    """The consumer of one response queue; :meth:`get` the next delivery.
+
+    A delivery is acknowledged when the next one is asked for: its reader
+    has written it by then. Until then it counts against READ_AHEAD, so a
+    reader that does not keep up leaves the rest of its answer in RabbitMQ,
+    and a stream that breaks off leaves the unwritten ones there for a
+    reader that resumes.
+    """
 
     def __init__(self, link: Link, uid: str, queue: str) -> None:
         super().__init__()
@@ -193,6 +204,21 @@ class Stream(Inbox):
         self.queue = queue
         self.channel: Any = None
         self._closed = False
+        self._written: int | None = None  # the tag of the last delivery handed out
+
+    def get(self, timeout: float | None) -> Delivery | None:
+        if self._written is not None:
+            tag, self._written = self._written, None
+            try:
+                with self.link.locked():
+                    if self.channel is not None:
+                        self.channel.basic_ack(tag)
+            except LinkDown:
+                pass  # the broker gives it back: a reader that resumes gets it
+        delivery = super().get(timeout)
+        if delivery is not None:
+            self._written = delivery.tag
+        return delivery
 
     def on_message(self, message: Any) -> None:
         self.put(Delivery.from_message(message))
@@ -268,10 +294,13 @@ class Link:
         try:
             with self.locked() as amqp:
                 channel = amqp.channel()
+                # At most READ_AHEAD messages in this process; the rest of a
+                # stream its reader is slow to take waits in RabbitMQ.
+                channel.basic_qos(prefetch_size=0, prefetch_count=READ_AHEAD, a_global=False)
                 try:
                     channel.basic_consume(
                         queue=queue,
-                        no_ack=True,
+                        no_ack=False,
                         exclusive=True,
                         callback=stream.on_message,
                         on_cancel=stream.on_cancel,
