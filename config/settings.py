@@ -102,7 +102,8 @@ class Settings:
     chatqueue_namespace: str = _env(
         _name,
         "chatqueue",
-        "prefix of chatqueue's own queues and exchanges: <ns>.tasks, <ns>.dead-letter, <ns>.cancel",
+        "prefix of chatqueue's own queues and exchanges: <ns>.tasks[.<input queue>], "
+        "<ns>.dead-letter, <ns>.cancel, <ns>.accepted",
     )
     max_body_bytes: int = _env(_positive_int, "1048576", "largest request body accepted, in bytes")
     input_prefetch: int = _env(
@@ -171,7 +172,11 @@ class Settings:
 
     @property
     def task_queue(self) -> str:
-        return f"{self.chatqueue_namespace}.tasks"
+        # Deployments that differ in input queue never share a task queue (the
+        # one with the default input queue keeps the plain name).
+        tasks = f"{self.chatqueue_namespace}.tasks"
+        default = _field_default("rabbitmq_queue")
+        return tasks if self.rabbitmq_queue == default else f"{tasks}.{self.rabbitmq_queue}"
 
     @property
     def dead_letter_queue(self) -> str:
@@ -192,6 +197,10 @@ class Settings:
     def documented(cls) -> list[tuple[str, str, str]]:
         """(variable, default, meaning) for each setting, for the README and ``--help``."""
         return [(f.name.upper(), _raw_default(f.default), f.metadata["doc"]) for f in fields(cls)]
+
+
+def _field_default(name: str) -> Any:
+    return next(f.default for f in fields(Settings) if f.name == name)
 
 
 def _raw_default(value: object) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from config import load_settings
 from devllm.testing import DevLLM
 from tests.support import (
     Broker,
@@ -85,7 +86,7 @@ def start_worker(worker_env: dict[str, str]) -> Iterator[WorkerFactory]:
             if env["RABBITMQ_URL"] == RABBITMQ_URL  # a private node goes with its data
             for queue in (
                 env["RABBITMQ_QUEUE"],
-                env["CHATQUEUE_NAMESPACE"] + ".tasks",
+                load_settings(env).task_queue,
                 env["CHATQUEUE_NAMESPACE"] + ".dead-letter",
             )
         }
@@ -112,7 +113,8 @@ def broker(names: dict[str, str]) -> Iterator[Broker]:
 def _delete_run_queues(names: dict[str, str]) -> Iterator[None]:
     yield
     ns = names["CHATQUEUE_NAMESPACE"]
-    _delete_queues({names["RABBITMQ_QUEUE"], f"{ns}.tasks", f"{ns}.dead-letter"})
+    tasks = load_settings(names).task_queue
+    _delete_queues({names["RABBITMQ_QUEUE"], tasks, f"{ns}.dead-letter"})
 
 
 def new_uid() -> str:

@@ -87,3 +87,12 @@ def test_the_worker_refuses_to_start_on_a_bad_value() -> None:
     )
     assert result.returncode != 0
     assert "RESPONSE_QUEUE_TTL='-5'" in result.stderr + result.stdout
+
+
+def test_deployments_that_differ_in_input_queue_never_share_a_task_queue() -> None:
+    default = load_settings({})
+    a = load_settings({"RABBITMQ_QUEUE": "team-a"})
+    b = load_settings({"RABBITMQ_QUEUE": "team-b"})
+    assert default.task_queue == "chatqueue.tasks"  # existing deployments keep theirs
+    assert len({default.task_queue, a.task_queue, b.task_queue}) == 3
+    assert a.task_queue.startswith("chatqueue.")  # still chatqueue's own (reply_to rule)

@@ -13,6 +13,7 @@ from typing import Any
 
 from app.lifecycle import new_uid as owned_uid
 from app.lifecycle import owned_by
+from config import load_settings
 from devllm.testing import DevLLM
 from tests.conftest import WebFactory, new_uid
 from tests.support import Web, collect, declare_response_queues, fetch, read_sse
@@ -153,7 +154,7 @@ def test_no_queue_is_left_after_a_request_once_its_ttl_passed(
     # Nothing else of the request is on the broker: only the deployment's own queues.
     ns = env["CHATQUEUE_NAMESPACE"]
     mine = [q for q in _queues_named(ns) if not q.startswith(prefix)]
-    assert sorted(mine) == sorted([f"{ns}.dead-letter", f"{ns}.tasks"]), mine
+    assert sorted(mine) == sorted([f"{ns}.dead-letter", load_settings(env).task_queue]), mine
     status, _, _ = fetch("GET", web.url + "/ping")
     assert status == 200
 

@@ -164,7 +164,7 @@ def tag() -> str:
 # Each picks a forbidden reply_to from the run's names and the request's uid.
 FORBIDDEN: dict[str, Callable[[dict[str, str], str], str]] = {
     "input queue": lambda env, uid: env["RABBITMQ_QUEUE"],
-    "task queue": lambda env, uid: env["CHATQUEUE_NAMESPACE"] + ".tasks",
+    "task queue": lambda env, uid: load_settings(env).task_queue,
     "dead-letter queue": lambda env, uid: env["CHATQUEUE_NAMESPACE"] + ".dead-letter",
     "a queue in its namespace": lambda env, uid: env["CHATQUEUE_NAMESPACE"] + f".cancel.{uid}",
     "its own response queue": lambda env, uid: env["RESPONSE_QUEUE_PREFIX"] + uid,
