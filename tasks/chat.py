@@ -17,7 +17,7 @@ from celery.exceptions import Reject
 
 from app.broker import Lane, dead_letter
 from app.errors import DuplicateRequest
-from app.lifecycle import Incarnation, Running, Verdict
+from app.lifecycle import Incarnation, Running, State, Verdict, check_transition
 from app.protocol import Publish, ResponseStream
 from app.request import ChatRequest
 from config import Settings
@@ -64,13 +64,17 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
     incarnation = Incarnation(uid, rid or str(task.request.id), at)
     restart = bool((task.request.delivery_info or {}).get("redelivered"))
     runs = running(settings)
+    state = State.HANDED_OFF
     verdict = runs.begin(incarnation, cancel.listener(settings).cancels)
     if verdict is Verdict.ANSWERED:
+        check_transition(state, State.DROPPED)
         logger.warning("uid=%s: rid %s was answered already; copy dropped", uid, rid)
         return
     if verdict is Verdict.DUPLICATE:
+        check_transition(state, State.DROPPED)
         _drop_duplicate(task, request)
         return
+    state = check_transition(state, State.STREAMING)
     finished = False
     try:
         stream = ResponseStream(
@@ -83,6 +87,7 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         if restart:
             logger.warning("uid=%s: redelivered; the answer starts again", uid)
         finished = answer(stream, request, incarnation, settings)
+        check_transition(state, State.ANSWERED if finished else State.CANCELLED)
     except PublishFailed as exc:
         # The broker is unreachable: give the request back to be answered later.
         logger.error("uid=%s: cannot publish the answer (%s); requeued", uid, exc)
