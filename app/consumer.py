@@ -13,7 +13,9 @@ greenlet under the gevent pool). Its message callback only collects
 deliveries; a loop hands them off in batches, one transaction each, so a
 burst is taken in at the broker's pace: while the loop waits for a
 transaction's answer, the deliveries that come in are only collected, never
-dispatched into a half-done hand-off (PITFALLS.md: re-entrant deliveries).
+dispatched into a half-done hand-off (a synchronous call on the consuming
+connection would drain it and run the callback inside itself, nesting
+until RecursionError under a burst).
 
 A request that cannot be served is dead-lettered to ``<ns>.dead-letter`` with
 the reason in its headers and, where its uid or ``reply_to`` is known, the

@@ -1,4 +1,4 @@
-"""The response protocol: the messages on ``response_<uid>`` (DESIGN.md).
+"""The response protocol: the messages on ``response_<uid>`` (the README's wire contract).
 
 Each message body is one OpenAI streaming ``data:`` payload, in order, and the
 last one is always ``[DONE]``. Properties: ``content_type``, ``correlation_id``

@@ -1,6 +1,6 @@
 """The request: a JSON chat request as it arrives on the input queue.
 
-Two shapes are accepted (see DESIGN.md):
+Two shapes are accepted (the README's wire contract):
 
 * simple: ``{"key": "<uid>", "message": "<prompt>"}``
 * chat: ``{"uid": "<uid>", "messages": [...], "model": ..., "stream": true, ...}``
