@@ -3,7 +3,11 @@ the tests' own (tests/brokers.py): the shared broker is never disturbed."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+import openai
+import pytest
 
 from bench.rabbitnode import RabbitNode
 from tests.conftest import WebFactory, new_uid
@@ -34,3 +38,32 @@ def test_submissions_go_on_after_a_broker_restart(
         fields = {"uid": uid} if uid else {}
         accepted = submit(web, chat(prompt, **fields))
         assert stream(web, accepted, timeout=60).content == expected(prompt)
+
+
+def test_a_drop_in_answer_ends_with_an_error_when_the_broker_restarts(
+    rabbit_node: RabbitNode,
+    start_web: WebFactory,
+    start_worker: Any,
+    worker_env: dict[str, str],
+    names: dict[str, str],
+) -> None:
+    """Its answer came by direct reply-to on the connection that broke: the
+    client gets an error at once, not keep-alive comments for ever."""
+    env = {**isolated(worker_env, names, "private-dropin"), "RABBITMQ_URL": rabbit_node.url}
+    start_worker("private-dropin", env=env)
+    web = start_web("private-dropin", env=env)
+    client = openai.OpenAI(base_url=web.url + "/openai/v1", api_key="x", max_retries=0)
+    stream = client.chat.completions.create(
+        model="m;tokens=200;delay=0.2",
+        messages=[{"role": "user", "content": "a long answer"}],
+        stream=True,
+        timeout=60,
+    )
+    chunks = iter(stream)
+    next(chunks)  # the answer has begun
+    rabbit_node.restart_app()
+    started = time.monotonic()
+    with pytest.raises(openai.APIError):
+        for _ in chunks:
+            pass
+    assert time.monotonic() - started < 20

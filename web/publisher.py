@@ -36,15 +36,13 @@ import logging
 from typing import Any
 
 import amqp
-import gevent
 from amqp.exceptions import NotFound
 from gevent.event import AsyncResult
-from gevent.lock import Semaphore
 
 from app.broker import response_queue_arguments
 from app.errors import BrokerUnavailable
 from config import Settings
-from web.router import LINK_ERRORS, Delivery, Inbox, connect, read_frames
+from web.router import LINK_ERRORS, Delivery, Inbox, SharedConnection
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +65,11 @@ class Replies(Inbox):
         self.publisher.forget(self)
 
 
-class Publisher:
+class Publisher(SharedConnection):
     """One connection publishing the requests of many greenlets (see the module)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.connection = connect(settings.rabbitmq_url)
-        self.amqp = self.connection.connection
+        super().__init__(settings, "publisher")
         self.channel = self.amqp.channel()
         # Before any worker has: a message to a queue that does not exist is
         # dropped by the broker, and confirmed all the same.
@@ -83,11 +79,9 @@ class Publisher:
         self.channel.basic_consume(DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply)
         self.channel.events["basic_ack"].add(self._on_ack)
         self.channel.events["basic_nack"].add(self._on_nack)
-        self.lock = Semaphore()
-        self.error: BaseException | None = None
         self._next_tag = 1
         self._waiting: dict[int, AsyncResult[bool]] = {}
-        self._reader = gevent.spawn(self._read)
+        self.start_reading()
 
     def submit(
         self, uid: str, body: bytes, *, declare: bool = True, reply: bool = False
@@ -125,7 +119,7 @@ class Publisher:
                     routing_key=settings.rabbitmq_queue,
                 )
             except LINK_ERRORS as exc:
-                self._fail(exc)
+                self.fail(exc)
                 raise BrokerUnavailable(f"RabbitMQ cannot be reached: {exc}") from exc
             self._waiting[self._next_tag] = result
             self._next_tag += 1
@@ -164,7 +158,7 @@ class Publisher:
                     if channel.is_open:
                         channel.close()
             except LINK_ERRORS as exc:
-                self._fail(exc)
+                self.fail(exc)
                 raise BrokerUnavailable(f"RabbitMQ cannot be reached: {exc}") from exc
             return True
 
@@ -181,27 +175,20 @@ class Publisher:
             if result is not None:
                 result.set(ok)
 
-    def _read(self) -> None:
-        read_frames(self.amqp, self.lock, lambda: self.error is None, self._fail)
-
-    def _fail(self, error: BaseException) -> None:
-        if self.error is not None:
-            return
-        self.error = error
+    def on_lost(self, error: BaseException) -> None:
         logger.warning(
-            "publisher: connection to RabbitMQ lost (%r); %d submissions fail",
+            "publisher: connection to RabbitMQ lost (%r); %d submissions and %d answers fail",
             error,
             len(self._waiting),
+            len(self._replies),
         )
+        lost = f"the connection to RabbitMQ was lost: {error}"
         waiting, self._waiting = self._waiting, {}
         for result in waiting.values():
-            result.set_exception(BrokerUnavailable(f"the connection to RabbitMQ was lost: {error}"))
-        if gevent.getcurrent() is not self._reader:
-            self._reader.kill(block=False)
-        try:
-            self.connection.collect()
-        except Exception as exc:  # pragma: no cover - closing a broken socket
-            logger.debug("publisher: while closing: %r", exc)
+            result.set_exception(BrokerUnavailable(lost))
+        replies, self._replies = self._replies, {}
+        for stream in replies.values():
+            stream.interrupt(BrokerUnavailable(f"{lost}; ask again"))
 
     @property
     def usable(self) -> bool:

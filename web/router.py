@@ -252,22 +252,56 @@ class Stream(Inbox):
             self.link.release(self)
 
 
-class Link:
-    """One AMQP connection carrying many streams, read by one greenlet."""
+class SharedConnection:
+    """One AMQP connection that many greenlets use.
+
+    A greenlet makes a synchronous call holding ``lock``; one reader greenlet
+    (:func:`read_frames`) dispatches what arrives in between. When the
+    connection breaks, :meth:`on_lost` tells its users, and it is closed.
+    """
 
     def __init__(self, settings: Settings, name: str) -> None:
         self.settings = settings
         self.name = name
         self.connection = connect(settings.rabbitmq_url)
         self.amqp = self.connection.connection
+        self.lock = Semaphore()
+        self.error: BaseException | None = None
+        self._reader: gevent.Greenlet[Any, Any] | None = None
+
+    def start_reading(self) -> None:
+        self._reader = gevent.spawn(
+            read_frames, self.amqp, self.lock, lambda: self.error is None, self.fail
+        )
+
+    def on_lost(self, error: BaseException) -> None:
+        """Tell the users of the connection that it broke."""
+
+    def fail(self, error: BaseException) -> None:
+        """The connection is gone: tell its users, and close it."""
+        if self.error is not None:
+            return
+        self.error = error
+        self.on_lost(error)
+        if self._reader is not None and gevent.getcurrent() is not self._reader:
+            self._reader.kill(block=False)
+        try:
+            self.connection.collect()
+        except Exception as exc:  # pragma: no cover - closing a broken socket
+            logger.debug("%s: while closing: %r", self.name, exc)
+
+
+class Link(SharedConnection):
+    """One AMQP connection carrying many streams, read by one greenlet."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        super().__init__(settings, name)
         # For queue deletions: a channel of no stream.
         self.admin = self.amqp.channel()
         channel_max = self.amqp.channel_max or 65535
         self.capacity = max(1, min(settings.web_streams_per_connection, channel_max - 2))
-        self.lock = Semaphore()
         self.streams: set[Stream] = set()
-        self.error: BaseException | None = None
-        self._reader = gevent.spawn(self._read)
+        self.start_reading()
         logger.info("%s: connected (up to %d streams)", name, self.capacity)
 
     @property
@@ -325,14 +359,7 @@ class Link:
     def release(self, stream: Stream) -> None:
         self.streams.discard(stream)
 
-    def _read(self) -> None:
-        read_frames(self.amqp, self.lock, lambda: self.error is None, self.fail)
-
-    def fail(self, error: BaseException) -> None:
-        """The connection is gone: fail every stream on it, and close it."""
-        if self.error is not None:
-            return
-        self.error = error
+    def on_lost(self, error: BaseException) -> None:
         logger.warning(
             "%s: connection to RabbitMQ lost (%r); %d streams end",
             self.name,
@@ -343,15 +370,10 @@ class Link:
             stream.interrupt(
                 BrokerUnavailable(f"the connection to RabbitMQ was lost: {error}; read again")
             )
-        if gevent.getcurrent() is not self._reader:
-            self._reader.kill(block=False)
-        try:
-            self.connection.collect()
-        except Exception as exc:  # pragma: no cover - closing a broken socket
-            logger.debug("%s: while closing: %r", self.name, exc)
 
     def close(self) -> None:
-        self._reader.kill(block=True)
+        if self._reader is not None:
+            self._reader.kill(block=True)
         with self.lock:
             try:
                 self.connection.release()
