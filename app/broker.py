@@ -27,11 +27,10 @@ import threading
 from typing import Any
 
 import amqp
-from amqp.exceptions import AMQPError, PreconditionFailed
+from amqp.exceptions import AMQPError
 from kombu import Connection, Exchange, Producer, Queue
 from kombu.exceptions import OperationalError
 from kombu.pools import ProducerPool
-from kombu.transport.pyamqp import Channel
 
 from app.errors import RequestError
 from config import Settings
@@ -63,31 +62,6 @@ def dead_letter_queue(settings: Settings) -> Queue:
 
 def response_queue_arguments(settings: Settings) -> dict[str, Any]:
     return {"x-expires": settings.response_queue_ttl * 1000}
-
-
-def declare_response_queue(
-    channel: Channel, settings: Settings, uid: str, *, nowait: bool = False
-) -> Channel:
-    """Declare ``response_<uid>``; return the channel to go on with.
-
-    A queue the client declared itself with other arguments is used as it is:
-    RabbitMQ closes the channel on the mismatch, so a fresh one is returned.
-    With ``nowait`` no answer is awaited: a mismatch then surfaces as
-    :class:`PreconditionFailed` from the channel's next synchronous call.
-    """
-    name = settings.response_queue(uid)
-    try:
-        channel.queue_declare(
-            queue=name,
-            durable=True,
-            auto_delete=False,
-            arguments=response_queue_arguments(settings),
-            nowait=nowait,
-        )
-    except PreconditionFailed:
-        logger.info("uid=%s: %s exists with other arguments; using it as it is", uid, name)
-        channel = channel.connection.channel()
-    return channel
 
 
 def dead_letter(
