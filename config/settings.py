@@ -164,6 +164,18 @@ class Settings:
         "seconds GET /v1/chat/response waits for the response queue of a uid the web front "
         "issued (a worker declares it when it accepts the request) before it answers 404",
     )
+    web_resume_grace: float = _env(
+        _seconds,
+        "30",
+        "seconds a response queue waits for its SSE reader to come back (Last-Event-ID) "
+        "after it left mid-answer, before the LLM call is cancelled and the queue deleted",
+    )
+    web_reconnect_timeout: float = _env(
+        _seconds,
+        "60",
+        "seconds a web stream waits for RabbitMQ to come back when its connection breaks, "
+        "before it ends with an error (the answer stays in its queue)",
+    )
     web_answer_timeout: float = _env(
         _seconds,
         "600",

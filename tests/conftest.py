@@ -128,8 +128,14 @@ WebFactory = Callable[..., Web]
 
 @pytest.fixture(scope="session")
 def web_env(worker_env: dict[str, str]) -> dict[str, str]:
-    """The worker's settings, plus a short keep-alive so tests see the pings."""
-    return {**worker_env, "SSE_KEEPALIVE": "1", "WEB_ANSWER_TIMEOUT": "30"}
+    """The worker's settings, plus a short keep-alive so tests see the pings,
+    and a short wait for a reader that left (so its cancel is seen soon)."""
+    return {
+        **worker_env,
+        "SSE_KEEPALIVE": "1",
+        "WEB_ANSWER_TIMEOUT": "30",
+        "WEB_RESUME_GRACE": "0.5",
+    }
 
 
 @pytest.fixture(scope="session")

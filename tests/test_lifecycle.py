@@ -73,7 +73,8 @@ def test_a_cancel_before_the_first_message_stops_that_request_only(web: Web) -> 
     submit(web, chat("never read", uid=uid, model="m;hang=3"))
     left = stream(web, uid, timeout=30, until=lambda s: True)  # leave at the first ping
     assert not left.events
-    time.sleep(0.5)  # the cancel reaches the worker
+    # WEB_RESUME_GRACE (0.5 s here) passes: the queue is deleted, the cancel sent.
+    time.sleep(1.5)
     submit(web, chat("read this", uid=uid))
     assert stream(web, uid, timeout=30).content == expected("read this")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from selenium import webdriver
@@ -16,6 +17,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from devllm.answers import reply_tokens
+from tests.conftest import WebFactory
 from tests.support import Web
 
 PACKAGES = ("chromium", "chromium-driver")
@@ -65,8 +67,15 @@ def browser() -> Iterator[WebDriver]:
     driver.quit()
 
 
-def send(driver: WebDriver, prompt: str, model: str, api_key: str = "") -> list[str]:
-    """Type the options and a prompt, press Send; the answer's text as it grew."""
+def send(
+    driver: WebDriver,
+    prompt: str,
+    model: str,
+    api_key: str = "",
+    while_streaming: Callable[[], object] | None = None,
+) -> list[str]:
+    """Type the options and a prompt, press Send; the answer's text as it grew
+    (``while_streaming()`` is called once, when it has begun to show)."""
     driver.find_element(By.CSS_SELECTOR, "#options summary").click()
     for field, value in (("model", model), ("api-key", api_key)):
         element = driver.find_element(By.ID, field)
@@ -86,6 +95,9 @@ def send(driver: WebDriver, prompt: str, model: str, api_key: str = "") -> list[
             text = answers[-1].text
             if not seen or seen[-1] != text:
                 seen.append(text)
+            if text and while_streaming is not None:
+                while_streaming()
+                while_streaming = None
             if done:
                 return seen
         time.sleep(0.03)
@@ -126,3 +138,26 @@ def test_the_page_works_with_api_keys(browser: WebDriver, keyed_web: Web) -> Non
     error = browser.find_elements(By.CSS_SELECTOR, ".message.error")
     assert len(error) == errors, error[-1].text
     assert seen[-1] == "Hello!", seen
+
+
+def test_the_page_resumes_a_stream_cut_by_a_web_restart(
+    browser: WebDriver, start_web: WebFactory
+) -> None:
+    """The web worker process is killed mid-answer: the page reads the answer
+    again with Last-Event-ID from the new one, and shows it whole, once."""
+    web = start_web("playground-resume", WEB_RESUME_GRACE="30")
+    browser.get(web.url + "/")
+    prompt = "Tell a long story."
+    old = web.worker_pids()
+
+    def kill_the_worker() -> None:
+        os.kill(old[0], signal.SIGKILL)
+
+    seen = send(browser, prompt, model="m;delay=0.2;tokens=40", while_streaming=kill_the_worker)
+    expected = "".join(reply_tokens([{"role": "user", "content": prompt}], 40))
+    assert seen[-1] == expected
+    assert all(expected.startswith(text) for text in seen)
+    assert web.worker_pids() != old
+    answer = browser.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1]
+    assert int(answer.get_attribute("data-resumes") or 0) >= 1
+    assert not browser.find_elements(By.CSS_SELECTOR, ".message.error")

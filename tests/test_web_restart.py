@@ -1,87 +1,72 @@
-"""A broker restart under the web front: a stream being read breaks off with an
-error event (the answer is neither cancelled nor deleted), reading the uid again
-goes on to ``[DONE]``, and the same web process serves new requests."""
+"""A broker restart under the web front, on a RabbitMQ node of the tests' own
+(tests/brokers.py): SSE streams being read pause and go on over a new
+connection to ``[DONE]``, without an error, and the same web process serves
+new requests."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import threading
 import time
+from typing import Any
 
-import pytest
+from bench.rabbitnode import RabbitNode
+from tests.conftest import WebFactory
+from tests.support import Broker, EventStream
+from tests.test_durability import isolated
+from tests.test_resume import read_in_background
+from tests.test_web import chat, expected, stream, submit
 
-from devllm.answers import reply_tokens
-from tests.support import EventStream, Web, fetch, read_sse
+pytest_plugins = ["tests.brokers"]
 
-RABBITMQCTL = shutil.which("rabbitmqctl")
-
-
-def rabbitmqctl(*args: str) -> None:
-    assert RABBITMQCTL
-    subprocess.run([RABBITMQCTL, *args], check=True, capture_output=True, timeout=120)
-
-
-def content(events: list[str]) -> str:
-    return "".join(
-        json.loads(e)["choices"][0]["delta"].get("content") or ""
-        for e in events
-        if e != "[DONE]" and json.loads(e).get("choices")
-    )
+TOKENS = 40
+STREAMS = 5
 
 
-@pytest.mark.skipif(RABBITMQCTL is None, reason="needs rabbitmqctl on the broker's machine")
-def test_a_broker_restart_mid_stream(web: Web) -> None:
-    pid = web.worker_pids()
-    prompt = "a stream across a broker restart"
-    body = {"model": "m;delay=0.15;tokens=40", "messages": [{"role": "user", "content": prompt}]}
-    status, _, raw = fetch("POST", web.url + "/v1/chat/completions", body)
-    assert status == 202
-    uid = json.loads(raw)["uid"]
-    url = f"{web.url}/v1/chat/response?uid={uid}"
-
-    progress = threading.Event()
-    first: list[EventStream] = []
-
-    def seen_three(sse: EventStream) -> bool:
-        if len(sse.events) >= 3:
-            progress.set()
-        return False
-
-    reader = threading.Thread(target=lambda: first.append(read_sse(url, until=seen_three)))
-    reader.start()
-    assert progress.wait(30), "the stream never started"
-    rabbitmqctl("stop_app")
-    rabbitmqctl("start_app")
-    reader.join(60)
-    broken = first[0]
-    assert broken.events[-1].data != "[DONE]"
-    assert json.loads(broken.events[-1].data)["error"]["code"] == "broker_unavailable"
-
-    # The answer was left alone: reading again goes on (once the broker is back).
-    deadline = time.monotonic() + 90
-    while True:
-        again = read_sse(url, timeout=60)
-        if again.status == 200:
-            break
-        assert again.status == 503, again.body
-        assert time.monotonic() < deadline, "the web front never read the stream again"
-        time.sleep(0.5)
-    assert again.events[-1].data == "[DONE]"
-    events = [e.data for e in broken.events[:-1]] + [e.data for e in again.events]
-    ids = [e.id for e in broken.events[:-1]] + [e.id for e in again.events]
-    # A worker that restarted the answer began again at id 0: the answer is
-    # what follows the last id 0, or everything if it was not restarted.
+def answer_of(events: EventStream) -> tuple[str, list[str | None]]:
+    """The content after the last restart (a worker that restarted the answer
+    began again at id 0: drop what came before), and the ids."""
+    ids = [e.id for e in events.events]
     start = len(ids) - 1 - ids[::-1].index("0")
-    expected = "".join(reply_tokens([{"role": "user", "content": prompt}], 40))
-    assert content(events[start:]) == expected
+    return "".join(e.content for e in events.events[start:]), ids[start:]
 
-    # The same web process goes on: submitting and reading work again.
-    status, _, raw = fetch("POST", web.url + "/v1/chat/completions", body | {"model": "gpt-4o"})
-    assert status == 202, raw
-    assert (
-        read_sse(f"{web.url}/v1/chat/response?uid={json.loads(raw)['uid']}").events[-1].data
-        == "[DONE]"
-    )
-    assert web.worker_pids() == pid
+
+def test_sse_streams_go_on_across_a_broker_restart(
+    rabbit_node: RabbitNode,
+    start_web: WebFactory,
+    start_worker: Any,
+    worker_env: dict[str, str],
+    names: dict[str, str],
+) -> None:
+    env = {**isolated(worker_env, names, "web-restart"), "RABBITMQ_URL": rabbit_node.url}
+    start_worker("web-restart", env=env)
+    web = start_web("web-restart", env={**env, "SSE_KEEPALIVE": "1"})
+    prompts = [f"stream {n} across a broker restart" for n in range(STREAMS)]
+    uids = [submit(web, chat(p, model=f"m;delay=0.15;tokens={TOKENS}")) for p in prompts]
+    readers = [read_in_background(web, uid) for uid in uids]
+    for started, _, _ in readers:
+        assert started.wait(30), "a stream never started"
+
+    rabbit_node.restart_app()
+
+    for prompt, (_, first, reader) in zip(prompts, readers, strict=True):
+        reader.join(90)
+        assert first, "a reader never ended"
+        sse = first[0]
+        assert sse.events[-1].data == "[DONE]", [e.data for e in sse.events[-3:]]
+        assert not [e for e in sse.events if '"error"' in e.data]
+        content, ids = answer_of(sse)
+        assert content == expected(prompt, TOKENS)
+        assert ids == [str(n) for n in range(len(ids))], ids
+    assert "reading again after" in web.output()
+
+    # The same web process goes on: submitting and reading work.
+    uid = submit(web, chat("after the restart"))
+    assert stream(web, uid, timeout=60).content == expected("after the restart")
+    # Every answer was delivered: no response queue is left.
+    broker = Broker(rabbit_node.url, env)
+    try:
+        deadline = time.monotonic() + 10
+        while any(broker.queue_exists(broker.response_queue(u)) for u in [*uids, uid]):
+            assert time.monotonic() < deadline, "a delivered answer's queue was left"
+            time.sleep(0.5)
+    finally:
+        broker.close()

@@ -25,7 +25,7 @@ from typing import Any
 import httpx2
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 
-from app.errors import BrokerUnavailable, UpstreamError
+from app.errors import UpstreamError
 from web.auth import current_key
 from web.client import ClientGone
 from web.errors import AnswerTimeout
@@ -73,9 +73,6 @@ def chat_completions() -> Response:
             first = first_message(answer, settings.web_answer_timeout)
         except ClientGone:
             return Response(status=499)
-        except BrokerUnavailable:
-            answer.keep()
-            raise
         if first.kind == "error" or first.status is not None:
             return json_answer(first.body, first.status or 502, uid)
         if accepted.stream:

@@ -1,11 +1,24 @@
 """Reading one answer from its response queue, for one client.
 
 An :class:`Answer` is what every streaming route (SSE, the OpenAI drop-in,
-the WebSocket) does with a response queue: take its deliveries in order until
-``[DONE]``, and then clean up. Cleaning up is the same for all: stop
-consuming; when the client went away before the answer was complete, ask the
-worker to stop the LLM call (the cooperative cancel, so no tokens are paid
-for nobody); and delete the queue, whose stream has been delivered.
+the WebSocket) does with its answer: take the deliveries in order until
+``[DONE]``, and then clean up. How it ends decides what becomes of the rest:
+
+- ``[DONE]`` was read: the queue is deleted, its stream has been delivered;
+- the client left (:meth:`Answer.left`): an answer read by direct reply-to
+  (drop-in, WebSocket) cannot be read again, so its LLM call is cancelled at
+  once. A response queue (SSE) waits ``WEB_RESUME_GRACE`` seconds for its
+  reader to come back with ``Last-Event-ID``; if none has, the queue is
+  deleted and the LLM call cancelled (the cooperative cancel, so no tokens
+  are paid for nobody);
+- anything else (the web process shutting down, RabbitMQ gone for longer
+  than ``WEB_RECONNECT_TIMEOUT``): the response queue and the LLM call are
+  left alone, and the client reads the rest again, here or from another web
+  process.
+
+A response queue whose connection breaks (RabbitMQ restarted) is read again
+on a new one, without the client seeing anything but a pause: the messages
+it already has are skipped (:class:`Resume`).
 """
 
 from __future__ import annotations
@@ -15,17 +28,51 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import gevent
+
 from app.broker import request_cancel
+from app.errors import BrokerUnavailable
 from web.client import ClientGone, ClientWatch
+from web.errors import StreamBusy
 from web.publisher import Replies
 from web.router import Delivery, Stream
 from web.services import Services
 
 logger = logging.getLogger(__name__)
 
+# Between two tries to reach RabbitMQ again, for a stream whose connection broke.
+RECONNECT_PAUSE = 1.0
+
+
+class Resume:
+    """Skips the messages a reader already has, when it reads a stream again.
+
+    Its client saw up to ``seq`` (of the incarnation ``rid``, when known).
+    The queue then starts with the last messages written to it, which were
+    still unacknowledged: those of the same incarnation with a ``seq`` up to
+    that one are dropped. The first message of another incarnation (a
+    restarted answer, ``seq`` from 0 again) or past ``seq`` ends the skipping.
+    """
+
+    def __init__(self, seq: int, rid: str | None = None) -> None:
+        self.seq = seq
+        self.rid = rid
+        self.active = True
+
+    def seen(self, delivery: Delivery) -> bool:
+        """Whether the reader has ``delivery`` already (then it is skipped)."""
+        if not self.active:
+            return False
+        if self.rid is None:
+            self.rid = delivery.rid  # a Last-Event-ID names no incarnation
+        if delivery.seq is None or delivery.seq > self.seq or delivery.rid != self.rid:
+            self.active = False
+            return False
+        return True
+
 
 class Answer:
-    """One client reading ``response_<uid>``: :meth:`next` until done, then :meth:`close`."""
+    """One client reading its answer: :meth:`next` until done, then :meth:`close`."""
 
     def __init__(
         self,
@@ -35,77 +82,168 @@ class Answer:
         environ: Mapping[str, Any] | None = None,
         wait: float = 0.0,
         replies: Replies | None = None,
+        after: int | None = None,
     ) -> None:
         self.services = services
         self.uid = uid
         self.rid: str | None = None  # the incarnation whose messages came
+        self.seq: int | None = None  # the seq of the last message handed out
         # Its direct replies, or its response queue.
         self.stream: Replies | Stream = (
             replies if replies is not None else services.router.open(uid, wait)
         )
+        self.resume = Resume(after) if after is not None else None
         self.finished = False  # the worker has nothing more to send
         self.delivered = 0
+        self._broken_since: float | None = None  # when its connection broke
+        self._gone = False  # the client closed its connection
+        self._left_at = 0.0
         self._closed = False
-        self._watch = (
-            ClientWatch(environ, lambda: self.stream.interrupt(ClientGone()))
-            if environ is not None
-            else None
-        )
+        self._watch = ClientWatch(environ, self._on_gone) if environ is not None else None
+
+    def _on_gone(self) -> None:
+        self._gone = True
+        self.stream.interrupt(ClientGone())
 
     def next(self, timeout: float | None) -> Delivery | None:
         """The next message, or None after ``timeout`` seconds of silence.
 
         Raises :class:`ClientGone` when the client left, and a
-        :class:`~app.errors.ChatqueueError` when the stream broke.
+        :class:`~app.errors.ChatqueueError` when the stream broke for good.
         """
-        delivery = self.stream.get(timeout)
-        if delivery is not None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._gone:
+                raise ClientGone()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._broken_since is not None and not self._reopen(left):
+                return None
+            try:
+                delivery = self.stream.get(left)
+            except BrokerUnavailable:
+                if not isinstance(self.stream, Stream):
+                    raise  # direct replies went with their connection
+                self._broken_since = time.monotonic()
+                logger.info("uid=%s: connection lost; reading again on a new one", self.uid)
+                continue
+            if delivery is None:
+                return None
+            if self.resume is not None and self.resume.seen(delivery):
+                continue
             self.delivered += 1
             self.rid = delivery.rid or self.rid
+            self.seq = delivery.seq
             if delivery.final:
                 self.finished = True
-        return delivery
+            return delivery
+
+    def _reopen(self, timeout: float | None) -> bool:
+        """Consume the response queue again on a new connection; False while
+        RabbitMQ is not back (after ``timeout`` seconds at most).
+
+        Raises :class:`BrokerUnavailable` after ``WEB_RECONNECT_TIMEOUT``.
+        """
+        assert self._broken_since is not None
+        settings = self.services.settings
+        give_up = self._broken_since + settings.web_reconnect_timeout
+        wake = time.monotonic() + (
+            timeout if timeout is not None else settings.web_reconnect_timeout
+        )
+        old = self.stream
+        assert isinstance(old, Stream)
+        while True:
+            try:
+                self.stream = self.services.router.open(self.uid)
+            except (BrokerUnavailable, StreamBusy) as exc:
+                # StreamBusy: the broker has not noticed the old connection's end yet.
+                now = time.monotonic()
+                if now >= give_up:
+                    raise BrokerUnavailable(
+                        f"RabbitMQ did not come back in {settings.web_reconnect_timeout:g} s "
+                        f"(WEB_RECONNECT_TIMEOUT): {exc}; read again"
+                    ) from exc
+                if now >= wake:
+                    return False
+                gevent.sleep(min(RECONNECT_PAUSE, wake - now, give_up - now))
+                continue
+            break
+        old.close(delete=False)
+        logger.info(
+            "uid=%s: reading again after %.1f s, from seq %s",
+            self.uid,
+            time.monotonic() - self._broken_since,
+            self.seq,
+        )
+        self._broken_since = None
+        if self.seq is not None:
+            self.resume = Resume(self.seq, self.rid)
+        return True
 
     def close(self) -> None:
-        """Stop reading; cancel the LLM call if the answer was cut short; delete the queue.
+        """Stop reading. A delivered answer's queue is deleted; an answer
+        that is not complete is left to be read again, but for direct
+        replies, which nobody can read again: their LLM call is cancelled.
 
         Routes close an answer *before* they pass its ``[DONE]`` on, so a
         client that has seen ``[DONE]`` finds the queue gone.
         """
-        self._close(keep=False)
-
-    def keep(self) -> None:
-        """Stop reading, but leave the queue and the LLM call alone.
-
-        For a stream that broke on the web front's side (RabbitMQ went away):
-        the answer goes on into its queue, and the client may read it again.
-        """
-        self._close(keep=True)
-
-    def _close(self, *, keep: bool) -> None:
-        if self._closed:
+        if self._stop():
             return
+        if self.finished:
+            self.stream.close(delete=True)
+        elif isinstance(self.stream, Replies):
+            self._cancel("the answer cannot be delivered")
+            self.stream.close(delete=True)
+        else:
+            logger.info("uid=%s: stopped reading after %d messages", self.uid, self.delivered)
+            self.stream.close(delete=False)
+
+    def left(self) -> None:
+        """The client went away before the answer was complete."""
+        if self.finished or isinstance(self.stream, Replies):
+            self.close()
+            return
+        if self._stop():
+            return
+        grace = self.services.settings.web_resume_grace
+        logger.info(
+            "uid=%s: client left after %d messages; the answer waits %g s for it",
+            self.uid,
+            self.delivered,
+            grace,
+        )
+        self._left_at = time.time()
+        self.stream.close(delete=False)
+        gevent.spawn_later(grace, self._abandon, self.stream.queue)
+
+    def _abandon(self, queue: str) -> None:
+        """Nobody came back for the answer: delete its queue, then cancel its
+        LLM call; unless a reader (of any web process) consumes it again."""
+        try:
+            deleted = self.services.router.delete_unused(queue)
+        except BrokerUnavailable as exc:
+            logger.warning("uid=%s: could not delete its queue: %r", self.uid, exc)
+            return
+        if deleted:
+            self._cancel("its client did not come back")
+
+    def _stop(self) -> bool:
+        """Stop watching the client; True if the answer was closed already."""
+        if self._closed:
+            return True
         self._closed = True
         if self._watch is not None:
             self._watch.stop()
-        if keep:
-            logger.info("uid=%s: stream broke off after %d messages", self.uid, self.delivered)
-            self.stream.close(delete=False)
-            return
-        if not self.finished:
-            logger.info(
-                "uid=%s: client left after %d messages; cancelling the LLM call",
-                self.uid,
-                self.delivered,
-            )
-            self._cancel()
-        self.stream.close(delete=True)
+        return False
 
-    def _cancel(self) -> None:
+    def _cancel(self, why: str) -> None:
+        logger.info(
+            "uid=%s: %s after %d messages; cancelling the LLM call", self.uid, why, self.delivered
+        )
         settings = self.services.settings
         try:
             with self.services.producer() as producer:
-                request_cancel(producer, settings, self.uid, self.rid, time.time())
+                request_cancel(producer, settings, self.uid, self.rid, self._left_at or time.time())
         except Exception as exc:
             # The client is gone either way; the LLM timeout bounds the waste.
             logger.warning("uid=%s: could not ask for a cancel: %r", self.uid, exc)

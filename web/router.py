@@ -16,13 +16,15 @@ process keeps a few *links* and multiplexes the streams over them:
   delivery that arrives during another greenlet's call is dispatched as well.
   Nothing polls: a token is forwarded as soon as its frame arrives, and a new
   stream's ``basic_consume`` never waits for the reader.
-* A :class:`Stream` is one channel with one exclusive, no-ack consumer on
-  ``response_<uid>``: a second reader of the same uid is refused (409), a
-  missing queue is 404, and a channel error ends only that stream.
+* A :class:`Stream` is one channel with one exclusive consumer on
+  ``response_<uid>``, with a prefetch and late acknowledgements: a second
+  reader of the same uid is refused (409), a missing queue is 404, and a
+  channel error ends only that stream.
 * A link carries at most ``WEB_STREAMS_PER_CONNECTION`` streams (and fewer
   than the broker's ``channel_max``); more links open as needed. A link that
-  breaks (the broker restarted) fails its streams with
-  :class:`~app.errors.BrokerUnavailable` and is replaced for new streams.
+  breaks (the broker restarted) tells its streams with
+  :class:`~app.errors.BrokerUnavailable`, and is replaced: their readers
+  (:class:`web.responses.Answer`) consume again on a new link.
 
 Nothing connects at import time: the router of a process is made on first
 use, after gunicorn's fork and gevent's monkey-patching.
@@ -37,7 +39,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import gevent
-from amqp.exceptions import AccessRefused, AMQPError, ChannelError, NotFound, ResourceLocked
+from amqp.exceptions import (
+    AccessRefused,
+    AMQPError,
+    ChannelError,
+    NotFound,
+    PreconditionFailed,
+    ResourceLocked,
+)
 from amqp.exceptions import ConnectionError as AMQPConnectionError
 from gevent.lock import Semaphore
 from gevent.queue import Empty, Queue
@@ -60,6 +69,10 @@ CONNECT_TIMEOUT = 5.0
 FRAME_TIMEOUT = 10.0
 # Messages of one stream taken from RabbitMQ ahead of its reader.
 READ_AHEAD = 64
+# Messages written to a client and still kept in RabbitMQ (unacknowledged):
+# those a dropped connection may have lost on the way, for a reader that
+# resumes. Between RESUME_WINDOW and twice that; acknowledged in batches.
+RESUME_WINDOW = 8
 # Errors that mean the connection itself is gone.
 LINK_ERRORS: tuple[type[BaseException], ...] = (
     AMQPConnectionError,
@@ -190,11 +203,13 @@ class Inbox:
 class Stream(Inbox):
     """The consumer of one response queue; :meth:`get` the next delivery.
 
-    A delivery is acknowledged when the next one is asked for: its reader
-    has written it by then. Until then it counts against READ_AHEAD, so a
-    reader that does not keep up leaves the rest of its answer in RabbitMQ,
-    and a stream that breaks off leaves the unwritten ones there for a
-    reader that resumes.
+    Deliveries are acknowledged late, ``RESUME_WINDOW`` behind the one being
+    written, several at a time: a reader that does not keep up leaves the
+    rest of its answer in RabbitMQ (READ_AHEAD bounds what this process
+    holds), and a stream that breaks off leaves its last written messages
+    there too, so a reader that resumes gets whatever its client may have
+    missed when the connection dropped (and skips what it had: see
+    :class:`web.responses.Resume`).
     """
 
     def __init__(self, link: Link, uid: str, queue: str) -> None:
@@ -204,20 +219,21 @@ class Stream(Inbox):
         self.queue = queue
         self.channel: Any = None
         self._closed = False
-        self._written: int | None = None  # the tag of the last delivery handed out
+        self._written: list[int] = []  # tags handed out and not acknowledged yet
 
     def get(self, timeout: float | None) -> Delivery | None:
-        if self._written is not None:
-            tag, self._written = self._written, None
+        if len(self._written) >= 2 * RESUME_WINDOW:
+            tag = self._written[-RESUME_WINDOW - 1]
+            del self._written[:-RESUME_WINDOW]
             try:
                 with self.link.locked():
                     if self.channel is not None:
-                        self.channel.basic_ack(tag)
+                        self.channel.basic_ack(tag, multiple=True)
             except LinkDown:
-                pass  # the broker gives it back: a reader that resumes gets it
+                pass  # the broker gives them back: a reader that resumes skips them
         delivery = super().get(timeout)
-        if delivery is not None:
-            self._written = delivery.tag
+        if delivery is not None and delivery.tag is not None:
+            self._written.append(delivery.tag)
         return delivery
 
     def on_message(self, message: Any) -> None:
@@ -361,7 +377,7 @@ class Link(SharedConnection):
 
     def on_lost(self, error: BaseException) -> None:
         logger.warning(
-            "%s: connection to RabbitMQ lost (%r); %d streams end",
+            "%s: connection to RabbitMQ lost (%r); %d streams will read again on a new one",
             self.name,
             error,
             len(self.streams),
@@ -429,6 +445,18 @@ class Router:
                 raise BrokerUnavailable(f"RabbitMQ cannot be reached: {exc}") from exc
             self._links.append(link)
             return link
+
+    def delete_unused(self, queue: str) -> bool:
+        """Delete ``queue`` unless a reader consumes it; whether it was deleted."""
+        link = self._link()
+        try:
+            with link.locked():
+                link.admin.queue_delete(queue, if_unused=True)
+        except LinkDown as exc:
+            raise BrokerUnavailable(f"RabbitMQ cannot be reached: {exc}") from exc
+        except (PreconditionFailed, NotFound):  # being read again, or gone
+            return False
+        return True
 
     @property
     def stream_count(self) -> int:

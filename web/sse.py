@@ -7,9 +7,12 @@ every ``SSE_KEEPALIVE`` seconds, so proxies keep the connection and a gone
 client is noticed. ``X-Accel-Buffering: no`` keeps nginx from buffering.
 
 When a worker restarted the stream, ``id`` starts again from 0: a reader drops
-what it had. If the connection to RabbitMQ breaks, an error object is sent and
-the stream ends without ``[DONE]``; reading the uid again goes on where it
-stopped.
+what it had. A client whose connection dropped reads again with
+``Last-Event-ID`` (``EventSource`` does it by itself) and gets the messages
+after that one: the answer waits ``WEB_RESUME_GRACE`` seconds for it. If the
+connection to RabbitMQ breaks, the stream pauses and goes on over a new one;
+after ``WEB_RECONNECT_TIMEOUT`` an error object is sent and the stream ends
+without ``[DONE]``, the answer left in its queue.
 """
 
 from __future__ import annotations
@@ -72,14 +75,26 @@ def events(
                 yield event(delivery, ids=ids)
             delivery = answer.next(keepalive)
     except ClientGone:
-        return
+        answer.left()
+    except GeneratorExit:  # the server closed the stream: a write to the client failed
+        answer.left()
+        raise
     except ChatqueueError as exc:
-        # RabbitMQ went away, or the queue did: the answer is not the client's
-        # doing, so it is neither cancelled nor deleted; reading again goes on.
-        answer.keep()
+        # RabbitMQ stayed away, or the queue went: the answer is not the
+        # client's doing, so it is neither cancelled nor deleted (but for a
+        # direct reply, which nobody can read again); reading again goes on.
+        answer.close()
         yield error_event(exc)
     finally:
+        # Anything else (the web process shutting down) leaves the answer be.
         answer.close()
+
+
+def last_event_id() -> int | None:
+    """The ``seq`` a reconnecting ``EventSource`` saw last (``Last-Event-ID``);
+    None for a first read, or for an id this front never sent."""
+    raw = request.headers.get("Last-Event-ID", "").strip()
+    return int(raw) if raw.isdigit() and len(raw) < 10 else None
 
 
 @bp.get("/v1/chat/response")
@@ -96,7 +111,7 @@ def response() -> Response:
         # The same answer as for a uid that does not exist: nothing leaks.
         raise UnknownStream(f"no stream with uid {uid} for this API key")
     wait = svc.settings.web_accept_wait if looks_issued(uid) else 0.0
-    answer = Answer(svc, uid, environ=request.environ, wait=wait)
+    answer = Answer(svc, uid, environ=request.environ, wait=wait, after=last_event_id())
     return Response(
         stream_with_context(events(answer, svc.settings.sse_keepalive)),
         mimetype="text/event-stream",

@@ -87,7 +87,7 @@ def forward(ws: Any, answer: Answer) -> None:
             try:
                 delivery = answer.next(POLL_SECONDS)
             except ChatqueueError as exc:
-                answer.keep()  # RabbitMQ went away: the answer is left in its queue
+                answer.close()  # RabbitMQ went away: a direct reply cannot be read again
                 ws.send(json.dumps(exc.to_error_object()))
                 ws.close(reason=1011, message="the answer broke off")
                 return

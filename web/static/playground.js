@@ -5,6 +5,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const MAX_RESUMES = 10;
+const RESUME_PAUSE_MS = 500;
 const history = [];
 
 for (const id of ["model", "api-key"]) {
@@ -83,27 +85,47 @@ async function ask(prompt) {
   const { uid } = await submitted.json();
   out.dataset.uid = uid;
 
-  const stream = await fetch("/v1/chat/response?uid=" + encodeURIComponent(uid), {
-    headers: headers(),
-  });
-  if (!stream.ok) throw new Error(await failure(stream));
-  out.dataset.state = "streaming";
+  // Read the answer; when the connection drops before [DONE] (a deploy, a
+  // network change), read it again with Last-Event-ID, as EventSource does:
+  // the web front sends what follows that event.
   let text = "";
   let error = null;
-  await readEvents(stream, ({ id, data }) => {
-    if (data === "[DONE]") return false;
-    if (id === "0" && text) text = ""; // a worker restarted the answer
-    const payload = JSON.parse(data);
-    if (payload.error) {
-      error = payload.error.message;
-      return true;
+  let lastId = null;
+  let finished = false;
+  for (let resumes = 0; !finished && !error; resumes++) {
+    const h = headers();
+    if (lastId !== null) h["Last-Event-ID"] = lastId;
+    try {
+      const stream = await fetch("/v1/chat/response?uid=" + encodeURIComponent(uid), { headers: h });
+      if (!stream.ok) throw new Error(await failure(stream));
+      out.dataset.state = "streaming";
+      await readEvents(stream, ({ id, data }) => {
+        if (id !== null) lastId = id;
+        if (data === "[DONE]") {
+          finished = true;
+          return false;
+        }
+        if (id === "0" && text) text = ""; // a worker restarted the answer
+        const payload = JSON.parse(data);
+        if (payload.error) {
+          error = payload.error.message;
+          return true;
+        }
+        const choice = (payload.choices || [])[0];
+        if (choice) text += (choice.delta ? choice.delta.content : choice.message && choice.message.content) || "";
+        out.textContent = text;
+        out.scrollIntoView({ block: "end" });
+        return true;
+      });
+    } catch (err) {
+      if (!(err instanceof TypeError)) throw err; // TypeError: the network failed
     }
-    const choice = (payload.choices || [])[0];
-    if (choice) text += (choice.delta ? choice.delta.content : choice.message && choice.message.content) || "";
-    out.textContent = text;
-    out.scrollIntoView({ block: "end" });
-    return true;
-  });
+    if (!finished && !error) {
+      if (resumes >= MAX_RESUMES) throw new Error("the answer broke off; it waits in its queue");
+      out.dataset.resumes = String(resumes + 1);
+      await new Promise((resolve) => setTimeout(resolve, RESUME_PAUSE_MS));
+    }
+  }
   out.dataset.state = "done";
   if (error) throw new Error(error);
   history.push({ role: "assistant", content: text });

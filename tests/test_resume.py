@@ -1,0 +1,132 @@
+"""Resuming an SSE stream: a client whose connection dropped reads again with
+``Last-Event-ID`` and gets the rest of its answer, once; no web restart,
+graceful or not, deletes an answer that was not delivered."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from devllm.testing import DevLLM
+from tests.conftest import WebFactory
+from tests.support import EventStream, Web
+from tests.test_web import chat, expected, stream, submit, wait_until
+
+TOKENS = 60
+
+
+def long_chat(prompt: str, delay: float = 0.05) -> dict[str, Any]:
+    return chat(prompt, model=f"m;delay={delay};tokens={TOKENS}")
+
+
+def resumed(web: Web, uid: str, first: EventStream, **kwargs: Any) -> EventStream:
+    """Read ``uid`` again as ``EventSource`` does, after the last event ``first`` had."""
+    last = first.events[-1].id
+    assert last is not None
+    return stream(web, uid, headers={"Last-Event-ID": last}, timeout=60, **kwargs)
+
+
+def read_in_background(
+    web: Web, uid: str
+) -> tuple[threading.Event, list[EventStream], threading.Thread]:
+    """Read ``uid`` in a thread; the event is set once three events came."""
+    started = threading.Event()
+    first: list[EventStream] = []
+
+    def seen_three(sse: EventStream) -> bool:
+        if len(sse.events) >= 3:
+            started.set()
+        return False
+
+    reader = threading.Thread(
+        target=lambda: first.append(stream(web, uid, until=seen_three, timeout=60))
+    )
+    reader.start()
+    return started, first, reader
+
+
+def assert_whole(prompt: str, first: EventStream, rest: EventStream) -> None:
+    """``rest`` goes on from ``first``: every id once, in order, the whole answer."""
+    assert rest.status == 200, rest.body
+    assert rest.events[-1].data == "[DONE]"
+    ids = [e.id for e in first.events + rest.events]
+    assert ids == [str(n) for n in range(len(ids))], ids
+    assert first.content + rest.content == expected(prompt, TOKENS)
+
+
+def test_a_dropped_stream_resumes_with_last_event_id(start_web: WebFactory, llm: DevLLM) -> None:
+    web = start_web("resume", WEB_RESUME_GRACE="5")
+    cancelled = llm.stats()["streams_cancelled"]
+    prompt = "read me in two parts"
+    uid = submit(web, long_chat(prompt))
+    first = stream(web, uid, until=lambda s: len(s.events) >= 10)  # then hang up
+    assert len(first.events) == 10 and first.events[-1].data != "[DONE]"
+    time.sleep(1)  # the client is away for a while, less than the grace
+    rest = resumed(web, uid, first)
+    assert_whole(prompt, first, rest)
+    assert llm.stats()["streams_cancelled"] == cancelled
+    assert f"uid={uid}: client left after" in web.output()
+    # Delivered: read once.
+    assert stream(web, uid).status == 404
+
+
+def test_a_client_that_does_not_come_back_is_cancelled_after_the_grace(
+    start_web: WebFactory, llm: DevLLM
+) -> None:
+    web = start_web("abandon", WEB_RESUME_GRACE="2")
+    cancelled = llm.stats()["streams_cancelled"]
+    uid = submit(web, long_chat("nobody comes back", delay=0.2))
+    first = stream(web, uid, until=lambda s: len(s.events) >= 3)
+    left = time.monotonic()
+    # Within the grace the answer waits (its LLM call goes on).
+    time.sleep(1)
+    assert llm.stats()["streams_cancelled"] == cancelled
+    assert wait_until(lambda: llm.stats()["streams_cancelled"] > cancelled, timeout=15)
+    assert time.monotonic() - left >= 2
+    assert f"uid={uid}: its client did not come back" in web.output()
+    assert resumed(web, uid, first).status == 404
+
+
+def test_a_resumed_reader_keeps_the_answer_from_the_grace(
+    start_web: WebFactory, llm: DevLLM
+) -> None:
+    """The first reader's web process deletes the queue after the grace only if
+    nobody reads it: a reader that came back (here on another web process) is
+    not cut off."""
+    first_web = start_web("grace-a", WEB_RESUME_GRACE="1")
+    second_web = start_web("grace-b")
+    cancelled = llm.stats()["streams_cancelled"]
+    prompt = "a reader that moved"
+    uid = submit(first_web, long_chat(prompt, delay=0.1))  # about 6 s of answer
+    first = stream(first_web, uid, until=lambda s: len(s.events) >= 5)
+    rest = resumed(second_web, uid, first)  # reads past the first one's grace
+    assert_whole(prompt, first, rest)
+    assert llm.stats()["streams_cancelled"] == cancelled
+
+
+def test_web_restarts_do_not_lose_a_stream(start_web: WebFactory, llm: DevLLM) -> None:
+    """A graceful reload (HUP, what a deploy does) cuts a stream after the
+    graceful timeout, and a killed worker process cuts it at once: neither
+    cancels nor deletes the answer, and ``EventSource`` reconnects to the new
+    worker process and goes on."""
+    web = start_web("deploy", GUNICORN_CMD_ARGS="--graceful-timeout 1")
+    cancelled = llm.stats()["streams_cancelled"]
+    for how in ("HUP to the master", "kill -9 of the worker"):
+        prompt = f"a stream across a {how}"
+        uid = submit(web, long_chat(prompt, delay=0.1))
+        started, first, reader = read_in_background(web, uid)
+        assert started.wait(30), "the stream never started"
+        old = web.worker_pids()
+        if how.startswith("HUP"):
+            os.kill(web.process.pid, signal.SIGHUP)
+        else:
+            os.kill(old[0], signal.SIGKILL)
+        reader.join(30)
+        assert first and first[0].events[-1].data != "[DONE]", f"{how}: not cut"
+        assert wait_until(lambda: web.worker_pids() and web.worker_pids() != old, timeout=30)  # noqa: B023
+        rest = resumed(web, uid, first[0])
+        assert_whole(prompt, first[0], rest)
+    assert llm.stats()["streams_cancelled"] == cancelled
