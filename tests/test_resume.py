@@ -14,6 +14,8 @@ from devllm.testing import DevLLM
 from tests.conftest import WebFactory
 from tests.support import EventStream, Web
 from tests.test_web import chat, expected, stream, submit, wait_until
+from web.responses import Resume
+from web.router import Delivery
 
 TOKENS = 60
 
@@ -130,3 +132,32 @@ def test_web_restarts_do_not_lose_a_stream(start_web: WebFactory, llm: DevLLM) -
         rest = resumed(web, uid, first[0])
         assert_whole(prompt, first[0], rest)
     assert llm.stats()["streams_cancelled"] == cancelled
+
+
+def skipped(resume: Resume, messages: list[tuple[int, str, bool]]) -> list[int]:
+    """The seqs of ``messages`` (seq, rid, restart), in queue order, that ``resume`` skips."""
+    return [
+        seq
+        for seq, rid, restart in messages
+        if resume.seen(Delivery(body="{}", kind="chunk", seq=seq, rid=rid, restart=restart))
+    ]
+
+
+def test_resume_skips_only_the_run_the_client_read() -> None:
+    """What a resumed read skips, queue by queue: the unacknowledged window
+    of the run the client read (up to its last id), never a run that a worker
+    started again, even with the same rid (a redelivered task message)."""
+    window = [(n, "r1", False) for n in range(13, 21)]
+    # The client saw up to 20: the window goes, what follows comes.
+    assert skipped(Resume(20), [*window, (21, "r1", False)]) == list(range(13, 21))
+    # Its connection lost some: it saw up to 16.
+    assert skipped(Resume(16), window) == list(range(13, 17))
+    # The worker started the answer again after the window (the same hand-off
+    # redelivered, so the same rid): the restart is not skipped.
+    restarted = [(n, "r1", True) for n in range(3)]
+    assert skipped(Resume(20, "r1", False), [*window, *restarted]) == list(range(13, 21))
+    # A restart of a restart: seq goes back.
+    again = [(n, "r1", True) for n in range(5, 9)] + restarted
+    assert skipped(Resume(8, "r1", True), again) == [5, 6, 7, 8]
+    # Another incarnation of the uid (a reader that knows the rid it read).
+    assert skipped(Resume(20, "r1", False), [(0, "r2", False), (1, "r2", False)]) == []

@@ -47,27 +47,40 @@ RECONNECT_PAUSE = 1.0
 class Resume:
     """Skips the messages a reader already has, when it reads a stream again.
 
-    Its client saw up to ``seq`` (of the incarnation ``rid``, when known).
-    The queue then starts with the last messages written to it, which were
-    still unacknowledged: those of the same incarnation with a ``seq`` up to
-    that one are dropped. The first message of another incarnation (a
-    restarted answer, ``seq`` from 0 again) or past ``seq`` ends the skipping.
+    Its client saw up to ``seq`` (of the incarnation ``rid``, and with the
+    ``restart`` mark, when known). The queue then starts with the last
+    messages written to it, still unacknowledged: those of the same run of
+    the answer with a ``seq`` up to that one are dropped. Anything else ends
+    the skipping: a ``seq`` past it, another incarnation, or a run of the
+    answer that a worker started again (the ``restart`` mark changes, or
+    ``seq`` goes back). The client then gets the restart, and drops what it had.
     """
 
-    def __init__(self, seq: int, rid: str | None = None) -> None:
+    def __init__(self, seq: int, rid: str | None = None, restart: bool | None = None) -> None:
         self.seq = seq
-        self.rid = rid
+        self.rid = rid  # a Last-Event-ID names neither: the first message tells
+        self.restart = restart
         self.active = True
+        self._previous: int | None = None
 
     def seen(self, delivery: Delivery) -> bool:
         """Whether the reader has ``delivery`` already (then it is skipped)."""
         if not self.active:
             return False
-        if self.rid is None:
-            self.rid = delivery.rid  # a Last-Event-ID names no incarnation
-        if delivery.seq is None or delivery.seq > self.seq or delivery.rid != self.rid:
+        if self._previous is None and self.rid is None:
+            self.rid = delivery.rid
+        if self._previous is None and self.restart is None:
+            self.restart = delivery.restart
+        if (
+            delivery.seq is None
+            or delivery.seq > self.seq
+            or delivery.rid != self.rid
+            or delivery.restart != self.restart
+            or (self._previous is not None and delivery.seq <= self._previous)
+        ):
             self.active = False
             return False
+        self._previous = delivery.seq
         return True
 
 
@@ -88,6 +101,7 @@ class Answer:
         self.uid = uid
         self.rid: str | None = None  # the incarnation whose messages came
         self.seq: int | None = None  # the seq of the last message handed out
+        self.restarted = False  # whether that message had the restart mark
         # Its direct replies, or its response queue.
         self.stream: Replies | Stream = (
             replies if replies is not None else services.router.open(uid, wait)
@@ -133,6 +147,7 @@ class Answer:
             self.delivered += 1
             self.rid = delivery.rid or self.rid
             self.seq = delivery.seq
+            self.restarted = delivery.restart
             if delivery.final:
                 self.finished = True
             return delivery
@@ -176,7 +191,7 @@ class Answer:
         )
         self._broken_since = None
         if self.seq is not None:
-            self.resume = Resume(self.seq, self.rid)
+            self.resume = Resume(self.seq, self.rid, self.restarted)
         return True
 
     def close(self) -> None:

@@ -1,0 +1,378 @@
+"""Soak: many SSE streams at once for minutes, through a broker restart and a web reload.
+
+``python -m bench.soak [--streams 1000] [--minutes 10]`` runs the Procfile's
+worker line (two processes) and web line (``WEB_CONCURRENCY=2``) against the
+development LLM and a RabbitMQ node of its own (``bench/rabbitnode.py``: the
+shared broker is never restarted). ``--streams`` clients each submit a
+request (``POST /v1/chat/completions``), read its answer
+(``GET /v1/chat/response``) to ``[DONE]``, and start the next one, until the
+time is up. A third of the way in, the broker restarts (``stop_app``,
+``start_app``); two thirds in, the web front reloads gracefully (``kill -HUP``
+of the gunicorn master, as a deploy does). A client does what
+``EventSource`` does: when its stream breaks off it reads again with
+``Last-Event-ID``, and a ``503`` (RabbitMQ away) is tried again.
+
+It prints:
+
+- answers: accepted, complete and exactly once (one ``[DONE]``, the whole
+  text after the last restart, ``id`` in order), and what became of the rest;
+- how often clients resumed, and waited out a 503;
+- the RSS of every process at the start, the middle and the end;
+- the queues on the broker before, at the end, and once the response queues'
+  TTL has passed;
+- the warning and error lines of the workers' and the web's logs, by kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import re
+import resource
+import signal
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+from bench.bench_web import chat_body, expected
+from bench.harness import (
+    Event,
+    Process,
+    SseParser,
+    environ,
+    format_table,
+    free_port,
+    median,
+    open_stream,
+    procfile_command,
+    rss_mib,
+    say,
+    wait_for_consumer,
+    wait_for_http,
+)
+from bench.rabbitnode import RabbitNode
+from devllm.testing import DevLLM
+
+TOKENS = 40
+TOKEN_DELAY = 0.5  # a 20 s answer
+QUEUE_TTL = 60  # seconds: the queues left by the restarts go within the run
+RETRY_PAUSE = 1.0
+GIVE_UP = 180.0  # seconds a client keeps trying one answer
+
+
+@dataclass
+class Answer:
+    """One request of a client, and what it read of its answer."""
+
+    prompt: str
+    uid: str = ""
+    events: list[Event] = field(default_factory=list)
+    dones: int = 0
+    resumes: int = 0
+    waits: int = 0  # 503s waited out
+    error: str | None = None
+
+    @property
+    def last_id(self) -> str | None:
+        return next((e.id for e in reversed(self.events) if e.id is not None), None)
+
+    @property
+    def whole(self) -> bool:
+        """One ``[DONE]``, ids in order, and the text after the last restart."""
+        if self.dones != 1 or not self.events or self.events[-1].data != "[DONE]":
+            return False
+        ids = [e.id for e in self.events]
+        start = len(ids) - 1 - ids[::-1].index("0") if "0" in ids else 0
+        tail = ids[start:]
+        if tail != [str(n) for n in range(len(tail))]:
+            return False
+        return "".join(e.content for e in self.events[start:]) == expected(self.prompt, TOKENS)
+
+
+class Soak:
+    def __init__(self, streams: int, minutes: float, workers: int = 2, webs: int = 2) -> None:
+        self.streams = streams
+        self.seconds = minutes * 60
+        self.n_workers = workers
+        self.n_webs = webs
+        self.run = f"soak-{uuid.uuid4().hex[:6]}"
+        self.model = f"m;delay={TOKEN_DELAY};tokens={TOKENS}"
+        self.answers: list[Answer] = []
+        self.submit_errors: Counter[str] = Counter()
+        self.node: RabbitNode | None = None
+        self.dev: DevLLM | None = None
+        self.workers: list[Process] = []
+        self.web: Process | None = None
+        self.rss: dict[str, dict[str, float]] = {}
+        self.queues: dict[str, int] = {}
+        self.marks: list[tuple[float, str]] = []
+        self.port = free_port()
+
+    # --- processes ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.node = RabbitNode("soak").start()
+        say(f"RabbitMQ: a node of the soak's own, {self.node.nodename} on port {self.node.port}")
+        self.dev = DevLLM().start()
+        self.env = environ(
+            RABBITMQ_URL=self.node.url,
+            RABBITMQ_QUEUE=f"{self.run}-input",
+            CHATQUEUE_NAMESPACE=self.run,
+            RESPONSE_QUEUE_TTL=str(QUEUE_TTL),
+            OPENAI_URL=self.dev.base_url,
+            LOG_LEVEL="warning",
+            PORT=str(self.port),
+            WEB_CONCURRENCY=str(self.n_webs),
+        )
+        argv = procfile_command("worker")
+        for i in range(self.n_workers):
+            self.workers.append(
+                Process([*argv, "--hostname", f"{self.run}-{i}@%h"], self.env, f"soak-worker{i}")
+            )
+        wait_for_consumer(self.node.url, self.env["RABBITMQ_QUEUE"], 90, self.workers[0])
+        self.web = Process(procfile_command("web"), self.env, "soak-web")
+        wait_for_http(f"http://127.0.0.1:{self.port}/ping", self.web, lambda _, b: b == b"pong", 60)
+        say(
+            f"{self.n_workers} workers ({' '.join(argv)}), web with WEB_CONCURRENCY={self.n_webs},"
+            f" dev LLM at {self.dev.base_url}; answers of {TOKENS} tokens, {TOKEN_DELAY} s apart"
+        )
+
+    def stop(self) -> None:
+        for proc in [*self.workers, *([self.web] if self.web else [])]:
+            proc.stop()
+        if self.dev is not None:
+            self.dev.stop()
+        if self.node is not None:
+            self.node.stop()
+
+    def processes(self) -> dict[str, int]:
+        found: dict[str, int] = {f"worker {i}": w.pid for i, w in enumerate(self.workers)}
+        if self.web is not None:
+            found["web master"] = self.web.pid
+            for i, pid in enumerate(sorted(self.web.children())):
+                found[f"web worker {i}"] = pid
+        if self.dev is not None and self.dev.pid is not None:
+            found["dev LLM"] = self.dev.pid
+        if self.node is not None and self.node.beam_pid is not None:
+            found["RabbitMQ"] = self.node.beam_pid
+        return found
+
+    def sample(self, when: str) -> None:
+        self.rss[when] = {name: rss_mib(pid) for name, pid in self.processes().items()}
+
+    def count_queues(self, when: str) -> None:
+        assert self.node is not None
+        out = self.node.ctl("list_queues", "-q", "name", "--no-table-headers")
+        self.queues[when] = len([line for line in out.splitlines() if line.strip()])
+
+    # --- clients --------------------------------------------------------------------------
+
+    async def submit(self, answer: Answer) -> None:
+        give_up = time.monotonic() + GIVE_UP
+        while True:
+            try:
+                status, lines, writer = await open_stream(
+                    "127.0.0.1",
+                    self.port,
+                    "POST",
+                    "/v1/chat/completions",
+                    body=chat_body(answer.prompt, self.model),
+                )
+                body = b"".join([line async for line in lines])
+                writer.close()
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                status, body = 0, repr(exc).encode()
+            if status == 202:
+                answer.uid = json.loads(body)["uid"]
+                return
+            self.submit_errors[f"{status} {_kind(body)}"] += 1
+            if time.monotonic() > give_up:
+                raise RuntimeError(f"not accepted: {status} {body[:200]!r}")
+            await asyncio.sleep(RETRY_PAUSE)
+
+    async def read(self, answer: Answer) -> None:
+        give_up = time.monotonic() + GIVE_UP
+        while time.monotonic() < give_up:
+            last = answer.last_id
+            headers = {"Last-Event-ID": last} if last is not None else {}
+            try:
+                status, lines, writer = await open_stream(
+                    "127.0.0.1",
+                    self.port,
+                    "GET",
+                    f"/v1/chat/response?uid={answer.uid}",
+                    headers=headers,
+                )
+            except OSError:
+                answer.resumes += 1
+                await asyncio.sleep(RETRY_PAUSE)
+                continue
+            try:
+                if status == 503:
+                    answer.waits += 1
+                    await asyncio.sleep(RETRY_PAUSE)
+                    continue
+                if status != 200:
+                    body = b"".join([line async for line in lines])
+                    raise RuntimeError(f"GET {status} {_kind(body)}")
+                parser = SseParser()
+                async for raw in lines:
+                    item = parser.feed(raw)
+                    if isinstance(item, Event):
+                        answer.events.append(item)
+                        if item.data == "[DONE]":
+                            answer.dones += 1
+                            return
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                pass  # the connection broke: read again, as EventSource does
+            finally:
+                writer.close()
+            answer.resumes += 1
+            await asyncio.sleep(RETRY_PAUSE / 2)
+        raise RuntimeError("no [DONE] within the time a client waits")
+
+    async def client(self, n: int, end: float) -> None:
+        turn = 0
+        while time.monotonic() < end:
+            answer = Answer(f"soak {n}.{turn}")
+            self.answers.append(answer)
+            turn += 1
+            try:
+                await self.submit(answer)
+                await self.read(answer)
+            except Exception as exc:
+                answer.error = f"{type(exc).__name__}: {exc}"
+
+    async def events(self, start: float) -> None:
+        """The restart, the reload, and the RSS samples, at their times."""
+        assert self.node is not None and self.web is not None
+        await asyncio.sleep(self.seconds / 3)
+        self.sample("middle")
+        self.marks.append((time.monotonic() - start, "broker restart"))
+        await asyncio.to_thread(self.node.restart_app)
+        self.marks.append((time.monotonic() - start, "broker back"))
+        await asyncio.sleep(max(0.0, start + 2 * self.seconds / 3 - time.monotonic()))
+        self.marks.append((time.monotonic() - start, "web reload (HUP)"))
+        os.kill(self.web.pid, signal.SIGHUP)
+
+    async def drive(self) -> None:
+        start = time.monotonic()
+        end = start + self.seconds
+        clients = [self.client(n, end) for n in range(self.streams)]
+        await asyncio.gather(self.events(start), *clients)
+
+    # --- report ---------------------------------------------------------------------------
+
+    def report(self) -> None:
+        accepted = [a for a in self.answers if a.uid]
+        whole = [a for a in accepted if a.whole]
+        twice = [a for a in accepted if a.dones > 1]
+        broken = [a for a in accepted if not a.whole]
+        say("\n== answers ==")
+        rows = [
+            ["requests sent", len(self.answers)],
+            ["accepted (202)", len(accepted)],
+            ["answered whole, exactly once", len(whole)],
+            ["answered more than once ([DONE] twice)", len(twice)],
+            ["accepted, not answered whole", len(broken)],
+            ["not accepted (gave up after 503s)", len(self.answers) - len(accepted)],
+            ["restarted by a worker (id 0 again)", sum(_restarted(a) for a in accepted)],
+            ["streams resumed (Last-Event-ID)", sum(a.resumes > 0 for a in accepted)],
+            ["reads that met a 503", sum(a.waits for a in accepted)],
+        ]
+        say(format_table(rows, ["", "count"]))
+        for answer in broken[:5]:
+            say(
+                f"  not whole: {answer.uid} {answer.error} dones={answer.dones} "
+                f"ids={[e.id for e in answer.events][-6:]}"
+            )
+        if self.submit_errors:
+            say(
+                "submissions refused, by status and code: "
+                + ", ".join(f"{k}: {v}" for k, v in self.submit_errors.most_common())
+            )
+        say("events: " + "; ".join(f"{what} at {at:.0f} s" for at, what in self.marks))
+
+        say("\n== RSS (MiB) ==")
+        names = sorted({name for sample in self.rss.values() for name in sample})
+        whens = list(self.rss)
+        say(
+            format_table(
+                [[name, *(_mib(self.rss[w].get(name, math.nan)) for w in whens)] for name in names],
+                ["process", *whens],
+            )
+        )
+        say("(the web workers after the reload are new processes)")
+
+        say("\n== queues on the broker ==")
+        say(format_table([[k, v] for k, v in self.queues.items()], ["when", "queues"]))
+
+        say("\n== warning and error lines of the logs, by kind ==")
+        kinds: Counter[str] = Counter()
+        for proc in [*self.workers, *([self.web] if self.web else [])]:
+            for line in proc.output().splitlines():
+                if re.search(r"WARNING|ERROR|CRITICAL|Traceback", line):
+                    kinds[f"{proc.name.rstrip('0123456789')}: {_shape(line)}"] += 1
+        say(format_table([[v, k[:150]] for k, v in kinds.most_common(25)], ["lines", "kind"]))
+        durations = [e.at - a.events[0].at for a in whole for e in a.events[-1:] if a.events]
+        say(
+            f"\nmedian stream read time {median(durations):.1f} s "
+            f"(the LLM takes {TOKENS * TOKEN_DELAY:.0f} s)"
+        )
+
+
+def _restarted(answer: Answer) -> bool:
+    return [e.id for e in answer.events].count("0") > 1
+
+
+def _kind(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return body[:80].decode("utf-8", "replace")
+
+
+def _shape(line: str) -> str:
+    """A log line without its times, ids and numbers: its kind."""
+    line = re.sub(r"^\[[^\]]*\]\s*|^\S+ \S+ ", "", line)
+    line = re.sub(r"[0-9a-f]{8,}(\.[0-9a-f]+)?|\b\d+(\.\d+)?\b", "N", line)
+    return re.sub(r"\s+", " ", line).strip()
+
+
+def _mib(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.0f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.soak", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--streams", type=int, default=1000, help="clients at once (1000)")
+    parser.add_argument("--minutes", type=float, default=10, help="how long (10)")
+    args = parser.parse_args(argv)
+    # A socket per client, and one more while it submits.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soak = Soak(args.streams, args.minutes)
+    try:
+        soak.start()
+        soak.count_queues("before")
+        soak.sample("start")
+        say(f"{args.streams} clients for {args.minutes:g} min ...")
+        asyncio.run(soak.drive())
+        soak.sample("end")
+        soak.count_queues("end")
+        time.sleep(QUEUE_TTL + 10)
+        soak.count_queues(f"end + {QUEUE_TTL + 10} s (response queues' TTL passed)")
+        soak.report()
+    finally:
+        soak.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
