@@ -49,6 +49,12 @@ PYTHON_NEEDED = (3, 11)
 # RabbitMQ opens one file per durable queue it recovers at start; a node with
 # 10,000 of them hung for 20 minutes at the 1,024 of a default shell.
 NOFILE = 65536
+# The distribution's own start: through systemd where it runs the machine (the unit
+# sets the limit), else the init script, whose start-stop-daemon keeps the limit of
+# the shell that calls it (`rabbitmq-server -detached` as root does not: Debian's
+# wrapper switches to the rabbitmq user with su, whose PAM session sets 1,024 again).
+# It waits until the node has booted, and a node already running is no error.
+START_BROKER = "service rabbitmq-server start"
 BROKER_START_TIMEOUT = 120.0
 DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
 
@@ -110,12 +116,6 @@ def on_this_machine(host: str) -> bool:
         return False
 
 
-def with_systemd() -> bool:
-    """Whether systemd runs this machine: apt-get then starts RabbitMQ itself, as a
-    service whose unit raises the open-file limit."""
-    return Path("/run/systemd/system").is_dir()
-
-
 @dataclass
 class MachineNeeds:
     """What this machine lacks that only root can give it."""
@@ -140,9 +140,7 @@ class MachineNeeds:
             steps += ["apt-get update", f"apt-get install -y {' '.join(self.packages)}"]
         if not self.start_broker:
             return " && ".join(steps)
-        if with_systemd():
-            return " && ".join([*steps, "systemctl start rabbitmq-server"])
-        return f"ulimit -n {nofile}; " + " && ".join([*steps, "rabbitmq-server -detached"])
+        return f"ulimit -n {nofile}; " + " && ".join([*steps, START_BROKER])
 
 
 def machine_needs(url: str) -> MachineNeeds:
@@ -181,8 +179,7 @@ def set_up_machine(url: str) -> None:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     script = needs.script(NOFILE if hard == resource.RLIM_INFINITY else min(NOFILE, hard))
     say(f"{needs.describe()}: {script}")
-    # The outcome is checked below, not the exit status: `rabbitmq-server -detached`
-    # fails when a node is already starting, which is no failure here.
+    # The outcome is checked below, whatever the script's exit status says.
     subprocess.run(
         ["sh", "-c", script], env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, check=False
     )
