@@ -108,7 +108,7 @@ class Soak:
         self.workers: list[Process] = []
         self.web: Process | None = None
         self.rss: dict[str, dict[str, float]] = {}
-        self.queues: dict[str, int] = {}
+        self.queues: dict[str, list[str]] = {}
         self.marks: list[tuple[float, str]] = []
         self.port = free_port()
 
@@ -167,7 +167,7 @@ class Soak:
     def count_queues(self, when: str) -> None:
         assert self.node is not None
         out = self.node.ctl("list_queues", "-q", "name", "--no-table-headers")
-        self.queues[when] = len([line for line in out.splitlines() if line.strip()])
+        self.queues[when] = sorted(line.strip() for line in out.splitlines() if line.strip())
 
     # --- clients --------------------------------------------------------------------------
 
@@ -309,7 +309,10 @@ class Soak:
         say("(the web workers after the reload are new processes)")
 
         say("\n== queues on the broker ==")
-        say(format_table([[k, v] for k, v in self.queues.items()], ["when", "queues"]))
+        say(format_table([[k, len(v)] for k, v in self.queues.items()], ["when", "queues"]))
+        first, *_, last = self.queues.values()
+        if extra := sorted(set(last) - set(first)):
+            say(f"left at the end: {', '.join(extra[:10])}")
 
         say("\n== warning and error lines of the logs, by kind ==")
         kinds: Counter[str] = Counter()
