@@ -24,7 +24,8 @@ Rows (the numbers of the final table):
 4. web: N SSE clients at once (``POST`` then ``GET``): POST→202 and TTFT;
 5. short requests published at once, answered on ``response_<uid>`` (the
    whole path: declare, publish, read): requests/s, worker CPU per request and
-   per response message;
+   per response message (the CPU of the same burst with longer answers, less
+   the short one's, over the messages it added);
 6. the same to one exclusive queue of the client's (AMQP ``reply_to``);
 7. queues per request on the broker, counted in the run's virtual host after
    N requests and before they are read: AMQP path, ``reply_to`` path, web path;
@@ -105,6 +106,12 @@ class Plan:
     ttft_tokens = 5
     short_model = "bench;first_delay=0;delay=0;tokens=5"
     short_tokens = 5
+    # Row 5's cost of one more message: the same burst with this many tokens.
+    long_tokens = 45
+
+    @property
+    def long_model(self) -> str:
+        return f"bench;first_delay=0;delay=0;tokens={self.long_tokens}"
 
     @property
     def burst_model(self) -> str:
@@ -520,17 +527,14 @@ class Bench:
         rate = burst.completed / burst.wall
         worker = cpu["workers"]
         per_request = worker / n
-        per_message = worker / max(burst.messages, 1)
         say(
             f"  completed {burst.completed}/{n} in {burst.wall:.2f} s: {rate:.0f} req/s; "
             f"{burst.messages} response messages"
         )
         for line in burst.example_failures():
             say(f"    e.g. {line}")
-        say(
-            f"  worker CPU {ms(per_request, 2)} a request, {ms(per_message, 3)} a message; "
-            f"CPU: {cpu.describe()}"
-        )
+        say(f"  worker CPU {ms(per_request, 2)} a request; CPU: {cpu.describe()}")
+        per_message = math.nan if reply_to else self.message_cost(worker, burst.messages)
         beside = f"LLM alone {self.direct_rate:.0f} req/s"
         failed = f" ({burst.failed} failed)" if burst.failed else ""
         if reply_to:
@@ -548,7 +552,7 @@ class Bench:
             self.rows.append(
                 Row(
                     5,
-                    "response_<uid>: req/s; worker CPU a request; a message",
+                    "response_<uid>: req/s; worker CPU a request; one more message",
                     f"{rate:.0f} req/s; {ms(per_request, 2)}; {ms(per_message, 3)}{failed}",
                     beside,
                     ">= 150 req/s; <= 5 ms; <= 0.3 ms",
@@ -566,6 +570,33 @@ class Bench:
             n,
             0 if reply_to else 1,
         )
+
+    def message_cost(self, short_cpu: float, short_messages: int) -> float:
+        """The worker CPU of one more response message: the short burst again with
+        answers of ``long_tokens`` tokens, the difference in CPU over the
+        difference in messages (what a request costs whatever its length cancels)."""
+        assert self.client is not None
+        plan = self.plan
+        readings = [Reading.new(f"long {i}", plan.long_tokens) for i in range(plan.short)]
+        cpu = self.meter()
+        burst = self.client.burst(
+            readings,
+            plan.long_model,
+            plan.timeout,
+            before_publish=cpu.start,
+            before_forget=cpu.stop,
+        )
+        self.check_alive()
+        extra = burst.messages - short_messages
+        cost = (cpu["workers"] - short_cpu) / max(extra, 1)
+        say(
+            f"  again with {plan.long_tokens} tokens: {burst.completed}/{plan.short} complete, "
+            f"{burst.messages} messages; worker CPU {cpu['workers']:.2f} s against "
+            f"{short_cpu:.2f} s: {ms(cost, 3)} a message more "
+            f"({ms(short_cpu / max(short_messages, 1), 3)} a message averaged over the short "
+            "burst, its per-request work included)"
+        )
+        return cost
 
     def queue_row(self, path: str, counts: Sequence[int | None], n: int, limit: int) -> None:
         before, after = counts[0], counts[-1]
