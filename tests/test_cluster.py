@@ -6,6 +6,7 @@ Every accepted request is answered exactly once: one ``[DONE]``, the whole
 answer, in order; a stream whose worker lost its node starts again, marked
 ``restart`` (seq from 0) as the protocol says. Requests sent while the node
 is down are answered. The figures go to the test's output (``pytest -s``).
+A web process moves to another node the same way.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 from bench.rabbitnode import RabbitCluster
+from config import load_settings
 from devllm.answers import reply_tokens
-from tests.conftest import new_uid
+from tests.conftest import WebFactory, new_uid
 from tests.support import Answer, Received, wait_for_consumer
 from tests.test_durability import isolated
+from tests.test_web import chat, expected, stream, submit
 
 pytest_plugins = ["tests.brokers"]
 
@@ -148,8 +151,8 @@ def test_a_node_killed_mid_stream_loses_no_accepted_request(
     # Worker A is on node 1 (the one killed), worker B on node 2; each moves
     # along its list when its node goes away. A starts first, so the input and
     # task queues' leaders, and A's response queues, are on node 1.
-    start_worker("cluster-a", env={**env, "RABBITMQ_URL": f"{url1};{url2};{url3}"})
-    start_worker("cluster-b", env={**env, "RABBITMQ_URL": f"{url2};{url3};{url1}"})
+    a = start_worker("cluster-a", env={**env, "RABBITMQ_URL": f"{url1};{url2};{url3}"})
+    b = start_worker("cluster-b", env={**env, "RABBITMQ_URL": f"{url2};{url3};{url1}"})
     wait_for_consumer(url3, queue, consumers=2)
 
     client = pika.BlockingConnection(pika.URLParameters(url3))
@@ -191,6 +194,11 @@ def test_a_node_killed_mid_stream_loses_no_accepted_request(
     assert readers.pump_until_done(list(during), timeout=60), "not served during the outage"
     assert not rabbit_cluster.node(1).running()  # they were served while node 1 was down
     latencies = sorted(readers.done_at[u] - sent_during for u in during)
+    # Worker A moved to another node: its intake and its task consumer are back.
+    task_queue = load_settings(env).task_queue
+    for consumed in (queue, task_queue):
+        wait_for_consumer(url3, consumed, timeout=30, consumers=2)
+    assert not rabbit_cluster.node(1).running()
 
     all_done = readers.pump_until_done(uids, timeout=90)
     recovered = max(readers.done_at.get(u, time.monotonic()) for u in uids) - killed
@@ -202,6 +210,10 @@ def test_a_node_killed_mid_stream_loses_no_accepted_request(
     client.close()
 
     restarted = [u for u in uids if any(m.restart for m in readers.answers[u].messages)]
+    for w in (a, b):
+        out = w.output()
+        accepted, again = out.count(": accepted"), out.count("the answer starts again")
+        print(f"\n{w.name}: accepted {accepted}, restarted {again}")
     print(
         f"\n{STREAMS} streams on two workers (nodes 1 and 2), node 1 killed mid-way:"
         f" {len(restarted)} restarted; all answered {recovered:.1f} s after the kill;"
@@ -215,3 +227,30 @@ def test_a_node_killed_mid_stream_loses_no_accepted_request(
         if (p := check_once(readers.answers[u], text, 5 if u in during else TOKENS))
     }
     assert problems == {}, f"{len(problems)} answers wrong, e.g. {list(problems.items())[:3]}"
+
+
+def test_the_web_front_moves_to_another_node(
+    rabbit_cluster: RabbitCluster,
+    start_web: WebFactory,
+    start_worker: Any,
+    worker_env: dict[str, str],
+    names: dict[str, str],
+) -> None:
+    """A web process connected to node 1 takes new connections to node 2 when
+    node 1 dies: submissions and streams go on."""
+    url1, url2, url3 = rabbit_cluster.urls
+    env = {
+        **isolated(worker_env, names, "cluster-web"),
+        "RABBITMQ_QUEUE_TYPE": "quorum",
+        "RESPONSE_QUEUE_TYPE": "quorum",
+    }
+    start_worker("cluster-web", env={**env, "RABBITMQ_URL": f"{url2};{url3};{url1}"})
+    web = start_web("cluster-web", env={**env, "RABBITMQ_URL": f"{url1};{url2};{url3}"})
+    before = submit(web, chat("before the kill"))
+    assert stream(web, before).content == expected("before the kill")
+
+    rabbit_cluster.kill(1)
+
+    for prompt in ("after the kill", "and again"):
+        uid = submit(web, chat(prompt))
+        assert stream(web, uid, timeout=60).content == expected(prompt)
