@@ -41,6 +41,7 @@ from kombu.pools import ProducerPool
 
 from app.errors import RequestError
 from config import Settings
+from config.settings import type_argument
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +79,10 @@ def dead_letter_queue(settings: Settings) -> Queue:
 
 def response_queue_arguments(settings: Settings) -> dict[str, Any]:
     """Every declare of a response queue carries these (see the module docstring)."""
-    arguments: dict[str, Any] = {"x-expires": settings.response_queue_ttl * 1000}
-    if settings.response_queue_type == "quorum":
-        arguments["x-queue-type"] = "quorum"
-    return arguments
+    return {
+        "x-expires": settings.response_queue_ttl * 1000,
+        **type_argument(settings.response_queue_type),
+    }
 
 
 def dead_letter(

@@ -119,6 +119,7 @@ class Settings:
         "connects to the first that answers, and moves to another when its node goes away)",
         secret=True,
     )
+    rabbitmq_queue: str = _env(_name, "default-queue", "the input queue clients publish to")
     rabbitmq_queue_type: str = _env(
         _queue_type,
         "classic",
@@ -131,7 +132,6 @@ class Settings:
         "classic or quorum: the type of the response queues (quorum: an answer outlives the "
         "loss of one cluster node, at a cost; see the README)",
     )
-    rabbitmq_queue: str = _env(_name, "default-queue", "the input queue clients publish to")
     response_queue_prefix: str = _env(_name, "response_", "response queue name = prefix + uid")
     response_queue_ttl: int = _env(
         _positive_int, "600", "seconds an unread response queue lives (x-expires)"
@@ -237,7 +237,7 @@ class Settings:
         """The arguments of every declare of the input, task and dead-letter queues
         (RabbitMQ refuses a declare whose ``x-queue-type`` differs from the queue's).
         Classic queues are declared without it, as they always were."""
-        return _type_argument(self.rabbitmq_queue_type)
+        return type_argument(self.rabbitmq_queue_type)
 
     def response_queue(self, uid: str) -> str:
         return f"{self.response_queue_prefix}{uid}"
@@ -248,7 +248,8 @@ class Settings:
         return [(f.name.upper(), _raw_default(f.default), f.metadata["doc"]) for f in fields(cls)]
 
 
-def _type_argument(queue_type: str) -> dict[str, str]:
+def type_argument(queue_type: str) -> dict[str, str]:
+    """The declare argument of a queue type (none for classic, RabbitMQ's default)."""
     return {} if queue_type == "classic" else {"x-queue-type": queue_type}
 
 
