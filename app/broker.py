@@ -14,6 +14,13 @@ Queues (names from :class:`config.Settings`):
   the response queues it made, for the web front's readers waiting for them.
 
 That is the whole broker state of a request (see :mod:`app.lifecycle`).
+
+On a cluster, ``RABBITMQ_QUEUE_TYPE=quorum`` makes the input, task and
+dead-letter queues quorum queues (replicated; they outlive the loss of a
+node), and ``RESPONSE_QUEUE_TYPE=quorum`` the response queues. A classic
+queue lives on one node, the one whose connection declared it (here: the
+intake's); when that node dies the queue and its messages are out of reach
+until it comes back, and what is published to it meanwhile is dropped.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from kombu.pools import ProducerPool
 
 from app.errors import RequestError
 from config import Settings
+from config.settings import type_argument
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +54,35 @@ BROKER_ERRORS = (AMQPError, OperationalError, ConnectionError, OSError)
 RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
 
 
-def input_queue(settings: Settings) -> Queue:
-    return Queue(settings.rabbitmq_queue, DEFAULT_EXCHANGE, settings.rabbitmq_queue, durable=True)
-
-
-def task_queue(settings: Settings) -> Queue:
-    return Queue(settings.task_queue, DEFAULT_EXCHANGE, settings.task_queue, durable=True)
-
-
-def dead_letter_queue(settings: Settings) -> Queue:
+def _queue(name: str, settings: Settings) -> Queue:
+    """One of chatqueue's own durable queues, of ``RABBITMQ_QUEUE_TYPE``."""
     return Queue(
-        settings.dead_letter_queue, DEFAULT_EXCHANGE, settings.dead_letter_queue, durable=True
+        name,
+        DEFAULT_EXCHANGE,
+        name,
+        durable=True,
+        queue_arguments=settings.queue_arguments or None,
     )
 
 
+def input_queue(settings: Settings) -> Queue:
+    return _queue(settings.rabbitmq_queue, settings)
+
+
+def task_queue(settings: Settings) -> Queue:
+    return _queue(settings.task_queue, settings)
+
+
+def dead_letter_queue(settings: Settings) -> Queue:
+    return _queue(settings.dead_letter_queue, settings)
+
+
 def response_queue_arguments(settings: Settings) -> dict[str, Any]:
-    return {"x-expires": settings.response_queue_ttl * 1000}
+    """Every declare of a response queue carries these (see the module docstring)."""
+    return {
+        "x-expires": settings.response_queue_ttl * 1000,
+        **type_argument(settings.response_queue_type),
+    }
 
 
 def dead_letter(
@@ -209,6 +230,8 @@ class Lanes:
 
 
 def _connection(settings: Settings, confirm: bool) -> Connection:
+    # A ';'-separated RABBITMQ_URL is kombu's failover list: ensure() moves to
+    # the next node when this one goes away.
     return Connection(
         settings.rabbitmq_url, transport_options={"confirm_publish": confirm}, heartbeat=0
     )

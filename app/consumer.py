@@ -66,6 +66,8 @@ RECONNECT_PAUSE = 1.0
 # transaction's channel, in the commit's round trip.
 IN_LINE_DECLARES = 8
 DECLARING_CHANNELS = 8
+# Seconds between two tries when chatqueue's own queues exist with another type.
+MISMATCH_PAUSE = 10.0
 # Seconds the intake declares response queues apart (one more round trip a
 # batch) after a client's queue with other arguments broke a transaction.
 CAREFUL_SECONDS = 600.0
@@ -133,6 +135,7 @@ class Intake(ConsumerMixin):
         self._declarers: list[Any] = []
         self._producer: Any = None
         self._careful_until = 0.0
+        self._consuming = False  # its queues are declared and consumed
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -143,6 +146,20 @@ class Intake(ConsumerMixin):
                 for _ in self.consume(safety_interval=IDLE_WAIT):  # type: ignore[no-untyped-call]
                     pass
             except PreconditionFailed as exc:
+                if not self._consuming:
+                    # chatqueue's own queues exist with other arguments (another
+                    # RABBITMQ_QUEUE_TYPE): nothing works until an operator
+                    # moves them over; say so, and try again now and then.
+                    logger.error(
+                        "intake: %s; the input or dead-letter queue exists with another "
+                        "type than RABBITMQ_QUEUE_TYPE=%s (see the README: moving an "
+                        "existing deployment to quorum queues); next try in %.0f s",
+                        exc,
+                        self.settings.rabbitmq_queue_type,
+                        MISMATCH_PAUSE,
+                    )
+                    time.sleep(MISMATCH_PAUSE)
+                    continue
                 # A client declared a response queue with other arguments: the
                 # broker closed the channel, and the batch comes back. For a
                 # while, declare apart, where a mismatch closes only the
@@ -166,6 +183,7 @@ class Intake(ConsumerMixin):
     def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Consumer]:
         settings = self.settings
         self.pending = []
+        self._consuming = False
         dead_letter_queue(settings)(channel).declare()
         channel.tx_select()
         self._channel = channel
@@ -187,6 +205,7 @@ class Intake(ConsumerMixin):
 
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **_: Any) -> None:
         self._conn = connection
+        self._consuming = True
 
     def _collect(self, message: Message) -> None:
         self.pending.append(message)

@@ -171,7 +171,8 @@ def wait_for_consumer(
 ) -> None:
     """Until ``consumers`` consumers (workers' bootsteps) are on ``queue``, or ``proc`` exits."""
     deadline = time.monotonic() + timeout
-    connection = pika.BlockingConnection(pika.URLParameters(url))
+    # A failover list (``;``-separated, as RABBITMQ_URL takes it): the first node that answers.
+    connection = pika.BlockingConnection([pika.URLParameters(u) for u in url.split(";")])
     try:
         while time.monotonic() < deadline:
             if proc is not None and not proc.alive:

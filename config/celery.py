@@ -10,9 +10,18 @@ from config.settings import Settings
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    tasks = Queue(settings.task_queue, Exchange(""), settings.task_queue, durable=True)
+    tasks = Queue(
+        settings.task_queue,
+        Exchange(""),
+        settings.task_queue,
+        durable=True,
+        queue_arguments=settings.queue_arguments or None,
+    )
     return {
+        # A ';'-separated list is Celery's failover list: its connections try
+        # the nodes in turn, and move on when theirs goes away.
         "broker_url": settings.rabbitmq_url,
+        **quorum_config(settings),
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_pool_limit": settings.publish_pool_size,
@@ -41,4 +50,23 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_hijack_root_logger": True,
         "worker_redirect_stdouts": False,
+    }
+
+
+def quorum_config(settings: Settings) -> dict[str, Any]:
+    """What Celery needs for a quorum task queue (RABBITMQ_QUEUE_TYPE=quorum).
+
+    Celery 5.5+ sees the queue's ``x-queue-type`` and then uses a prefetch per
+    consumer, not the global QoS quorum queues refuse
+    (``worker_detect_quorum_queues``, on by default); Celery's own publishes
+    wait for the broker's confirms, as its guide for quorum queues asks.
+    ETA and countdown tasks would need native delayed delivery (Celery
+    declares its exchanges and queues when it sees a quorum queue); chatqueue
+    sends none: its retries wait inside the task.
+    """
+    if settings.rabbitmq_queue_type != "quorum":
+        return {}
+    return {
+        "worker_detect_quorum_queues": True,
+        "broker_transport_options": {"confirm_publish": True},
     }

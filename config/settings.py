@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 T = TypeVar("T")
 
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+QUEUE_TYPES = ("classic", "quorum")
 # Queue and exchange names go on the wire and into RabbitMQ: keep them tame.
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
 
@@ -30,6 +31,29 @@ def _url(*schemes: str) -> Callable[[str], str]:
         return raw
 
     return parse
+
+
+def _url_list(*schemes: str) -> Callable[[str], str]:
+    """One URL, or several joined by ``;``: kombu's failover list (each
+    connection tries them in turn, and moves on when its node goes away)."""
+    one = _url(*schemes)
+
+    def parse(raw: str) -> str:
+        urls = [u.strip() for u in raw.split(";")]
+        if not all(urls):
+            raise ValueError("an empty URL in the ';'-separated list")
+        for u in urls:
+            one(u)
+        return ";".join(urls)
+
+    return parse
+
+
+def _queue_type(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in QUEUE_TYPES:
+        raise ValueError(f"must be one of {', '.join(QUEUE_TYPES)}")
+    return value
 
 
 def _name(raw: str) -> str:
@@ -89,12 +113,25 @@ class Settings:
     """All of chatqueue's settings. Field ``foo_bar`` is read from ``FOO_BAR``."""
 
     rabbitmq_url: str = _env(
-        _url("amqp", "amqps"),
+        _url_list("amqp", "amqps"),
         "amqp://guest:guest@localhost:5672/",
-        "the RabbitMQ broker",
+        "the RabbitMQ broker; on a cluster, the nodes' URLs joined by ';' (each process "
+        "connects to the first that answers, and moves to another when its node goes away)",
         secret=True,
     )
     rabbitmq_queue: str = _env(_name, "default-queue", "the input queue clients publish to")
+    rabbitmq_queue_type: str = _env(
+        _queue_type,
+        "classic",
+        "classic or quorum: the type of the input, task and dead-letter queues (quorum: "
+        "replicated over a cluster's nodes; an existing queue keeps its type, see the README)",
+    )
+    response_queue_type: str = _env(
+        _queue_type,
+        "classic",
+        "classic or quorum: the type of the response queues (quorum: an answer outlives the "
+        "loss of one cluster node, at a cost; see the README)",
+    )
     response_queue_prefix: str = _env(_name, "response_", "response queue name = prefix + uid")
     response_queue_ttl: int = _env(
         _positive_int, "600", "seconds an unread response queue lives (x-expires)"
@@ -202,6 +239,18 @@ class Settings:
     def cancel_exchange(self) -> str:
         return f"{self.chatqueue_namespace}.cancel"
 
+    @property
+    def rabbitmq_urls(self) -> list[str]:
+        """The broker's URLs, in the order a connection tries them."""
+        return self.rabbitmq_url.split(";")
+
+    @property
+    def queue_arguments(self) -> dict[str, str]:
+        """The arguments of every declare of the input, task and dead-letter queues
+        (RabbitMQ refuses a declare whose ``x-queue-type`` differs from the queue's).
+        Classic queues are declared without it, as they always were."""
+        return type_argument(self.rabbitmq_queue_type)
+
     def response_queue(self, uid: str) -> str:
         return f"{self.response_queue_prefix}{uid}"
 
@@ -209,6 +258,11 @@ class Settings:
     def documented(cls) -> list[tuple[str, str, str]]:
         """(variable, default, meaning) for each setting, for the README and ``--help``."""
         return [(f.name.upper(), _raw_default(f.default), f.metadata["doc"]) for f in fields(cls)]
+
+
+def type_argument(queue_type: str) -> dict[str, str]:
+    """The declare argument of a queue type (none for classic, RabbitMQ's default)."""
+    return {} if queue_type == "classic" else {"x-queue-type": queue_type}
 
 
 def _field_default(name: str) -> Any:

@@ -1,5 +1,6 @@
 """app/broker.py's one use of a py-amqp private attribute, checked against the
-installed py-amqp: this fails when ``transport._read_buffer`` moves."""
+installed py-amqp: this fails when ``transport._read_buffer`` moves; and the
+connections of a ``;``-separated RABBITMQ_URL walk the list."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from kombu import Connection
 
 from app.broker import frames_waiting
 from tests.conftest import RABBITMQ_URL
+from tests.support import free_port
+from web.router import connect
 
 
 def test_frames_waiting_sees_py_amqps_read_buffer() -> None:
@@ -21,3 +24,14 @@ def test_frames_waiting_sees_py_amqps_read_buffer() -> None:
             assert frames_waiting(amqp)
         finally:
             transport._read_buffer = saved
+
+
+def test_the_web_connects_to_the_first_node_of_the_list_that_answers() -> None:
+    """Two nodes that are down (nothing listens on their ports), then the broker."""
+    down = [f"amqp://guest:guest@127.0.0.1:{free_port()}/" for _ in range(2)]
+    connection = connect(";".join([*down, RABBITMQ_URL]))
+    try:
+        assert connection.connected
+        assert connection.connection.server_properties["product"] == "RabbitMQ"
+    finally:
+        connection.release()

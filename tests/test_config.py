@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
+from app.broker import dead_letter_queue, input_queue, response_queue_arguments, task_queue
 from config import ConfigError, Settings, load_settings
+from config.celery import celery_config
 from tests.support import ROOT, environ
 
 
@@ -52,6 +54,10 @@ def test_values_are_parsed_and_typed() -> None:
         ("LOG_LEVEL", "loud", "one of debug"),
         ("RABBITMQ_QUEUE", "a queue", "A-Z a-z"),
         ("CONFIRM_CHUNKS", "maybe", "true or false"),
+        ("RABBITMQ_URL", "amqp://a/;http://b/", "amqp://"),
+        ("RABBITMQ_URL", "amqp://a/;;amqp://b/", "empty URL"),
+        ("RABBITMQ_QUEUE_TYPE", "stream", "classic, quorum"),
+        ("RESPONSE_QUEUE_TYPE", "mirrored", "classic, quorum"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_the_fix(var: str, value: str, words: str) -> None:
@@ -96,3 +102,33 @@ def test_deployments_that_differ_in_input_queue_never_share_a_task_queue() -> No
     assert default.task_queue == "chatqueue.tasks"  # existing deployments keep theirs
     assert len({default.task_queue, a.task_queue, b.task_queue}) == 3
     assert a.task_queue.startswith("chatqueue.")  # still chatqueue's own (reply_to rule)
+
+
+def test_a_cluster_is_a_failover_list_of_urls() -> None:
+    s = load_settings({"RABBITMQ_URL": "amqp://a:5672/; amqp://b:5672/;amqp://c:5672/"})
+    assert s.rabbitmq_urls == ["amqp://a:5672/", "amqp://b:5672/", "amqp://c:5672/"]
+    # kombu's own failover syntax, for Celery and every connection of chatqueue
+    assert celery_config(s)["broker_url"] == ";".join(s.rabbitmq_urls)
+
+
+def test_classic_queues_are_declared_as_they_always_were() -> None:
+    s = load_settings({})
+    for queue in (input_queue(s), task_queue(s), dead_letter_queue(s)):
+        assert not queue.queue_arguments
+    assert not celery_config(s)["task_queues"][0].queue_arguments
+    assert "broker_transport_options" not in celery_config(s)
+    assert response_queue_arguments(s) == {"x-expires": 600_000}
+
+
+def test_quorum_queues_are_declared_so_everywhere() -> None:
+    """Every declare of a queue carries its type: a declare without it, on a
+    quorum queue, is refused by the broker (PRECONDITION_FAILED)."""
+    s = load_settings({"RABBITMQ_QUEUE_TYPE": "quorum", "RESPONSE_QUEUE_TYPE": "quorum"})
+    quorum = {"x-queue-type": "quorum"}
+    for queue in (input_queue(s), task_queue(s), dead_letter_queue(s)):
+        assert queue.queue_arguments == quorum
+    config = celery_config(s)
+    assert config["task_queues"][0].queue_arguments == quorum
+    assert config["worker_detect_quorum_queues"] is True  # per-consumer prefetch
+    assert config["broker_transport_options"] == {"confirm_publish": True}
+    assert response_queue_arguments(s) == {"x-expires": 600_000, **quorum}

@@ -9,10 +9,12 @@ from typing import Any
 import pika
 import pytest
 
+from config import load_settings
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
 from tests.conftest import new_uid
-from tests.support import Answer, Broker, Process, Received, task_events
+from tests.support import Answer, Broker, Process, Received, procfile_command, task_events
+from tests.test_durability import isolated
 
 pytestmark = pytest.mark.usefixtures("worker")
 TOKENS = 12  # the development LLM's answer length in these tests
@@ -260,3 +262,32 @@ def test_a_response_queue_the_client_declared_its_own_way_is_used(broker: Broker
     assert_protocol(answer, uid)
     assert answer.content == "The capital of France is Paris."
     broker.channel.queue_delete(broker.response_queue(uid))
+
+
+def test_an_input_queue_of_another_type_is_named_not_retried_in_a_loop(
+    worker_env: dict[str, str], names: dict[str, str], broker: Broker
+) -> None:
+    """RABBITMQ_QUEUE_TYPE=quorum on a deployment whose input and dead-letter
+    queues are classic: the intake says what to do, and tries again now and
+    then (the broker refuses every declare: a retry at once would spin)."""
+    env = {**isolated(worker_env, names, "qtype"), "RABBITMQ_QUEUE_TYPE": "quorum"}
+    dead_letter = env["CHATQUEUE_NAMESPACE"] + ".dead-letter"
+    for queue in (env["RABBITMQ_QUEUE"], dead_letter):
+        broker.channel.queue_declare(queue, durable=True)  # classic, as before
+    worker = Process(
+        [*procfile_command("worker"), "--hostname", f"qtype-{new_uid()}@%h"], env, "worker-qtype"
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "exists with another type" not in worker.output():
+            assert worker.alive and time.monotonic() < deadline, worker.output()[-3000:]
+            time.sleep(0.2)
+        time.sleep(3)  # a window in which a loop would have retried thousands of times
+        output = worker.output()
+        assert output.count("exists with another type") == 1, output[-3000:]
+        assert "declared apart" not in output
+    finally:
+        worker.stop()
+        worker.remove_log()
+        for queue in (env["RABBITMQ_QUEUE"], dead_letter, load_settings(env).task_queue):
+            broker.channel.queue_delete(queue)

@@ -73,7 +73,12 @@ class Publisher(SharedConnection):
         self.channel = self.amqp.channel()
         # Before any worker has: a message to a queue that does not exist is
         # dropped by the broker, and confirmed all the same.
-        self.channel.queue_declare(queue=settings.rabbitmq_queue, durable=True, auto_delete=False)
+        self.channel.queue_declare(
+            queue=settings.rabbitmq_queue,
+            durable=True,
+            auto_delete=False,
+            arguments=settings.queue_arguments,
+        )
         self.channel.confirm_select()
         self._replies: dict[str, Replies] = {}
         self.channel.basic_consume(DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply)

@@ -83,10 +83,16 @@ LINK_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Any:
-    """A connected kombu ``Connection`` (typed ``Any``: kombu's API is untyped)."""
+    """A connected kombu ``Connection`` (typed ``Any``: kombu's API is untyped).
+
+    ``url`` may be a ``;``-separated list of a cluster's nodes (kombu's
+    failover list): each is tried once, in turn, until one answers; a lone
+    URL is tried twice, as kombu's ``connect()`` does."""
     factory: Any = Connection
     connection = factory(url, heartbeat=0, connect_timeout=timeout)
-    connection.connect()
+    connection.ensure_connection(
+        max_retries=max(1, len(connection.alt) - 1), reraise_as_library_errors=False
+    )
     return connection
 
 
