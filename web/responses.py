@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from app import metrics
 from app.broker import request_cancel
 from web.client import ClientGone, ClientWatch
 from web.publisher import Replies
@@ -51,6 +52,7 @@ class Answer:
             if environ is not None
             else None
         )
+        metrics.recorder().web_streams.inc()
 
     def next(self, timeout: float | None) -> Delivery | None:
         """The next message, or None after ``timeout`` seconds of silence.
@@ -86,6 +88,7 @@ class Answer:
         if self._closed:
             return
         self._closed = True
+        metrics.recorder().web_streams.dec()
         if self._watch is not None:
             self._watch.stop()
         if keep:
