@@ -168,6 +168,14 @@ class Recorder:
             "answers being read by web clients (SSE, drop-in, WebSocket)",
             registry=registry,
         )
+        # Series that exist from the start, at 0 (Prometheus' advice: a series
+        # that appears only with its first event hides that first increase).
+        for outcome in ("answered", "cancelled"):
+            self.requests.labels(outcome, "")
+        for kind in ("sdk", "stream"):
+            self.llm_retries.labels(kind)
+        for reason in ("redelivered", "llm_retry"):
+            self.restarts.labels(reason)
 
     def snapshot(self, role: str, interval: float, *, final: bool = False) -> dict[str, Any]:
         """The cumulative samples of this process (``_created`` samples left out)."""
