@@ -341,23 +341,33 @@ class Reporter:
         self.connection.release()
 
 
-_reporters: dict[int, Reporter] = {}
-_reporting = threading.Lock()
+class _Reporting:
+    """This process's :class:`Reporter`, if it reports (none in a child until it starts one)."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self.lock = threading.Lock()
+        self.reporter: Reporter | None = None
+
+
+_reporting = _Reporting()
 
 
 def report(settings: Settings, role: str) -> Reporter:
     """Start this process's :class:`Reporter` (once per process)."""
-    pid = os.getpid()
-    with _reporting:
-        found = _reporters.get(pid)
-        if found is None:
-            found = _reporters[pid] = Reporter(settings, role)
-            found.start()
-    return found
+    with _reporting.lock:
+        if _reporting.reporter is None:
+            _reporting.reporter = Reporter(settings, role)
+            _reporting.reporter.start()
+        return _reporting.reporter
 
 
 def stop_reporting() -> None:
     """Send this process's last snapshot, if it reports."""
-    found = _reporters.pop(os.getpid(), None)
+    with _reporting.lock:
+        found, _reporting.reporter = _reporting.reporter, None
     if found is not None:
         found.stop()
