@@ -285,6 +285,31 @@ def test_metrics_stay_open_with_api_keys_unless_asked(
     assert scrape(keyed, {"Authorization": "Bearer k1"})
 
 
+def test_every_web_process_answers_for_the_whole_deployment(
+    start_web: WebFactory, front: Web, metrics_env: dict[str, str]
+) -> None:
+    webs = processes(scrape(front))["web"]
+    two = start_web("metrics-two", metrics_env, WEB_CONCURRENCY="2")
+    assert len(two.worker_pids()) == 2
+    wait_for(lambda: processes(scrape(front))["web"] == webs + 2, "two more web processes", front)
+    uid = submit(two, chat())
+    assert stream(two, uid).events[-1].data == "[DONE]"
+    wait_for(
+        lambda: value(scrape(front), "chatqueue_web_requests_total", endpoint="sse.response",
+                      status="200")
+        == value(scrape(two), "chatqueue_web_requests_total", endpoint="sse.response",
+                 status="200"),
+        "the same totals from both fronts",
+        front,
+    )  # fmt: skip
+    # Each scrape is a new connection, taken by either process of the second front.
+    answers = {
+        (processes(got)["worker"], value(got, "chatqueue_requests_accepted_total"))
+        for got in (scrape(two) for _ in range(10))
+    }
+    assert len(answers) == 1, answers
+
+
 def test_the_dashboard_asks_only_for_metrics_that_exist(front: Web) -> None:
     status, _, raw = fetch("GET", front.url + "/metrics")
     assert status == 200
