@@ -304,6 +304,7 @@ class Reporter:
         threading.Thread(target=self._run, name="chatqueue-metrics", daemon=True).start()
 
     def _run(self) -> None:
+        self.send()  # at once: a new process counts before its first interval is out
         while not self._stopped.wait(self.interval):
             self.send()
 

@@ -338,17 +338,24 @@ def test_a_stopped_worker_keeps_its_counts(
 ) -> None:
     """A worker that stops sends its last snapshot: its counts stay in the totals,
     and it leaves the process count (and its gauges) at once."""
-    extra = start_worker("metrics-c", metrics_env)
+    # It reports when it starts and when it stops, and not in between: only
+    # its last snapshot brings its counts, and takes it out of the count long
+    # before three of its intervals.
+    extra = start_worker("metrics-c", metrics_env, METRICS_INTERVAL="600")
     wait_for(lambda: processes(scrape(front)).get("worker") == 3, "a third worker", front)
-    before = value(scrape(front), "chatqueue_requests_accepted_total")
-    uids = [submit(front, chat()) for _ in range(6)]
-    for uid in uids:
-        assert stream(front, uid).events[-1].data == "[DONE]"
-    wait_for(
-        lambda: value(scrape(front), "chatqueue_requests_accepted_total") == before + 6,
-        "six more accepted",
-        front,
-    )
+    dead_letter = client.env["CHATQUEUE_NAMESPACE"] + ".dead-letter"
+
+    def dead_lettered() -> float:
+        return value(
+            scrape(front), "chatqueue_requests_total", outcome="dead_lettered", code="invalid_json"
+        )
+
+    before, waiting = dead_lettered(), client.queue_length(dead_letter)
+    for _ in range(9):  # the three intakes take them in turn
+        client.publish(b"{broken")
+    wait_for(lambda: client.queue_length(dead_letter) == waiting + 9, "nine dead letters", front)
+    time.sleep(1.0)  # three intervals of the two others: their counts are in
+    assert dead_lettered() - before < 9  # the third's are not
     extra.stop()
     wait_for(lambda: processes(scrape(front)).get("worker") == 2, "back to two workers", front)
-    assert value(scrape(front), "chatqueue_requests_accepted_total") == before + 6
+    assert dead_lettered() - before == 9
