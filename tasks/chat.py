@@ -219,8 +219,8 @@ def _no_token(chunk: dict[str, Any]) -> bool:
 
 def _carries_token(chunk: dict[str, Any]) -> bool:
     """A chunk with content or a tool call (one token, from most LLM servers)."""
-    return any(
-        isinstance(c, dict)
-        and bool((c.get("delta") or {}).get("content") or (c.get("delta") or {}).get("tool_calls"))
-        for c in chunk.get("choices") or []
-    )
+    for choice in chunk.get("choices") or []:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls")):
+            return True
+    return False

@@ -189,6 +189,26 @@ def test_counts_after_real_requests(front: Web, client: Broker) -> None:
     assert value(after, "chatqueue_queue_consumers", queue="input", name=client.input_queue) == 2
 
 
+def test_a_stream_broken_before_its_first_token_is_a_retry_and_a_restart(
+    front: Web, client: Broker
+) -> None:
+    delta = Delta(front)
+    uid = str(uuid.uuid4())
+    # The opening chunk goes out, then the LLM drops the connection, once.
+    client.publish(chat(f"devllm;fault=disconnect;at=0;times=1;tag={uid}", uid=uid))
+    first, again = client.answer(uid).split()
+    assert first.messages and again.done
+
+    def counted() -> bool:
+        return delta.refresh()("chatqueue_requests_total", outcome="answered", code="") == 1
+
+    wait_for(counted, "the answer is counted", front)
+    assert delta("chatqueue_llm_retries_total", kind="stream") == 1
+    assert delta("chatqueue_restarts_total", reason="llm_retry") == 1
+    assert delta("chatqueue_llm_responses_total", status="200") == 2
+    assert delta("chatqueue_messages_total") == len(first.messages) + len(again.messages)
+
+
 def test_a_client_that_leaves_is_counted_as_cancelled(front: Web) -> None:
     delta = Delta(front)
     # About 10 s of answer: only the cancel ends it sooner.
@@ -302,6 +322,7 @@ def test_every_web_process_answers_for_the_whole_deployment(
         "the same totals from both fronts",
         front,
     )  # fmt: skip
+    time.sleep(1.0)  # three intervals: every listener has every last snapshot
     # Each scrape is a new connection, taken by either process of the second front.
     answers = {
         (processes(got)["worker"], value(got, "chatqueue_requests_accepted_total"))
