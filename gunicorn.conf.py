@@ -8,10 +8,12 @@ from config.gunicorn import (
     keepalive,
     loglevel,
     on_starting,
+    post_worker_init,
     preload_app,
     timeout,
     worker_class,
     worker_connections,
+    worker_exit,
     workers,
 )
 
@@ -23,9 +25,11 @@ __all__ = [
     "keepalive",
     "loglevel",
     "on_starting",
+    "post_worker_init",
     "preload_app",
     "timeout",
     "worker_class",
     "worker_connections",
+    "worker_exit",
     "workers",
 ]

@@ -40,6 +40,7 @@ from kombu.message import Message
 from kombu.messaging import Consumer
 from kombu.mixins import ConsumerMixin
 
+from app import metrics
 from app.broker import (
     BROKER_ERRORS,
     accepted_exchange,
@@ -257,6 +258,9 @@ class Intake(ConsumerMixin):
         for r in reads:
             if r.request is not None:
                 logger.info("uid=%s: accepted", r.request.uid)
+                metrics.accepted()
+            elif r.error is not None:
+                metrics.dead_lettered(r.error.code)
 
     def read(self, message: Message) -> Read:
         try:

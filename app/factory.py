@@ -49,16 +49,26 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
             logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
     def warm_up(**_: Any) -> None:
-        """Make the process's LLM client and cancel listener before the first task."""
+        """Make the process's LLM client and cancel listener before the first task,
+        and start reporting its metrics."""
+        from app import metrics
         from tasks import cancel, llm
 
         llm.client(settings)
         cancel.listener(settings)
+        metrics.report(settings, "worker")
         # Celery keeps its (disabled) result backend per thread, so per greenlet:
         # without this, every apply_async of a request built a new one.
         task.backend = app.backend
 
+    def last_report(**_: Any) -> None:
+        from app import metrics
+
+        metrics.stop_reporting()
+
     signals.worker_process_init.connect(warm_up, weak=False)
+    signals.worker_process_shutdown.connect(last_report, weak=False)
+    signals.worker_shutdown.connect(last_report, weak=False)
     signals.worker_ready.connect(warm_up, weak=False)
     signals.after_setup_logger.connect(set_level, weak=False)
     signals.after_setup_task_logger.connect(set_level, weak=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
@@ -58,6 +59,11 @@ class ResponseStream:
         self.rid = rid
         self.seq = 0
         self.finished = False
+        # For the metrics: messages sent (restarts included), when the first
+        # went out (monotonic), the code of the error object sent.
+        self.sent = 0
+        self.first_sent: float | None = None
+        self.error_code = ""
 
     @property
     def started(self) -> bool:
@@ -71,6 +77,7 @@ class ResponseStream:
         self._send(payload, Kind.COMPLETION, JSON)
 
     def error(self, error_object: dict[str, Any], status: int) -> None:
+        self.error_code = str((error_object.get("error") or {}).get("code") or status)
         self._send(json.dumps(error_object), Kind.ERROR, JSON, status=status)
 
     def again(self) -> None:
@@ -107,3 +114,6 @@ class ResponseStream:
             },
         )
         self.seq += 1
+        self.sent += 1
+        if self.first_sent is None:
+            self.first_sent = time.monotonic()

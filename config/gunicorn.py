@@ -35,6 +35,20 @@ preload_app = False
 control_socket_disable = True
 
 
+def post_worker_init(worker: Any) -> None:
+    """Metrics: listen for every process's snapshots and send this one's, at once."""
+    from web.metrics import on_worker_start
+
+    on_worker_start(worker.wsgi)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Metrics: this process's last snapshot."""
+    from web.metrics import on_worker_exit
+
+    on_worker_exit()
+
+
 def on_starting(server: Any) -> None:
     """Raise the open-file limit: every stream holds a socket."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -218,6 +218,16 @@ class Settings:
         "600",
         "seconds the OpenAI drop-in waits for an answer to start before it answers 504",
     )
+    # Metrics (app/metrics.py, web/metrics.py).
+    metrics_interval: float = _env(
+        _seconds,
+        "5",
+        "seconds between two snapshots of a process's metrics on <ns>.metrics (GET /metrics "
+        "sums them)",
+    )
+    metrics_require_key: bool = _env(
+        _bool, "false", "with API_KEYS, GET /metrics needs a key too (else it is open)"
+    )
 
     @property
     def task_queue(self) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Reject
 
+from app import metrics
 from app.broker import Lane, dead_letter
 from app.errors import DuplicateRequest
 from app.lifecycle import Incarnation, Running, State, Verdict, check_transition
@@ -76,17 +77,21 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         return
     state = check_transition(state, State.STREAMING)
     finished = False
+    stream = ResponseStream(
+        _publisher(task.app.pools.lanes.next()),
+        request.reply_to or settings.response_queue(uid),
+        uid,
+        restart=restart,
+        rid=incarnation.rid,
+    )
+    figures = metrics.Answering(0.0 if restart else at)
+    outcome = ""  # requeued: counted when it is answered
     try:
-        stream = ResponseStream(
-            _publisher(task.app.pools.lanes.next()),
-            request.reply_to or settings.response_queue(uid),
-            uid,
-            restart=restart,
-            rid=incarnation.rid,
-        )
         if restart:
             logger.warning("uid=%s: redelivered; the answer starts again", uid)
-        finished = answer(stream, request, incarnation, settings)
+            metrics.restarted("redelivered")
+        finished = answer(stream, request, incarnation, settings, figures)
+        outcome = ("error" if stream.error_code else "answered") if finished else "cancelled"
         check_transition(state, State.ANSWERED if finished else State.CANCELLED)
     except PublishFailed as exc:
         # The broker is unreachable: give the request back to be answered later.
@@ -94,6 +99,7 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         raise Reject(exc, requeue=True) from exc
     finally:
         runs.end(incarnation, finished=finished)
+        figures.end(outcome, stream)
 
 
 def _drop_duplicate(task: Task, request: ChatRequest) -> None:
@@ -104,6 +110,7 @@ def _drop_duplicate(task: Task, request: ChatRequest) -> None:
     )
     error.uid = request.uid
     logger.warning("uid=%s: rejected (%s): %s", request.uid, error.code, error.message)
+    metrics.dead_lettered(error.code)
     try:
         with task.app.pools.confirmed.acquire(block=True) as producer:
             dead_letter(
@@ -119,9 +126,15 @@ def _drop_duplicate(task: Task, request: ChatRequest) -> None:
 
 
 def answer(
-    stream: ResponseStream, request: ChatRequest, incarnation: Incarnation, settings: Settings
+    stream: ResponseStream,
+    request: ChatRequest,
+    incarnation: Incarnation,
+    settings: Settings,
+    figures: metrics.Answering,
 ) -> bool:
-    """Stream the LLM's answer, or an error object, then ``[DONE]``; False if cancelled."""
+    """Stream the LLM's answer, or an error object, then ``[DONE]``; False if cancelled.
+
+    ``figures`` takes the LLM's time to its first payload and the tokens."""
     uid = request.uid
     cancels = cancel.listener(settings).cancels
     if cancels.cancelled(incarnation):
@@ -137,6 +150,8 @@ def answer(
                 with llm.stream(client, request) as payloads:
                     opened = True
                     for payload, chunk in payloads:
+                        if figures.llm_first is None:
+                            figures.llm_first = time.monotonic()
                         if cancels.cancelled(incarnation):
                             # Leaving the block closes the HTTP stream: the
                             # LLM stops generating.
@@ -144,9 +159,15 @@ def answer(
                             cancels.forget(incarnation)
                             return False
                         stream.chunk(payload)
-                        tokens = tokens or not _no_token(chunk)
+                        if _carries_token(chunk):
+                            tokens = True
+                            figures.tokens += 1
+                        elif not tokens:
+                            tokens = not _no_token(chunk)
             else:
-                stream.completion(llm.complete(client, request))
+                completion = llm.complete(client, request)
+                figures.llm_first = time.monotonic()
+                stream.completion(completion)
         except PublishFailed:
             raise
         except Exception as exc:
@@ -162,6 +183,7 @@ def answer(
                     exc,
                     delay,
                 )
+                metrics.retried_stream(restarts=stream.started)
                 time.sleep(delay)
                 if stream.started:
                     stream.again()
@@ -193,3 +215,12 @@ def _no_token(chunk: dict[str, Any]) -> bool:
         and c.get("finish_reason") is None
         for c in choices
     )
+
+
+def _carries_token(chunk: dict[str, Any]) -> bool:
+    """A chunk with content or a tool call (one token, from most LLM servers)."""
+    for choice in chunk.get("choices") or []:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls")):
+            return True
+    return False

@@ -32,6 +32,7 @@ import openai
 from openai._streaming import SSEDecoder  # the SDK's own SSE parser
 
 from app.errors import UpstreamError, error_object
+from app.metrics import on_llm_request, on_llm_response
 from app.request import ChatRequest
 from config import Settings
 
@@ -88,6 +89,8 @@ def _new_client(settings: Settings, connections: int, tls: ssl.SSLContext) -> op
             limits=httpx2.Limits(
                 max_connections=connections, max_keepalive_connections=connections
             ),
+            # Every response by status, and the SDK's retries (app/metrics.py).
+            event_hooks={"request": [on_llm_request], "response": [on_llm_response]},
         ),
     )
 

@@ -46,16 +46,18 @@ def may_read(uid: str) -> bool:
     return key is not None and owned_by(uid, key)
 
 
-def init_auth(app: Flask, api_keys: frozenset[str]) -> None:
-    """Refuse, before any route runs, a request without a valid key."""
+def init_auth(app: Flask, api_keys: frozenset[str], public: frozenset[str] = frozenset()) -> None:
+    """Refuse, before any route runs, a request without a valid key (but on
+    ``PUBLIC_ENDPOINTS`` and ``public``)."""
     app.config["CHATQUEUE_API_KEYS"] = bool(api_keys)
     if not api_keys:
         return
+    public = PUBLIC_ENDPOINTS | public
     digests = [hashlib.sha256(k.encode("utf-8")).digest() for k in api_keys]
 
     @app.before_request
     def require_key() -> None:
-        if request.endpoint in PUBLIC_ENDPOINTS:
+        if request.endpoint in public:
             return
         key = presented_key()
         if key is None:

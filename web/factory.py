@@ -10,6 +10,7 @@ from config import Settings, load_settings
 from web import health, openai_compat, playground, sse, submit
 from web.auth import init_auth
 from web.errors import register_error_handlers
+from web.metrics import init_metrics, public_endpoints
 from web.services import EXTENSION, Services
 from web.ws import init_ws
 
@@ -32,8 +33,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[EXTENSION] = Services(settings)
     register_error_handlers(app)
-    init_auth(app, settings.api_keys)
+    init_auth(app, settings.api_keys, public_endpoints(settings))
     for blueprint in (health.bp, submit.bp, sse.bp, openai_compat.bp, playground.bp):
         app.register_blueprint(blueprint)
     init_ws(app)
+    init_metrics(app, settings)
     return app

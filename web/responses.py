@@ -30,6 +30,7 @@ from typing import Any
 
 import gevent
 
+from app import metrics
 from app.broker import request_cancel
 from app.errors import BrokerUnavailable
 from web.client import ClientGone, ClientWatch
@@ -114,6 +115,7 @@ class Answer:
         self._left_at = 0.0
         self._closed = False
         self._watch = ClientWatch(environ, self._on_gone) if environ is not None else None
+        metrics.recorder().web_streams.inc()
 
     def _on_gone(self) -> None:
         self._gone = True
@@ -247,6 +249,7 @@ class Answer:
         if self._closed:
             return True
         self._closed = True
+        metrics.recorder().web_streams.dec()
         if self._watch is not None:
             self._watch.stop()
         return False

@@ -1,0 +1,43 @@
+"""Metrics across a broker restart, on a RabbitMQ node of the tests' own
+(tests/brokers.py): the exchange of the snapshots is not durable, and every
+process finds it again, so the counts go on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.rabbitnode import RabbitNode
+from tests.conftest import WebFactory
+from tests.test_durability import isolated
+from tests.test_metrics import chat, processes, scrape, stream, submit, value, wait_for
+
+pytest_plugins = ["tests.brokers"]
+
+
+def test_counts_go_on_after_a_broker_restart(
+    rabbit_node: RabbitNode,
+    start_web: WebFactory,
+    start_worker: Any,
+    worker_env: dict[str, str],
+    names: dict[str, str],
+) -> None:
+    env = {
+        **isolated(worker_env, names, "private-metrics"),
+        "RABBITMQ_URL": rabbit_node.url,
+        "METRICS_INTERVAL": "0.3",
+    }
+    start_worker("private-metrics", env=env)
+    web = start_web("private-metrics", env=env)
+
+    def accepted() -> float:
+        return value(scrape(web), "chatqueue_requests_accepted_total")
+
+    assert stream(web, submit(web, chat())).events[-1].data == "[DONE]"
+    wait_for(lambda: accepted() == 1, "one request counted", web)
+
+    rabbit_node.restart_app()
+
+    wait_for(lambda: processes(scrape(web)) == {"worker": 1, "web": 1}, "both report", web, 90)
+    assert stream(web, submit(web, chat()), timeout=60).events[-1].data == "[DONE]"
+    wait_for(lambda: accepted() == 2, "two requests counted", web, 60)
+    assert value(scrape(web), "chatqueue_requests_total", outcome="answered", code="") == 2
