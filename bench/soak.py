@@ -69,6 +69,7 @@ class Answer:
     """One request of a client, and what it read of its answer."""
 
     prompt: str
+    sent: float = math.nan  # seconds into the soak
     uid: str = ""
     events: list[Event] = field(default_factory=list)
     dones: int = 0
@@ -111,6 +112,7 @@ class Soak:
         self.queues: dict[str, list[str]] = {}
         self.marks: list[tuple[float, str]] = []
         self.port = free_port()
+        self.started = time.monotonic()
 
     # --- processes ------------------------------------------------------------------------
 
@@ -238,7 +240,7 @@ class Soak:
     async def client(self, n: int, end: float) -> None:
         turn = 0
         while time.monotonic() < end:
-            answer = Answer(f"soak {n}.{turn}")
+            answer = Answer(f"soak {n}.{turn}", time.monotonic() - self.started)
             self.answers.append(answer)
             turn += 1
             try:
@@ -260,7 +262,7 @@ class Soak:
         os.kill(self.web.pid, signal.SIGHUP)
 
     async def drive(self) -> None:
-        start = time.monotonic()
+        start = self.started = time.monotonic()
         end = start + self.seconds
         clients = [self.client(n, end) for n in range(self.streams)]
         await asyncio.gather(self.events(start), *clients)
@@ -285,6 +287,12 @@ class Soak:
             ["reads that met a 503", sum(a.waits for a in accepted)],
         ]
         say(format_table(rows, ["", "count"]))
+        if broken:
+            minutes = Counter(int(a.sent // 30) * 30 for a in broken)
+            say(
+                "  sent at (s into the soak): "
+                + ", ".join(f"{t}-{t + 30}: {c}" for t, c in sorted(minutes.items()))
+            )
         for answer in broken[:5]:
             say(
                 f"  not whole: {answer.uid} {answer.error} dones={answer.dones} "

@@ -8,6 +8,11 @@ the intake names the uids of each batch it accepted on the fanout exchange
 own, in a greenlet), and :meth:`Accepted.wait` wakes the readers of those
 uids. A slow look every second covers a notice missed while the listener
 reconnected.
+
+``WEB_ACCEPT_WAIT`` counts the time a request could have been accepted in: it
+starts again when RabbitMQ was away (nothing is accepted then), and it goes
+on while the input queue holds a backlog (the request may be in it), for up
+to ``WEB_RECONNECT_TIMEOUT`` more.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from kombu.message import Message
 from kombu.mixins import ConsumerMixin
 
 from app.broker import accepted_exchange
+from app.errors import BrokerUnavailable
 from config import Settings
 from web.errors import UnknownStream
 
@@ -68,23 +74,38 @@ class Accepted(ConsumerMixin):
                 self._started = True
                 threading.Thread(target=self.run, name="chatqueue-accepted", daemon=True).start()
 
-    def wait(self, uid: str, timeout: float, look: Callable[[], T]) -> T:
+    def wait(
+        self,
+        uid: str,
+        timeout: float,
+        look: Callable[[], T],
+        backlog: Callable[[], bool] = lambda: False,
+    ) -> T:
         """``look()`` until it stops raising :class:`UnknownStream`: once now,
         then each time ``uid`` is accepted (or every LOOK_AGAIN seconds), for
-        up to ``timeout`` seconds."""
+        up to ``timeout`` seconds of a broker that takes requests; longer
+        while ``backlog()`` says the input queue has requests waiting (see
+        the module)."""
         self.start()
         event = Event()
-        deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        deadline = now + timeout
+        limit = deadline + self.settings.web_reconnect_timeout
         try:
             while True:
                 self._waiting[uid].add(event)  # before the look: no notice is missed
                 try:
                     return look()
                 except UnknownStream:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    now = time.monotonic()
+                    if now >= limit or (now >= deadline and not backlog()):
                         raise
-                event.wait(timeout=min(LOOK_AGAIN, remaining))
+                except BrokerUnavailable:
+                    now = time.monotonic()
+                    if now >= limit:
+                        raise
+                    deadline = max(deadline, min(now + timeout, limit))
+                event.wait(timeout=min(LOOK_AGAIN, max(0.0, limit - now)))
                 event.clear()
         finally:
             events = self._waiting.get(uid)

@@ -33,6 +33,7 @@ use, after gunicorn's fork and gevent's monkey-patching.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ CONNECT_TIMEOUT = 5.0
 # Once a frame has begun to arrive, the rest of it comes within this time or
 # the link is taken for dead.
 FRAME_TIMEOUT = 10.0
+# Seconds the input queue's backlog is taken as known (readers waiting for a
+# response queue ask for it).
+BACKLOG_CACHE = 1.0
 # Messages of one stream taken from RabbitMQ ahead of its reader.
 READ_AHEAD = 64
 # Messages written to a client and still kept in RabbitMQ (unacknowledged):
@@ -412,6 +416,8 @@ class Router:
         self._opening = Semaphore()
         self._count = 0
         self.accepted = Accepted(settings)
+        self._backlog = False
+        self._backlog_at = -BACKLOG_CACHE
 
     def open(self, uid: str, wait: float = 0.0) -> Stream:
         """A :class:`Stream` of ``response_<uid>``; a queue that does not exist
@@ -422,8 +428,23 @@ class Router:
         :class:`BrokerUnavailable` (503).
         """
         if wait > 0:
-            return self.accepted.wait(uid, wait, lambda: self._open(uid))
+            return self.accepted.wait(uid, wait, lambda: self._open(uid), self.backlog)
         return self._open(uid)
+
+    def backlog(self) -> bool:
+        """Whether the input queue has requests waiting for a worker (asked
+        of the broker at most every BACKLOG_CACHE seconds, for all readers)."""
+        now = time.monotonic()
+        if now - self._backlog_at >= BACKLOG_CACHE:
+            self._backlog_at = now
+            try:
+                link = self._link()
+                with link.locked():
+                    ok = link.admin.queue_declare(self.settings.rabbitmq_queue, passive=True)
+                self._backlog = ok.message_count > 0
+            except (LinkDown, BrokerUnavailable, ChannelError):
+                self._backlog = False
+        return self._backlog
 
     def _open(self, uid: str) -> Stream:
         for attempt in (1, 2):
