@@ -59,6 +59,13 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _non_negative_seconds(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError("must be a number of seconds, 0 or more")
+    return value
+
+
 def _log_level(raw: str) -> str:
     value = raw.strip().lower()
     if value not in LOG_LEVELS:
@@ -136,6 +143,12 @@ class Settings:
     )
     confirm_chunks: bool = _env(
         _bool, "false", "wait for the broker's confirm of every streamed chunk (slower)"
+    )
+    worker_shutdown_grace: float = _env(
+        _non_negative_seconds,
+        "30",
+        "seconds a worker's streams in flight may go on after SIGTERM (warm shutdown); "
+        "those still running then are handed back, to be answered again by another worker",
     )
     log_level: str = _env(_log_level, "info", "debug, info, warn or error")
     port: int = _env(_positive_int, "8080", "port of the web front")
