@@ -177,6 +177,12 @@ class Settings:
         "seconds GET /v1/chat/response waits for the response queue of a uid the web front "
         "issued (a worker declares it when it accepts the request) before it answers 404",
     )
+    web_publish_timeout: float = _env(
+        _seconds,
+        "10",
+        "seconds the web front waits for RabbitMQ to confirm a submitted request before it "
+        "answers 503 (RabbitMQ holds publishes during a memory or disk alarm)",
+    )
     web_answer_timeout: float = _env(
         _seconds,
         "600",
