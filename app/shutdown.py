@@ -1,7 +1,9 @@
 """A worker's warm shutdown (SIGTERM): finish what can be finished, hand back the rest.
 
-Celery's own warm shutdown cancels the worker's task consumer and then waits
-for every running task, with no bound (the gevent pool's ``join()``). A
+Celery's own warm shutdown cancels the worker's task consumer (after its
+loop's next cycle: about 3 s) and then waits for every running task, with
+no bound (the gevent pool's ``join()``), while the intake, a step Celery
+stops after the pool, goes on taking requests. A
 stream from a slow LLM can run for minutes, and whatever stops the process
 after its own timeout (systemd, Kubernetes) kills it then: its requests are
 delivered again, as after a crash, but only after that wait. chatqueue bounds
@@ -9,7 +11,9 @@ the wait:
 
 - the intake lets go of the input queue at once (app/consumer.py); what it
   had not yet handed off goes back to the queue unacknowledged;
-- the streams in flight go on for ``WORKER_SHUTDOWN_GRACE`` seconds;
+- the streams in flight go on for ``WORKER_SHUTDOWN_GRACE`` seconds (a task
+  message handed back before Celery cancelled the task consumer may come
+  back to this worker: it is handed back again at once, before any answer);
 - a stream still running then stops between two chunks (its LLM call is
   closed) and its task message is rejected back to the queue: nothing was
   acknowledged, so RabbitMQ delivers it to another worker, which answers the
