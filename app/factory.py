@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
 
         llm.client(settings)
         cancel.listener(settings)
+        logs.quiet_hub()
         # Celery keeps its (disabled) result backend per thread, so per greenlet:
         # without this, every apply_async of a request built a new one.
         task.backend = app.backend
