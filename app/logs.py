@@ -98,7 +98,11 @@ def quiet_hub() -> None:
 
     def print_exception(context: Any, kind: Any, value: Any, tb: Any) -> None:
         if isinstance(value, CONNECTION_LOST):
-            logger.warning("%r ended: connection to RabbitMQ lost (%r)", context, value)
+            logger.warning(
+                "a greenlet ended as its connection to RabbitMQ was lost (%r): %r",
+                context,
+                value,
+            )
             return
         loud(context, kind, value, tb)
 
