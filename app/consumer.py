@@ -34,7 +34,7 @@ from typing import Any
 
 import amqp
 from amqp.exceptions import PreconditionFailed
-from celery import bootsteps
+from celery import bootsteps, signals
 from kombu import Connection, Producer
 from kombu.message import Message
 from kombu.messaging import Consumer
@@ -89,6 +89,15 @@ class RequestConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         self.thread = threading.Thread(target=self.intake.serve, name="chatqueue-intake")
         self.thread.daemon = True
         self.thread.start()
+        # Celery stops this step only after its pool has run dry: on SIGTERM
+        # the intake lets go of the input queue at once instead (app/shutdown.py).
+        signals.worker_shutting_down.connect(self.on_shutting_down, weak=False)
+
+    def on_shutting_down(self, **_: Any) -> None:
+        """From the signal handler: only a flag, which the intake's loop reads
+        within IDLE_WAIT."""
+        if self.intake is not None:
+            self.intake.should_stop = True
 
     def stop(self, w: Any) -> None:
         if self.intake is not None:
@@ -177,6 +186,7 @@ class Intake(ConsumerMixin):
                 logger.exception("intake: unexpected error; reconnecting")
             self.pending = []  # not committed: the broker delivers them again
             time.sleep(RECONNECT_PAUSE)
+        logger.info("intake: stopped; no new requests from %s", self.settings.rabbitmq_queue)
 
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
         logger.warning("intake: RabbitMQ unreachable (%r); next try in %.1f s", exc, interval)

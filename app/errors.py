@@ -5,6 +5,7 @@
     │   ├── BodyTooLarge           over MAX_BODY_BYTES (413)
     │   └── DuplicateRequest       the uid is already taken by another request (409)
     ├── BrokerUnavailable          RabbitMQ cannot be reached (503)
+    │   └── BrokerBlocked          RabbitMQ blocks publishing: a memory or disk alarm (503)
     └── UpstreamError              the LLM server failed; carries its status
 
 Each one turns into an OpenAI error object at the edges only (the worker's
@@ -75,6 +76,13 @@ class BrokerUnavailable(ChatqueueError):
     status = 503
     type = "service_unavailable"
     code = "broker_unavailable"
+
+
+class BrokerBlocked(BrokerUnavailable):
+    """RabbitMQ blocks publishing (a memory or disk alarm), or did not confirm a
+    publish in time; asking again later is the fix."""
+
+    code = "broker_blocked"
 
 
 class UpstreamError(ChatqueueError):

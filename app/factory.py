@@ -7,7 +7,9 @@ from typing import Any
 
 from celery import Celery, signals
 
+from app import logs
 from app.broker import Pools
+from app.shutdown import warm_shutdown
 from app.tasknames import STREAM_CHAT
 from config import Settings, load_settings
 from config.celery import celery_config
@@ -39,6 +41,7 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
     )(stream_chat)
     app.steps["worker"].add(RequestConsumer)
     app.steps["consumer"].add(BufferedTaskEvents)
+    logs.install()
 
     level = logging.getLevelName(settings.log_level.upper())
 
@@ -57,6 +60,7 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
         llm.client(settings)
         cancel.listener(settings)
         metrics.report(settings, "worker")
+        logs.quiet_hub()
         # Celery keeps its (disabled) result backend per thread, so per greenlet:
         # without this, every apply_async of a request built a new one.
         task.backend = app.backend
@@ -66,6 +70,13 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
 
         metrics.stop_reporting()
 
+    def on_shutting_down(how: str = "", **_: Any) -> None:
+        """SIGTERM: the grace of the streams in flight starts now (app/shutdown.py).
+        A cold shutdown (SIGQUIT) is Celery's: it cancels them at once."""
+        if how == "Warm":
+            warm_shutdown.begin(settings.worker_shutdown_grace)
+
+    signals.worker_shutting_down.connect(on_shutting_down, weak=False)
     signals.worker_process_init.connect(warm_up, weak=False)
     signals.worker_process_shutdown.connect(last_report, weak=False)
     signals.worker_shutdown.connect(last_report, weak=False)

@@ -11,6 +11,9 @@ A uid is followed from the input queue to ``[DONE]`` like this::
        |---> ANSWERED   [DONE] after the answer or an error object
        |---> CANCELLED  the reader left: Cancels holds this incarnation
        |---> DROPPED    another incarnation of the uid is streaming in this process
+       |---> HANDED_BACK the worker's warm shutdown ran out of grace: the task
+       |                message is rejected back to the queue, unacknowledged, and
+       |                another worker answers it again as below (app/shutdown.py)
        '---> (the worker died) the task message comes back: STREAMING again, as a
              restart of the same rid (``restart: true``, seq from 0)
 
@@ -63,17 +66,24 @@ class State(StrEnum):
     ANSWERED = "answered"
     CANCELLED = "cancelled"
     DROPPED = "dropped"
+    HANDED_BACK = "handed_back"
 
 
 # Allowed transitions; anything else is a bug (:class:`IllegalTransition`).
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.SUBMITTED: frozenset({State.HANDED_OFF}),
-    State.HANDED_OFF: frozenset({State.STREAMING, State.DROPPED, State.CANCELLED}),
+    State.HANDED_OFF: frozenset(
+        {State.STREAMING, State.DROPPED, State.CANCELLED, State.HANDED_BACK}
+    ),
     # STREAMING -> STREAMING: the worker died and the task came back (restart).
-    State.STREAMING: frozenset({State.STREAMING, State.ANSWERED, State.CANCELLED, State.DROPPED}),
+    State.STREAMING: frozenset(
+        {State.STREAMING, State.ANSWERED, State.CANCELLED, State.DROPPED, State.HANDED_BACK}
+    ),
     State.ANSWERED: frozenset(),
     State.CANCELLED: frozenset(),
     State.DROPPED: frozenset(),
+    # In this process; the task message it gave back is another worker's now.
+    State.HANDED_BACK: frozenset(),
 }
 
 

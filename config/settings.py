@@ -83,6 +83,13 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _non_negative_seconds(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError("must be a number of seconds, 0 or more")
+    return value
+
+
 def _log_level(raw: str) -> str:
     value = raw.strip().lower()
     if value not in LOG_LEVELS:
@@ -174,6 +181,12 @@ class Settings:
     confirm_chunks: bool = _env(
         _bool, "false", "wait for the broker's confirm of every streamed chunk (slower)"
     )
+    worker_shutdown_grace: float = _env(
+        _non_negative_seconds,
+        "30",
+        "seconds a worker's streams in flight may go on after SIGTERM (warm shutdown); "
+        "those still running then are handed back, to be answered again by another worker",
+    )
     log_level: str = _env(_log_level, "info", "debug, info, warn or error")
     port: int = _env(_positive_int, "8080", "port of the web front")
     api_keys: frozenset[str] = _env(
@@ -213,6 +226,12 @@ class Settings:
         "60",
         "seconds a web stream waits for RabbitMQ to come back when its connection breaks, "
         "before it ends with an error (the answer stays in its queue)",
+    )
+    web_publish_timeout: float = _env(
+        _seconds,
+        "10",
+        "seconds the web front waits for RabbitMQ to confirm a submitted request before it "
+        "answers 503 (RabbitMQ holds publishes during a memory or disk alarm)",
     )
     web_answer_timeout: float = _env(
         _seconds,

@@ -21,6 +21,7 @@ from app.errors import DuplicateRequest
 from app.lifecycle import Incarnation, Running, State, Verdict, check_transition
 from app.protocol import Publish, ResponseStream
 from app.request import ChatRequest
+from app.shutdown import HandBack, warm_shutdown
 from config import Settings
 from tasks import cancel, llm
 
@@ -97,6 +98,14 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         # The broker is unreachable: give the request back to be answered later.
         logger.error("uid=%s: cannot publish the answer (%s); requeued", uid, exc)
         raise Reject(exc, requeue=True) from exc
+    except HandBack as exc:
+        # Unacknowledged, the task message goes back to the queue, and another
+        # worker answers it again from the start, marked restart.
+        check_transition(state, State.HANDED_BACK)
+        logger.warning(
+            "uid=%s: handed back after %d messages (warm shutdown, grace over)", uid, stream.seq
+        )
+        raise Reject("warm shutdown", requeue=True) from exc
     finally:
         runs.end(incarnation, finished=finished)
         figures.end(outcome, stream)
@@ -140,6 +149,8 @@ def answer(
     if cancels.cancelled(incarnation):
         logger.info("uid=%s: cancelled before it started", uid)
         return False
+    if warm_shutdown.due():
+        raise HandBack
     client = llm.client(settings)
     started = time.monotonic()
     for attempt in range(settings.llm_max_retries + 1):
@@ -158,6 +169,8 @@ def answer(
                             logger.info("uid=%s: cancelled after %d chunks", uid, stream.seq)
                             cancels.forget(incarnation)
                             return False
+                        if warm_shutdown.due():
+                            raise HandBack  # leaving the block closes the HTTP stream
                         stream.chunk(payload)
                         if _carries_token(chunk):
                             tokens = True
@@ -168,7 +181,7 @@ def answer(
                 completion = llm.complete(client, request)
                 figures.llm_first = time.monotonic()
                 stream.completion(completion)
-        except PublishFailed:
+        except (PublishFailed, HandBack):
             raise
         except Exception as exc:
             # The SDK already retried what failed before the stream opened; a

@@ -14,7 +14,7 @@ def test_the_path_of_a_request_is_allowed() -> None:
     assert state is State.ANSWERED
 
 
-@pytest.mark.parametrize("end", [State.ANSWERED, State.CANCELLED, State.DROPPED])
+@pytest.mark.parametrize("end", [State.ANSWERED, State.CANCELLED, State.DROPPED, State.HANDED_BACK])
 def test_an_ended_request_goes_nowhere(end: State) -> None:
     assert TRANSITIONS[end] == frozenset()
     with pytest.raises(IllegalTransition, match=f"from {end} to streaming"):

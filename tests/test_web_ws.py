@@ -123,3 +123,37 @@ def test_api_keys_on_the_websocket(keyed_web: Web) -> None:
         ws.send(request("Say hello."))
         assert content_of(receive_all(ws)) == "Hello!"
         ws.close()
+
+
+def close_code(ws: websocket.WebSocket) -> tuple[int, str]:
+    """Read until the server's close frame: its status code and reason."""
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return int.from_bytes(data[:2], "big"), data[2:].decode()
+
+
+def test_a_frame_over_max_body_bytes_closes_the_socket_1009(web: Web) -> None:
+    ws = websocket.create_connection(ws_url(web), timeout=30)
+    ws.send("x" * (1048576 + 1))  # MAX_BODY_BYTES + 1
+    assert close_code(ws)[0] == 1009
+    ws.shutdown()
+
+
+def test_frames_sent_ahead_of_their_answers_are_bounded_1008(web: Web) -> None:
+    """A client that sends while its answer streams may be a few frames ahead;
+    beyond, the web process does not hold more of them: it closes the socket."""
+    ws = websocket.create_connection(ws_url(web), timeout=30)
+    ws.send(request("a long answer", model="m;delay=0.2;tokens=50"))
+    assert ws.recv() != "[DONE]"  # the answer streams...
+    for i in range(12):  # ...and the client sends more than 8 frames meanwhile
+        ws.send(request(f"ahead {i}"))
+    code, reason = close_code(ws)
+    assert code == 1008, reason
+    assert "frames" in reason
+    ws.shutdown()
+    # The process goes on serving others.
+    other = websocket.create_connection(ws_url(web), timeout=30)
+    other.send(request("Say hello."))
+    assert content_of(receive_all(other)) == "Hello!"
+    other.close()

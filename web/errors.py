@@ -2,7 +2,7 @@
 
     app.errors.ChatqueueError
     ├── RequestError (400), BodyTooLarge (413), DuplicateRequest (409)
-    ├── BrokerUnavailable (503)
+    ├── BrokerUnavailable (503), BrokerBlocked (503)
     └── (here)
         ├── Unauthorized     no or a wrong API key (401)
         ├── UnknownStream    no response queue for this uid, or not this key's (404)
@@ -10,7 +10,9 @@
         └── AnswerTimeout    no answer began within WEB_ANSWER_TIMEOUT (504)
 
 Every error leaves as an OpenAI error object with its status code, so the
-openai SDK raises its own exception classes for them.
+openai SDK raises its own exception classes for them. A 503 carries
+``Retry-After``: the broker is down or blocked for a while, and a client that
+retries at once only adds to the load.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from werkzeug.exceptions import HTTPException
 from app.errors import ChatqueueError, error_object
 
 logger = logging.getLogger(__name__)
+
+# Seconds a client should wait before it tries a 503 again.
+RETRY_AFTER_SECONDS = 5
 
 
 class Unauthorized(ChatqueueError):
@@ -62,7 +67,9 @@ def error_response(
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ChatqueueError)
     def chatqueue_error(exc: ChatqueueError) -> Response:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if exc.status == 503:
+            headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return error_response(exc.to_error_object(), exc.status, headers)
 
     @app.errorhandler(HTTPException)

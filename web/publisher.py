@@ -28,6 +28,17 @@ client's connection is the answer's).
 A broken connection fails every waiting submission and every reply stream
 with :class:`BrokerUnavailable` (the route's retry takes a new connection);
 nothing connects at import time.
+
+During a memory or disk alarm RabbitMQ stops reading from connections that
+publish, and tells them so (``connection.blocked``, then
+``connection.unblocked``): while blocked, a submission is refused at once
+with :class:`BrokerBlocked` (503 and ``Retry-After``) instead of waiting
+for a confirm that comes only when the alarm clears. A confirm that does not
+come within ``WEB_PUBLISH_TIMEOUT`` (the publish that made the broker block
+this connection, say) is a 503 too, not a hang; RabbitMQ only says it
+blocks a connection once it published during the alarm, and the
+submissions then awaiting a confirm are answered 503 at once. Such a
+request may still be answered when the alarm clears.
 """
 
 from __future__ import annotations
@@ -36,18 +47,17 @@ import logging
 from typing import Any
 
 import amqp
+import gevent
 from amqp.exceptions import NotFound
 from gevent.event import AsyncResult
 
 from app.broker import response_queue_arguments
-from app.errors import BrokerUnavailable
+from app.errors import BrokerBlocked, BrokerUnavailable
 from config import Settings
 from web.router import LINK_ERRORS, Delivery, Inbox, SharedConnection
 
 logger = logging.getLogger(__name__)
 
-# Seconds a submission waits for the broker's confirm before it is 503.
-CONFIRM_TIMEOUT = 30.0
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
@@ -86,6 +96,10 @@ class Publisher(SharedConnection):
         self.channel.events["basic_nack"].add(self._on_nack)
         self._next_tag = 1
         self._waiting: dict[int, AsyncResult[bool]] = {}
+        # Why RabbitMQ blocks this connection (a resource alarm), or None.
+        self.blocked: str | None = None
+        self.amqp.on_blocked = self._on_blocked
+        self.amqp.on_unblocked = self._on_unblocked
         self.start_reading()
 
     def submit(
@@ -97,8 +111,7 @@ class Publisher(SharedConnection):
         settings = self.settings
         replies: Replies | None = None
         with self.lock:
-            if self.error is not None:
-                raise BrokerUnavailable(f"the connection to RabbitMQ was lost: {self.error}")
+            self._check_open()
             result: AsyncResult[bool] = AsyncResult()
             if reply:
                 replies = self._replies[uid] = Replies(self, uid)
@@ -126,11 +139,21 @@ class Publisher(SharedConnection):
             except LINK_ERRORS as exc:
                 self.fail(exc)
                 raise BrokerUnavailable(f"RabbitMQ cannot be reached: {exc}") from exc
-            self._waiting[self._next_tag] = result
+            tag = self._next_tag
+            self._waiting[tag] = result
             self._next_tag += 1
         try:
-            if not result.get(timeout=CONFIRM_TIMEOUT):
+            if not result.get(timeout=settings.web_publish_timeout):
                 raise BrokerUnavailable("RabbitMQ refused the request (nack); try again later")
+        except gevent.Timeout:
+            self._waiting.pop(tag, None)
+            if replies is not None:
+                self.forget(replies)
+            raise BrokerBlocked(
+                f"RabbitMQ did not confirm the request within {settings.web_publish_timeout:g} s "
+                "(WEB_PUBLISH_TIMEOUT); it may be blocked by a memory or disk alarm. Try again "
+                "later (the request may still be answered when the broker takes it)"
+            ) from None
         except BaseException:
             if replies is not None:
                 self.forget(replies)
@@ -151,21 +174,67 @@ class Publisher(SharedConnection):
         """Whether queue ``name`` exists (asked on a channel of its own: a missing
         queue closes the channel it is asked on)."""
         with self.lock:
-            if self.error is not None:
-                raise BrokerUnavailable(f"the connection to RabbitMQ was lost: {self.error}")
+            self._check_open()
             try:
-                channel = self.amqp.channel()
-                try:
-                    channel.queue_declare(queue=name, passive=True)
-                except NotFound:
-                    return False
-                finally:
-                    if channel.is_open:
-                        channel.close()
+                # A blocked connection is not read by the broker: bound the wait.
+                with gevent.Timeout(self.settings.web_publish_timeout):
+                    return self._ask_exists(name)
+            except gevent.Timeout as exc:
+                self.fail(exc)  # a call cut off half way: the connection is no good
+                raise BrokerBlocked(
+                    "RabbitMQ did not answer within "
+                    f"{self.settings.web_publish_timeout:g} s (WEB_PUBLISH_TIMEOUT); "
+                    "it may be blocked by a memory or disk alarm. Try again later"
+                ) from None
             except LINK_ERRORS as exc:
                 self.fail(exc)
                 raise BrokerUnavailable(f"RabbitMQ cannot be reached: {exc}") from exc
-            return True
+
+    def _ask_exists(self, name: str) -> bool:
+        channel = self.amqp.channel()
+        try:
+            channel.queue_declare(queue=name, passive=True)
+        except NotFound:
+            return False
+        finally:
+            if channel.is_open:
+                channel.close()
+        return True
+
+    def _check_open(self) -> None:
+        """Refuse at once what cannot be published now (under the lock)."""
+        if self.error is not None:
+            raise BrokerUnavailable(f"the connection to RabbitMQ was lost: {self.error}")
+        if self.blocked is not None:
+            raise BrokerBlocked(
+                f"RabbitMQ is not taking requests now ({self.blocked}: a memory or disk "
+                "alarm); try again later"
+            )
+
+    def _on_blocked(self, reason: str) -> None:
+        """RabbitMQ says so once this connection publishes during an alarm: the
+        confirms awaited now come only when it clears, so they are 503 now."""
+        waiting, self._waiting = self._waiting, {}
+        logger.warning(
+            "publisher: RabbitMQ blocks publishing (%s); submissions are 503, "
+            "%d awaiting a confirm included",
+            reason,
+            len(waiting),
+        )
+        self.blocked = reason or "connection blocked"
+        for result in waiting.values():
+            result.set_exception(
+                BrokerBlocked(
+                    "RabbitMQ stopped taking requests (a memory or disk alarm) before it "
+                    "confirmed this one; try again later (this request may still be answered "
+                    "when the alarm clears)"
+                )
+            )
+
+    def _on_unblocked(self) -> None:
+        if self.blocked is not None:
+            logger.info("publisher: RabbitMQ takes requests again")
+        self.blocked = None
 
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, True)

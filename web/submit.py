@@ -11,7 +11,8 @@ input queue exactly as any client does, so the intake accepts it:
    another request's answer lives there;
 3. the request, persistent, confirmed by the broker before the client hears
    202, through the process's :class:`~web.publisher.Publisher`: one round
-   trip, shared with every submission in flight. The response queue of a
+   trip, shared with every submission in flight (503 at once while a
+   memory or disk alarm blocks publishing). The response queue of a
    fresh uid is declared by the worker that accepts the request (a reader
    waits for it, ``WEB_ACCEPT_WAIT``); that of a uid the client chose is
    declared with the request, so that a duplicate finds it at once.
@@ -28,7 +29,13 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, url_for
 
-from app.errors import BodyTooLarge, BrokerUnavailable, DuplicateRequest, RequestError
+from app.errors import (
+    BodyTooLarge,
+    BrokerBlocked,
+    BrokerUnavailable,
+    DuplicateRequest,
+    RequestError,
+)
 from app.lifecycle import new_uid, owned_by
 from app.request import ChatRequest, decode_body, parse_request
 from web.auth import current_key
@@ -110,6 +117,11 @@ def _submit(
             # the client chose is declared now, so a duplicate sees it at once.
             replies = publisher.submit(uid, raw, declare=chosen and not reading, reply=reading)
             break
+        except BrokerBlocked as exc:
+            # Not again: the broker is short of memory or disk (and a publish
+            # that was not confirmed in time may yet be taken: no second copy).
+            logger.warning("uid=%s: %s", uid, exc)
+            raise
         except BrokerUnavailable as exc:
             # Most often a connection that died with the broker (a restart):
             # once more, on a new one.

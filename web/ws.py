@@ -28,6 +28,7 @@ from web.auth import current_key
 from web.responses import Answer
 from web.services import services
 from web.submit import submit_and_read
+from web.ws_limits import bound_waiting_frames
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def init_ws(app: Flask, sock: Sock | None = None) -> Sock:
     sock = sock or Sock(app)
 
     def chat(ws: Any) -> None:
+        bound_waiting_frames(ws)  # a client that floods the socket is closed (1008)
         try:
             serve(ws)
         except ConnectionClosed:

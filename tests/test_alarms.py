@@ -1,0 +1,83 @@
+"""A broker resource alarm (memory or disk) on a RabbitMQ node of the tests' own
+(tests/brokers.py): RabbitMQ blocks publishing connections, and the web front
+answers its submissions 503 with ``Retry-After`` at once instead of hanging;
+the worker waits it out, losing nothing; when the alarm clears, everything
+goes on."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from bench.rabbitnode import RabbitNode
+from tests.conftest import WebFactory, new_uid
+from tests.support import Web, fetch
+from tests.test_durability import isolated
+from tests.test_web import chat, error_of, expected, stream, submit
+
+pytest_plugins = ["tests.brokers"]
+
+# Seconds a refused submission may take.
+PROMPT_REFUSAL = 3.0
+
+
+def refused(web: Web, path: str, body: dict[str, Any]) -> None:
+    """``POST path`` is 503, with ``Retry-After``, within PROMPT_REFUSAL seconds."""
+    started = time.monotonic()
+    status, headers, raw = fetch("POST", web.url + path, body, timeout=60)
+    took = time.monotonic() - started
+    assert status == 503, raw
+    assert error_of(raw)["code"] == "broker_blocked", raw
+    assert int(headers["Retry-After"]) > 0
+    assert took < PROMPT_REFUSAL, f"{path} took {took:.1f} s to refuse"
+
+
+@pytest.mark.parametrize("alarm", ["memory", "disk"])
+def test_an_alarm_is_503_with_retry_after_and_loses_nothing(
+    *,
+    alarm: str,
+    rabbit_node: RabbitNode,
+    start_web: WebFactory,
+    start_worker: Any,
+    worker_env: dict[str, str],
+    names: dict[str, str],
+) -> None:
+    raise_alarm: Callable[[], None] = getattr(rabbit_node, f"set_{alarm}_alarm")
+    clear_alarm: Callable[[], None] = getattr(rabbit_node, f"clear_{alarm}_alarm")
+    suffix = f"alarm-{alarm}"
+    env = {**isolated(worker_env, names, suffix), "RABBITMQ_URL": rabbit_node.url}
+    worker = start_worker(suffix, env=env)
+    web = start_web(suffix, env=env)
+    before = submit(web, chat("before the alarm"))
+    assert stream(web, before).content == expected("before the alarm")
+    across = submit(web, chat("across the alarm", model="m;delay=0.2;tokens=30"))
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(stream, web, across, timeout=120)
+        time.sleep(1)  # the answer is streaming
+
+        raise_alarm()
+        try:
+            refused(web, "/v1/chat/completions", chat("fresh uid"))
+            refused(web, "/v1/chat/completions", chat("chosen uid", uid=f"mine-{new_uid()}"))
+            drop_in = {**chat("drop-in"), "model": "devllm", "stream": False}
+            refused(web, "/openai/v1/chat/completions", drop_in)
+            time.sleep(2)  # the worker sits through the alarm...
+        finally:
+            clear_alarm()
+
+        # ...and the answer that was streaming ends whole.
+        assert reading.result().content == expected("across the alarm", 30)
+    deadline = time.monotonic() + 10
+    while True:
+        status, _, raw = fetch("POST", web.url + "/v1/chat/completions", chat("after"))
+        if status == 202:
+            break
+        assert time.monotonic() < deadline, raw
+        time.sleep(0.5)
+    assert stream(web, json.loads(raw)["uid"]).content == expected("after")
+    assert worker.alive, worker.output()[-3000:]

@@ -1,0 +1,64 @@
+"""How much a WebSocket client can make a web process hold of what it sends.
+
+An answer is sent back as the client's frames arrive; a client that sends
+frames faster than its requests are answered (or sends one huge frame) must
+not make the process buffer without bound:
+
+- a frame larger than ``MAX_BODY_BYTES`` closes the socket with 1009
+  (message too big): simple-websocket's ``max_message_size``, set by
+  web/ws.py;
+- more than :data:`MAX_WAITING_FRAMES` frames received and not yet read
+  (the client sends while its answer streams) close it with 1008 (policy
+  violation).
+
+simple-websocket's reader greenlet appends each whole frame it reads to the
+socket's ``input_buffer`` list, without limit; it has no option for a bound,
+so the list is replaced by :class:`WaitingFrames`, whose ``append`` refuses
+the frame that would go over. Checked against simple-websocket 1.0 and 1.1;
+tests/test_web_ws.py fails if the attribute moves (the flood is then not
+closed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from simple_websocket import ConnectionClosed
+
+logger = logging.getLogger(__name__)
+
+# Frames a client may have sent and not yet had read (about MAX_BODY_BYTES each
+# at most): a request, and a few more sent ahead of their turn.
+MAX_WAITING_FRAMES = 8
+POLICY_VIOLATION = 1008
+
+
+class WaitingFrames(list[Any]):
+    """A socket's received frames not yet read; at most ``limit`` of them."""
+
+    def __init__(self, ws: Any, limit: int) -> None:
+        super().__init__(ws.input_buffer)
+        self.ws = ws
+        self.limit = limit
+
+    def append(self, frame: Any) -> None:
+        if len(self) < self.limit:
+            super().append(frame)
+            return
+        logger.warning(
+            "a WebSocket client sent more than %d frames ahead of their answers; closed",
+            self.limit,
+        )
+        with contextlib.suppress(ConnectionClosed, OSError):
+            self.ws.close(
+                reason=POLICY_VIOLATION,
+                message=f"more than {self.limit} frames sent ahead of their answers",
+            )
+
+
+def bound_waiting_frames(ws: Any, limit: int = MAX_WAITING_FRAMES) -> None:
+    """Bound the frames ``ws`` holds for its handler (see the module). Call it
+    first thing in the handler: under gevent the reader greenlet has not run yet."""
+    ws.input_buffer = WaitingFrames(ws, limit)
