@@ -154,16 +154,26 @@ class Process:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds."""
-        if self.alive:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_all([self], timeout)
 
     def remove_log(self) -> None:
         self.log_path.unlink(missing_ok=True)
+
+
+def stop_all(processes: Sequence[Process], timeout: float = 15.0) -> None:
+    """Stop ``processes`` together (a worker's warm shutdown takes seconds even
+    when idle): SIGTERM to all, then SIGKILL to those still there after
+    ``timeout`` seconds."""
+    running = [p for p in processes if p.alive]
+    for process in running:
+        process.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.proc.kill()
+            process.proc.wait(10)
 
 
 def wait_for_consumer(

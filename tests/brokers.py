@@ -8,6 +8,8 @@ Nothing here starts a node until a test asks for one:
   the first test that uses it (about 6 s). After each test it is put back as
   it was: started again if the test killed it, its app started if the test
   stopped it, the alarms the test raised cleared.
+- ``private_stack``: ``private_stack(name, web=True, **env)`` starts a
+  worker (and a web front) of queue names of their own on ``rabbit_node``;
 - ``rabbit_cluster``: three private nodes joined into one cluster
   (:class:`bench.rabbitnode.RabbitCluster`), the same way; its
   ``failover_url`` is the nodes' URLs joined by ``;`` as kombu takes them.
@@ -20,12 +22,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.rabbitnode import RabbitCluster, RabbitNode, available
+from tests.support import PrivateStack
+from tests.test_durability import isolated
 
 NOT_INSTALLED = "rabbitmq-server is not installed (apt-get install rabbitmq-server)"
 
@@ -44,6 +49,27 @@ def rabbit_node(rabbit_node_session: RabbitNode) -> Iterator[RabbitNode]:
     rabbit_node_session.reset()
     yield rabbit_node_session
     rabbit_node_session.reset()
+
+
+@pytest.fixture
+def private_stack(
+    rabbit_node: RabbitNode,
+    start_worker: Any,
+    start_web: Any,
+    worker_env: dict[str, str],
+    names: dict[str, str],
+) -> Callable[..., PrivateStack]:
+    """``private_stack(name, web=True, **env)``: a worker, and a web front
+    unless ``web`` is false, on the private node, with an input queue and a
+    namespace of their own (``name``) and the settings ``env`` on top."""
+
+    def start(name: str, web: bool = True, **env: str) -> PrivateStack:
+        settings = {**isolated(worker_env, names, name), "RABBITMQ_URL": rabbit_node.url, **env}
+        worker = start_worker(name, env=settings)
+        front = start_web(name, env=settings) if web else None
+        return PrivateStack(settings, worker, front)
+
+    return start
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from bench.harness import stop_all
 from config import load_settings
 from devllm.testing import DevLLM
 from tests.support import (
@@ -53,6 +54,9 @@ def worker_env(names: dict[str, str], llm: DevLLM) -> dict[str, str]:
         LLM_READ_TIMEOUT="3",
         LLM_MAX_RETRIES="2",
         LOG_LEVEL="info",
+        # Workers stopped at the end of a test hand back what they still stream
+        # soon (tests/test_shutdown.py sets its own grace).
+        WORKER_SHUTDOWN_GRACE="2",
     )
 
 
@@ -75,8 +79,7 @@ def start_worker(worker_env: dict[str, str]) -> Iterator[WorkerFactory]:
         return proc
 
     yield start
-    for proc in started:
-        proc.stop()
+    stop_all(started)
     # The queues of workers started on names of their own (the run's are
     # deleted by _delete_run_queues).
     _delete_queues(

@@ -281,3 +281,17 @@ def task_events(url: str, uid: str, send: Callable[[], object], timeout: float =
             if any(e["type"] == "task-succeeded" and e.get("uuid") == uid for e in events):
                 break
     return [e for e in events if e.get("uuid") == uid]
+
+
+@dataclass
+class PrivateStack:
+    """What :func:`private_stack` started: its settings, worker and web front."""
+
+    env: dict[str, str]
+    worker: Process
+    front: Web | None
+
+    @property
+    def web(self) -> Web:
+        assert self.front is not None, "started with web=False"
+        return self.front

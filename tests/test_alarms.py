@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 
 from bench.rabbitnode import RabbitNode
-from tests.conftest import WebFactory, new_uid
-from tests.support import Web, fetch
-from tests.test_durability import isolated
+from tests.conftest import new_uid
+from tests.support import PrivateStack, Web, fetch
 from tests.test_web import chat, error_of, expected, stream, submit
 
 pytest_plugins = ["tests.brokers"]
@@ -42,17 +41,12 @@ def test_an_alarm_is_503_with_retry_after_and_loses_nothing(
     *,
     alarm: str,
     rabbit_node: RabbitNode,
-    start_web: WebFactory,
-    start_worker: Any,
-    worker_env: dict[str, str],
-    names: dict[str, str],
+    private_stack: Callable[..., PrivateStack],
 ) -> None:
     raise_alarm: Callable[[], None] = getattr(rabbit_node, f"set_{alarm}_alarm")
     clear_alarm: Callable[[], None] = getattr(rabbit_node, f"clear_{alarm}_alarm")
-    suffix = f"alarm-{alarm}"
-    env = {**isolated(worker_env, names, suffix), "RABBITMQ_URL": rabbit_node.url}
-    worker = start_worker(suffix, env=env)
-    web = start_web(suffix, env=env)
+    stack = private_stack(f"alarm-{alarm}")
+    worker, web = stack.worker, stack.web
     before = submit(web, chat("before the alarm"))
     assert stream(web, before).content == expected("before the alarm")
     across = submit(web, chat("across the alarm", model="m;delay=0.2;tokens=30"))

@@ -37,6 +37,7 @@ def metrics_env(worker_env: dict[str, str]) -> Iterator[dict[str, str]]:
         "METRICS_INTERVAL": "0.3",
         "SSE_KEEPALIVE": "1",
         "WEB_ANSWER_TIMEOUT": "30",
+        "WEB_RESUME_GRACE": "0.5",  # a reader that leaves is cancelled soon
     }
     yield env
     delete_queues(RABBITMQ_URL, (), [f"{tag}.metrics"])

@@ -4,11 +4,10 @@ process finds it again, so the counts go on."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from bench.rabbitnode import RabbitNode
-from tests.conftest import WebFactory
-from tests.test_durability import isolated
+from tests.support import PrivateStack
 from tests.test_metrics import chat, processes, scrape, stream, submit, value, wait_for
 
 pytest_plugins = ["tests.brokers"]
@@ -16,18 +15,10 @@ pytest_plugins = ["tests.brokers"]
 
 def test_counts_go_on_after_a_broker_restart(
     rabbit_node: RabbitNode,
-    start_web: WebFactory,
-    start_worker: Any,
-    worker_env: dict[str, str],
-    names: dict[str, str],
+    private_stack: Callable[..., PrivateStack],
 ) -> None:
-    env = {
-        **isolated(worker_env, names, "private-metrics"),
-        "RABBITMQ_URL": rabbit_node.url,
-        "METRICS_INTERVAL": "0.3",
-    }
-    start_worker("private-metrics", env=env)
-    web = start_web("private-metrics", env=env)
+    stack = private_stack("private-metrics", METRICS_INTERVAL="0.3")
+    web = stack.web
 
     def accepted() -> float:
         return value(scrape(web), "chatqueue_requests_accepted_total")

@@ -4,14 +4,14 @@ the tests' own (tests/brokers.py): the shared broker is never disturbed."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
 
 import openai
 import pytest
 
 from bench.rabbitnode import RabbitNode
-from tests.conftest import WebFactory, new_uid
-from tests.test_durability import isolated
+from tests.conftest import new_uid
+from tests.support import PrivateStack
 from tests.test_web import chat, expected, stream, submit
 
 pytest_plugins = ["tests.brokers"]
@@ -19,16 +19,11 @@ pytest_plugins = ["tests.brokers"]
 
 def test_submissions_go_on_after_a_broker_restart(
     rabbit_node: RabbitNode,
-    start_web: WebFactory,
-    start_worker: Any,
-    worker_env: dict[str, str],
-    names: dict[str, str],
+    private_stack: Callable[..., PrivateStack],
 ) -> None:
     """Fresh and chosen uids alike: the web process's connections died with the
     broker, and the next submission takes new ones (202, then the answer)."""
-    env = {**isolated(worker_env, names, "private"), "RABBITMQ_URL": rabbit_node.url}
-    start_worker("private", env=env)
-    web = start_web("private", env=env)
+    web = private_stack("private").web
     before = submit(web, chat("before", uid=f"mine-{new_uid()}"))
     assert stream(web, before).content == expected("before")
 
@@ -42,16 +37,11 @@ def test_submissions_go_on_after_a_broker_restart(
 
 def test_a_drop_in_answer_ends_with_an_error_when_the_broker_restarts(
     rabbit_node: RabbitNode,
-    start_web: WebFactory,
-    start_worker: Any,
-    worker_env: dict[str, str],
-    names: dict[str, str],
+    private_stack: Callable[..., PrivateStack],
 ) -> None:
     """Its answer came by direct reply-to on the connection that broke: the
     client gets an error at once, not keep-alive comments for ever."""
-    env = {**isolated(worker_env, names, "private-dropin"), "RABBITMQ_URL": rabbit_node.url}
-    start_worker("private-dropin", env=env)
-    web = start_web("private-dropin", env=env)
+    web = private_stack("private-dropin").web
     client = openai.OpenAI(base_url=web.url + "/openai/v1", api_key="x", max_retries=0)
     stream = client.chat.completions.create(
         model="m;tokens=200;delay=0.2",

@@ -6,15 +6,14 @@ its log, not tracebacks."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
 
 import pika
 
 from bench.rabbitnode import RabbitNode
 from devllm.answers import reply_tokens
 from tests.conftest import new_uid
-from tests.support import Broker, collect, declare_response_queues
-from tests.test_durability import isolated
+from tests.support import Broker, PrivateStack, collect, declare_response_queues
 
 pytest_plugins = ["tests.brokers"]
 
@@ -31,13 +30,11 @@ def connect(env: dict[str, str], timeout: float = 60) -> Broker:
 
 def test_a_broker_restart_mid_stream_loses_no_accepted_request(
     rabbit_node: RabbitNode,
-    start_worker: Any,
-    worker_env: dict[str, str],
-    names: dict[str, str],
+    private_stack: Callable[..., PrivateStack],
 ) -> None:
-    env = {**isolated(worker_env, names, "restart"), "RABBITMQ_URL": rabbit_node.url}
+    stack = private_stack("restart", web=False)
+    env, worker = stack.env, stack.worker
     client = Broker(env["RABBITMQ_URL"], env)
-    worker = start_worker("restart", env=env)
     prompts = [f"restart {i}" for i in range(10)]
     uids = [new_uid() for _ in prompts]
     try:

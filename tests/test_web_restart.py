@@ -6,12 +6,10 @@ new requests."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
 
 from bench.rabbitnode import RabbitNode
-from tests.conftest import WebFactory
-from tests.support import Broker, EventStream
-from tests.test_durability import isolated
+from tests.support import Broker, EventStream, PrivateStack
 from tests.test_resume import read_in_background
 from tests.test_web import chat, expected, stream, submit
 
@@ -31,14 +29,10 @@ def answer_of(events: EventStream) -> tuple[str, list[str | None]]:
 
 def test_sse_streams_go_on_across_a_broker_restart(
     rabbit_node: RabbitNode,
-    start_web: WebFactory,
-    start_worker: Any,
-    worker_env: dict[str, str],
-    names: dict[str, str],
+    private_stack: Callable[..., PrivateStack],
 ) -> None:
-    env = {**isolated(worker_env, names, "web-restart"), "RABBITMQ_URL": rabbit_node.url}
-    start_worker("web-restart", env=env)
-    web = start_web("web-restart", env={**env, "SSE_KEEPALIVE": "1"})
+    stack = private_stack("web-restart", SSE_KEEPALIVE="1")
+    web, env = stack.web, stack.env
     prompts = [f"stream {n} across a broker restart" for n in range(STREAMS)]
     uids = [submit(web, chat(p, model=f"m;delay=0.15;tokens={TOKENS}")) for p in prompts]
     readers = [read_in_background(web, uid) for uid in uids]
