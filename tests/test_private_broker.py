@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -40,7 +41,8 @@ def test_a_drop_in_answer_ends_with_an_error_when_the_broker_restarts(
     private_stack: Callable[..., PrivateStack],
 ) -> None:
     """Its answer came by direct reply-to on the connection that broke: the
-    client gets an error at once, not keep-alive comments for ever."""
+    client gets an error at once, not keep-alive comments for ever (its
+    answer had begun: it cannot be asked again)."""
     web = private_stack("private-dropin").web
     client = openai.OpenAI(base_url=web.url + "/openai/v1", api_key="x", max_retries=0)
     stream = client.chat.completions.create(
@@ -57,3 +59,28 @@ def test_a_drop_in_answer_ends_with_an_error_when_the_broker_restarts(
         for _ in chunks:
             pass
     assert time.monotonic() - started < 20
+
+
+def test_a_drop_in_answer_not_begun_survives_a_broker_restart(
+    rabbit_node: RabbitNode,
+    private_stack: Callable[..., PrivateStack],
+) -> None:
+    """A non-streaming drop-in request whose answer is still being made when
+    RabbitMQ restarts: nothing was sent to the client yet, so the web front
+    submits it again on a new connection, and the SDK gets its completion."""
+    stack = private_stack("private-dropin-again", LLM_READ_TIMEOUT="30")
+    client = openai.OpenAI(base_url=stack.web.url + "/openai/v1", api_key="x", max_retries=0)
+    prompt = "a completion across a broker restart"
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(
+            client.chat.completions.create,
+            model="m;tokens=30;delay=0.2",  # 6 s of answer, sent whole at the end
+            messages=[{"role": "user", "content": prompt}],
+            stream=False,
+            timeout=120,
+        )
+        time.sleep(2)
+        rabbit_node.restart_app()
+        completion = asked.result()
+    assert completion.choices[0].message.content == expected(prompt, 30)
+    assert "before its answer began; submitting it again" in stack.web.output()

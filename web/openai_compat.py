@@ -10,7 +10,9 @@ answers as OpenAI does:
   OpenAI error object (the SDK raises ``BadRequestError``,
   ``AuthenticationError``, ``NotFoundError``, ``RateLimitError``,
   ``InternalServerError``... for it). A failure mid-stream is a ``data:``
-  error object, which the SDK raises as ``APIError``.
+  error object, which the SDK raises as ``APIError``. A RabbitMQ restart
+  before the answer began is not a failure: the request is submitted again
+  (:func:`web.responses.ask`).
 * ``stream: false`` (OpenAI's default): the ``chat.completion``, as JSON.
 
 ``GET /openai/v1/models`` lists the LLM server's models (the configured
@@ -29,11 +31,10 @@ from app.errors import UpstreamError
 from web.auth import current_key
 from web.client import ClientGone
 from web.errors import AnswerTimeout
-from web.responses import Answer
-from web.router import Delivery
+from web.responses import ask
 from web.services import services
 from web.sse import SSE_HEADERS, events
-from web.submit import read_json_body, submit_and_read
+from web.submit import read_json_body
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +42,6 @@ bp = Blueprint("openai", __name__, url_prefix="/openai/v1")
 
 UID_HEADER = "X-Chatqueue-Uid"
 MODELS_TIMEOUT = 5.0
-
-
-def first_message(answer: Answer, timeout: float) -> Delivery:
-    """The answer's first message, within ``timeout`` seconds."""
-    delivery = answer.next(timeout)
-    if delivery is None:
-        raise AnswerTimeout(
-            f"no answer began within {timeout:g} s (WEB_ANSWER_TIMEOUT): "
-            "are workers running, and is the LLM up?"
-        )
-    return delivery
 
 
 def json_answer(body: str, status: int, uid: str) -> Response:
@@ -64,15 +54,20 @@ def chat_completions() -> Response:
     settings = svc.settings
     data = read_json_body(settings.max_body_bytes)
     data.setdefault("stream", False)  # OpenAI's default, not chatqueue's
-    accepted, replies = submit_and_read(svc, data, current_key())
+    try:
+        accepted, answer, first = ask(
+            svc, data, current_key(), request.environ, settings.web_answer_timeout
+        )
+    except ClientGone:
+        return Response(status=499)
     uid = accepted.uid
-    answer = Answer(svc, uid, environ=request.environ, replies=replies)
     streaming = False
     try:
-        try:
-            first = first_message(answer, settings.web_answer_timeout)
-        except ClientGone:
-            return Response(status=499)
+        if first is None:
+            raise AnswerTimeout(
+                f"no answer began within {settings.web_answer_timeout:g} s (WEB_ANSWER_TIMEOUT): "
+                "are workers running, and is the LLM up?"
+            )
         if first.kind == "error" or first.status is not None:
             return json_answer(first.body, first.status or 502, uid)
         if accepted.stream:

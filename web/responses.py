@@ -33,11 +33,13 @@ import gevent
 from app import metrics
 from app.broker import request_cancel
 from app.errors import BrokerUnavailable
+from app.request import ChatRequest
 from web.client import ClientGone, ClientWatch
 from web.errors import StreamBusy
 from web.publisher import Replies
 from web.router import Delivery, Stream
 from web.services import Services
+from web.submit import submit_and_read
 
 logger = logging.getLogger(__name__)
 
@@ -265,3 +267,44 @@ class Answer:
         except Exception as exc:
             # The client is gone either way; the LLM timeout bounds the waste.
             logger.warning("uid=%s: could not ask for a cancel: %r", self.uid, exc)
+
+
+def ask(
+    services: Services,
+    data: dict[str, Any],
+    key: str | None,
+    environ: Mapping[str, Any],
+    timeout: float,
+) -> tuple[ChatRequest, Answer, Delivery | None]:
+    """Submit ``data`` and wait up to ``timeout`` seconds for its answer's first
+    message (None if none came), for a reader in this process (the drop-in,
+    the WebSocket): the answer comes by direct reply-to.
+
+    A direct reply-to address dies with its connection: when RabbitMQ goes
+    away before the first message came (a restart), nothing was sent to the
+    client yet, so the request is cancelled and submitted again on a new
+    connection, as long as RabbitMQ comes back within
+    ``WEB_RECONNECT_TIMEOUT``: the client gets its answer, later.
+    """
+    give_up: float | None = None
+    while True:
+        try:
+            accepted, replies = submit_and_read(services, data, key)
+        except BrokerUnavailable:
+            if give_up is None or time.monotonic() >= give_up:
+                raise  # RabbitMQ is away at the first try: 503 at once
+            gevent.sleep(RECONNECT_PAUSE)
+            continue
+        answer = Answer(services, accepted.uid, environ=environ, replies=replies)
+        try:
+            return accepted, answer, answer.next(timeout)
+        except BrokerUnavailable as exc:
+            answer.close()  # cancels it: its answer could reach nobody
+            if give_up is None:
+                give_up = time.monotonic() + services.settings.web_reconnect_timeout
+            if time.monotonic() >= give_up:
+                raise
+            logger.info("uid=%s: %s before its answer began; submitting it again", answer.uid, exc)
+        except BaseException:
+            answer.close()
+            raise
