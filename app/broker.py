@@ -40,6 +40,7 @@ from kombu.exceptions import OperationalError
 from kombu.pools import ProducerPool
 
 from app.errors import RequestError
+from app.shutdown import Orphaned, losses
 from config import Settings
 from config.settings import type_argument
 
@@ -194,7 +195,13 @@ class Lane:
         """Called by ``ensure`` with the channel of a renewed connection."""
         self._channel = channel
 
-    def _publish(self, body: str, routing_key: str, properties: dict[str, Any]) -> None:
+    def _publish(
+        self, body: str, routing_key: str, properties: dict[str, Any], since: int | None
+    ) -> None:
+        if since is not None and losses.since(since):
+            # A retry on the renewed connection, for a stream whose task
+            # message went with the old one: not a message more of it.
+            raise Orphaned
         if self._channel is None:
             self._channel = self._connection.default_channel
         self._channel.basic_publish(
@@ -203,16 +210,21 @@ class Lane:
             routing_key=routing_key,
         )
 
-    def publish(self, body: str, routing_key: str, properties: dict[str, Any]) -> None:
+    def publish(
+        self, body: str, routing_key: str, properties: dict[str, Any], since: int | None = None
+    ) -> None:
+        """Send one message; with ``since`` (a count of :data:`losses`), raise
+        :class:`~app.shutdown.Orphaned` instead once a connection was lost."""
         with self._lock:
             if self._ensured is None:
                 self._ensured = self._connection.ensure(
                     self, self._publish, errback=_log_reconnect, **RETRY_POLICY
                 )
-            self._ensured(body, routing_key, properties)
+            self._ensured(body, routing_key, properties, since)
 
 
 def _log_reconnect(exc: BaseException, interval: float) -> None:
+    losses.lost()
     logger.warning("connection to RabbitMQ lost (%r); reconnecting in %.1f s", exc, interval)
 
 

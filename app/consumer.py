@@ -54,6 +54,7 @@ from app.errors import RequestError
 from app.lifecycle import new_rid
 from app.protocol import ResponseStream
 from app.request import ChatRequest, decode_body, owned_queues, parse_request
+from app.shutdown import losses
 from app.tasknames import STREAM_CHAT
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ class Intake(ConsumerMixin):
             except BROKER_ERRORS as exc:
                 if self.should_stop:
                     break
+                losses.lost()  # the tasks of this process lost their channel too
                 logger.warning("intake: connection to RabbitMQ lost (%r); reconnecting", exc)
             except Exception:
                 logger.exception("intake: unexpected error; reconnecting")

@@ -35,6 +35,38 @@ class HandBack(Exception):
     """The worker is shutting down and the grace is over: give the request back."""
 
 
+class Orphaned(HandBack):
+    """This process lost its connection to RabbitMQ while the stream ran.
+
+    The task message came on a channel of that connection: it cannot be
+    acknowledged any more, and RabbitMQ has given it back to the queue, so a
+    copy may already be answering it, here or in another worker. Going on
+    would interleave two runs in one response queue; the stream stops, and
+    the copy answers the request again from the start, marked ``restart``.
+    """
+
+
+class Losses:
+    """How many times this process lost a connection to RabbitMQ.
+
+    Counted by the intake and by the answer lanes as they notice; a stream
+    compares the count with the one at its start (:meth:`since`).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def lost(self) -> None:
+        self.count += 1
+
+    def since(self, count: int) -> bool:
+        """Whether a connection was lost since the count was ``count``."""
+        return self.count != count
+
+
+losses = Losses()
+
+
 class WarmShutdown:
     """When this process's streams must be handed back, once a warm shutdown began."""
 

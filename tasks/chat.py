@@ -21,7 +21,7 @@ from app.errors import DuplicateRequest
 from app.lifecycle import Incarnation, Running, State, Verdict, check_transition
 from app.protocol import Publish, ResponseStream
 from app.request import ChatRequest
-from app.shutdown import HandBack, warm_shutdown
+from app.shutdown import HandBack, Orphaned, losses, warm_shutdown
 from config import Settings
 from tasks import cancel, llm
 
@@ -43,10 +43,12 @@ class PublishFailed(Exception):
     """The broker would not take a response message, even after retries."""
 
 
-def _publisher(lane: Lane) -> Publish:
+def _publisher(lane: Lane, since: int) -> Publish:
     def publish(body: str, routing_key: str, properties: dict[str, Any]) -> None:
         try:
-            lane.publish(body, routing_key, properties)
+            lane.publish(body, routing_key, properties, since)
+        except Orphaned:
+            raise
         except Exception as exc:
             raise PublishFailed(str(exc)) from exc
 
@@ -61,6 +63,7 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
     again, marked ``restart``.
     """
     settings: Settings = task.app.settings
+    lost = losses.count  # a connection lost after this takes the task message with it
     request = ChatRequest.from_task(payload)
     uid = request.uid
     incarnation = Incarnation(uid, rid or str(task.request.id), at)
@@ -79,7 +82,7 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
     state = check_transition(state, State.STREAMING)
     finished = False
     stream = ResponseStream(
-        _publisher(task.app.pools.lanes.next()),
+        _publisher(task.app.pools.lanes.next(), lost),
         request.reply_to or settings.response_queue(uid),
         uid,
         restart=restart,
@@ -91,7 +94,7 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         if restart:
             logger.warning("uid=%s: redelivered; the answer starts again", uid)
             metrics.restarted("redelivered")
-        finished = answer(stream, request, incarnation, settings, figures)
+        finished = answer(stream, request, incarnation, settings, figures, lost=lost)
         outcome = ("error" if stream.error_code else "answered") if finished else "cancelled"
         check_transition(state, State.ANSWERED if finished else State.CANCELLED)
     except PublishFailed as exc:
@@ -102,13 +105,25 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         # Unacknowledged, the task message goes back to the queue, and another
         # worker answers it again from the start, marked restart.
         check_transition(state, State.HANDED_BACK)
-        logger.warning(
-            "uid=%s: handed back after %d messages (warm shutdown, grace over)", uid, stream.seq
+        why = (
+            "its connection to RabbitMQ was lost: the task message was given back"
+            if isinstance(exc, Orphaned)
+            else "warm shutdown, grace over"
         )
-        raise Reject("warm shutdown", requeue=True) from exc
+        logger.warning("uid=%s: handed back after %d messages (%s)", uid, stream.seq, why)
+        raise Reject(why, requeue=True) from exc
     finally:
         runs.end(incarnation, finished=finished)
         figures.end(outcome, stream)
+
+
+def _stop_if_due(lost: int) -> None:
+    """Raise :class:`HandBack` when the grace of a warm shutdown is over, and
+    :class:`Orphaned` when a connection was lost since the count ``lost``."""
+    if warm_shutdown.due():
+        raise HandBack
+    if losses.since(lost):
+        raise Orphaned
 
 
 def _drop_duplicate(task: Task, request: ChatRequest) -> None:
@@ -140,17 +155,20 @@ def answer(
     incarnation: Incarnation,
     settings: Settings,
     figures: metrics.Answering,
+    *,
+    lost: int,
 ) -> bool:
     """Stream the LLM's answer, or an error object, then ``[DONE]``; False if cancelled.
 
-    ``figures`` takes the LLM's time to its first payload and the tokens."""
+    ``figures`` takes the LLM's time to its first payload and the tokens;
+    ``lost``, the count of :data:`~app.shutdown.losses` when the task began:
+    a connection lost since ends the stream (:class:`~app.shutdown.Orphaned`)."""
     uid = request.uid
     cancels = cancel.listener(settings).cancels
     if cancels.cancelled(incarnation):
         logger.info("uid=%s: cancelled before it started", uid)
         return False
-    if warm_shutdown.due():
-        raise HandBack
+    _stop_if_due(lost)
     client = llm.client(settings)
     started = time.monotonic()
     for attempt in range(settings.llm_max_retries + 1):
@@ -169,8 +187,7 @@ def answer(
                             logger.info("uid=%s: cancelled after %d chunks", uid, stream.seq)
                             cancels.forget(incarnation)
                             return False
-                        if warm_shutdown.due():
-                            raise HandBack  # leaving the block closes the HTTP stream
+                        _stop_if_due(lost)  # leaving the block closes the HTTP stream
                         stream.chunk(payload)
                         if _carries_token(chunk):
                             tokens = True
