@@ -224,7 +224,8 @@ class Lane:
 
 
 def _log_reconnect(exc: BaseException, interval: float) -> None:
-    losses.lost()
+    # Not counted in ``losses``: a lane notices a lost connection only at its
+    # next publish, which may be long after, by a stream that began since.
     logger.warning("connection to RabbitMQ lost (%r); reconnecting in %.1f s", exc, interval)
 
 

@@ -49,8 +49,10 @@ class Orphaned(HandBack):
 class Losses:
     """How many times this process lost a connection to RabbitMQ.
 
-    Counted by the intake and by the answer lanes as they notice; a stream
-    compares the count with the one at its start (:meth:`since`).
+    Counted by the intake, whose connection is read all the time, so it
+    notices at once (an answer lane notices only at its next publish, which
+    may be a stream that began after the loss); a stream compares the count
+    with the one at its start (:meth:`since`).
     """
 
     def __init__(self) -> None:
