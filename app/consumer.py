@@ -33,7 +33,7 @@ import time
 from typing import Any
 
 import amqp
-from amqp.exceptions import PreconditionFailed
+from amqp.exceptions import ChannelError, PreconditionFailed
 from celery import bootsteps, signals
 from kombu import Connection, Producer
 from kombu.message import Message
@@ -182,7 +182,8 @@ class Intake(ConsumerMixin):
             except BROKER_ERRORS as exc:
                 if self.should_stop:
                     break
-                losses.lost()  # the tasks of this process lost their channel too
+                if not isinstance(exc, ChannelError):
+                    losses.lost()  # the connection went: the tasks here lost theirs too
                 logger.warning("intake: connection to RabbitMQ lost (%r); reconnecting", exc)
             except Exception:
                 logger.exception("intake: unexpected error; reconnecting")
