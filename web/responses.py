@@ -277,8 +277,8 @@ def ask(
     timeout: float,
 ) -> tuple[ChatRequest, Answer, Delivery | None]:
     """Submit ``data`` and wait up to ``timeout`` seconds for its answer's first
-    message (None if none came), for a reader in this process (the drop-in,
-    the WebSocket): the answer comes by direct reply-to.
+    message (None if none came), for a reader in this process (the drop-in):
+    the answer comes by direct reply-to.
 
     A direct reply-to address dies with its connection: when RabbitMQ goes
     away before the first message came (a restart), nothing was sent to the
