@@ -128,9 +128,15 @@ def cancel_exchange(settings: Settings) -> Exchange:
     return Exchange(settings.cancel_exchange, "fanout", durable=False, auto_delete=False)
 
 
+# The ``type`` of a notice on ``<ns>.accepted`` that names requests an intake
+# holds and has not handed off yet (app/consumer.py: Holding).
+TAKEN = "taken"
+
+
 def accepted_exchange(settings: Settings) -> Exchange:
     """Fanout exchange on which the intake names the uids whose response queues
-    it has just made (a comma-separated list), for readers waiting for them."""
+    it has just made (a comma-separated list), for readers waiting for them;
+    and, with the message type TAKEN, the uids it has held for a while."""
     return Exchange(settings.accepted_exchange, "fanout", durable=False, auto_delete=False)
 
 

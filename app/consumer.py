@@ -43,6 +43,7 @@ from kombu.mixins import ConsumerMixin
 from app import metrics
 from app.broker import (
     BROKER_ERRORS,
+    TAKEN,
     accepted_exchange,
     dead_letter,
     dead_letter_queue,
@@ -73,6 +74,13 @@ MISMATCH_PAUSE = 10.0
 # Seconds the intake declares response queues apart (one more round trip a
 # batch) after a client's queue with other arguments broke a transaction.
 CAREFUL_SECONDS = 600.0
+# A batch handed off this many seconds after its first delivery is logged, with
+# where the time went (the web front's readers wait WEB_ACCEPT_WAIT for it).
+SLOW_HAND_OFF = 2.0
+# Seconds a request is held before the web front is told it is (see Holding),
+# and between two tellings while it still is.
+HOLD_NOTICE = 1.0
+RETELL = 3.0
 
 
 class RequestConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -90,6 +98,9 @@ class RequestConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         self.thread = threading.Thread(target=self.intake.serve, name="chatqueue-intake")
         self.thread.daemon = True
         self.thread.start()
+        threading.Thread(
+            target=self.intake.holding.serve, name="chatqueue-holding", daemon=True
+        ).start()
         # Celery stops this step only after its pool has run dry: on SIGTERM
         # the intake lets go of the input queue at once instead (app/shutdown.py).
         signals.worker_shutting_down.connect(self.on_shutting_down, weak=False)
@@ -98,11 +109,11 @@ class RequestConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         """From the signal handler: only a flag, which the intake's loop reads
         within IDLE_WAIT."""
         if self.intake is not None:
-            self.intake.should_stop = True
+            self.intake.should_stop = self.intake.holding.should_stop = True
 
     def stop(self, w: Any) -> None:
         if self.intake is not None:
-            self.intake.should_stop = True
+            self.intake.should_stop = self.intake.holding.should_stop = True
         if self.thread is not None:
             self.thread.join(timeout=IDLE_WAIT + 5)
 
@@ -122,6 +133,10 @@ class Read:
         self.error = error
 
     @property
+    def uid(self) -> str | None:
+        return self.request.uid if self.request is not None else None
+
+    @property
     def response_uid(self) -> str | None:
         """The uid whose response queue this message needs, if any."""
         if self.request is not None:
@@ -129,6 +144,75 @@ class Read:
         if self.error is not None and self.error.uid and not self.error.reply_to:
             return self.error.uid
         return None
+
+
+class Holding:
+    """Tells the web front which requests an intake holds and has not handed off yet.
+
+    A request taken from the input queue is neither in its backlog nor
+    accepted until its transaction commits; a busy broker or process can make
+    that take seconds, and a reader waiting for it (web/accepted.py) would
+    give up after WEB_ACCEPT_WAIT with a 404 for a request that is answered
+    later. So each request held longer than HOLD_NOTICE is named on
+    ``<ns>.accepted`` as ``taken``, again every RETELL seconds while it is
+    held, from a thread and a connection of its own: the intake's may be
+    waiting for the broker just then. A reader waits WEB_ACCEPT_WAIT from the
+    last telling. When the intake dies, the tellings stop and the request
+    goes back to the queue's backlog, for which readers wait too.
+    """
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.since: dict[str, float] = {}  # uid -> when it came
+        self.told: dict[str, float] = {}  # uid -> when the web front last heard of it
+        self.should_stop = False
+
+    def add(self, uids: list[str]) -> None:
+        now = time.monotonic()
+        for uid in uids:
+            self.since.setdefault(uid, now)
+
+    def remove(self, uids: list[str]) -> None:
+        for uid in uids:
+            self.since.pop(uid, None)
+            self.told.pop(uid, None)
+
+    def clear(self) -> None:
+        self.since.clear()
+        self.told.clear()
+
+    def due(self, now: float) -> list[str]:
+        return [
+            uid
+            for uid, came in list(self.since.items())
+            if now - came >= HOLD_NOTICE and now - self.told.get(uid, -RETELL) >= RETELL
+        ]
+
+    def serve(self) -> None:
+        with Connection(self.settings.rabbitmq_url, heartbeat=0) as connection:
+            producer = Producer(connection, auto_declare=False)
+            while not self.should_stop:
+                time.sleep(HOLD_NOTICE / 2)
+                now = time.monotonic()
+                uids = self.due(now)
+                if not uids:
+                    continue
+                try:
+                    producer.publish(
+                        ",".join(uids),
+                        exchange=accepted_exchange(self.settings),
+                        routing_key="",
+                        type=TAKEN,
+                        content_type="text/plain",
+                        retry=True,
+                        retry_policy={"max_retries": 1},
+                    )
+                except BROKER_ERRORS as exc:
+                    logger.info("intake: could not tell the web front what it holds (%r)", exc)
+                    continue
+                for uid in uids:
+                    if uid in self.since:
+                        self.told[uid] = now
 
 
 class Intake(ConsumerMixin):
@@ -140,7 +224,9 @@ class Intake(ConsumerMixin):
         self.connection = Connection(self.settings.rabbitmq_url, heartbeat=0)
         self.task = app.tasks[STREAM_CHAT]
         self.owned_queue = owned_queues(self.settings)
-        self.pending: list[Message] = []
+        self.pending: list[Read] = []
+        self.holding = Holding(self.settings)
+        self._first_at = 0.0  # when the first of the pending messages came
         self._conn: Any = None
         self._channel: Any = None
         self._declarers: list[Any] = []
@@ -177,7 +263,7 @@ class Intake(ConsumerMixin):
                 # declaring channel.
                 logger.info("intake: %s; the batch comes back, declared apart", exc)
                 self._careful_until = time.monotonic() + CAREFUL_SECONDS
-                self.pending = []
+                self._forget_pending()
                 continue
             except BROKER_ERRORS as exc:
                 if self.should_stop:
@@ -187,7 +273,7 @@ class Intake(ConsumerMixin):
                 logger.warning("intake: connection to RabbitMQ lost (%r); reconnecting", exc)
             except Exception:
                 logger.exception("intake: unexpected error; reconnecting")
-            self.pending = []  # not committed: the broker delivers them again
+            self._forget_pending()  # not committed: the broker delivers them again
             time.sleep(RECONNECT_PAUSE)
         logger.info("intake: stopped; no new requests from %s", self.settings.rabbitmq_queue)
 
@@ -196,7 +282,7 @@ class Intake(ConsumerMixin):
 
     def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Consumer]:
         settings = self.settings
-        self.pending = []
+        self._forget_pending()
         self._consuming = False
         dead_letter_queue(settings)(channel).declare()
         channel.tx_select()
@@ -222,7 +308,16 @@ class Intake(ConsumerMixin):
         self._consuming = True
 
     def _collect(self, message: Message) -> None:
-        self.pending.append(message)
+        if not self.pending:
+            self._first_at = time.monotonic()
+        read = self.read(message)
+        self.pending.append(read)
+        if read.uid is not None:
+            self.holding.add([read.uid])
+
+    def _forget_pending(self) -> None:
+        self.pending = []
+        self.holding.clear()
 
     def on_iteration(self) -> None:
         """Hand off what has come in, with whatever else is already waiting.
@@ -239,12 +334,12 @@ class Intake(ConsumerMixin):
                 except TimeoutError:
                     break
             batch, self.pending = self.pending, []
-            self.hand_off(batch)
+            self.hand_off(batch, self._first_at)
 
     # --- one batch, one transaction ------------------------------------------------------------
 
-    def hand_off(self, batch: list[Message]) -> None:
-        reads = [self.read(message) for message in batch]
+    def hand_off(self, reads: list[Read], since: float | None = None) -> None:
+        began = time.monotonic()
         uids = [u for r in reads if (u := r.response_uid) is not None]
         if len(uids) > IN_LINE_DECLARES or time.monotonic() < self._careful_until:
             self.declare_response_queues(uids)
@@ -261,13 +356,29 @@ class Intake(ConsumerMixin):
                 routing_key="",
             )
         at = time.time()
+        declared = time.monotonic()
         for r in reads:
             if r.request is not None:
                 self._send_task(r.request, at)
             elif r.error is not None:
                 self._refuse(r.message, r.error)
             r.message.ack()
+        committing = time.monotonic()
         self._channel.tx_commit()
+        self.holding.remove([u for r in reads if (u := r.uid) is not None])
+        done = time.monotonic()
+        if since is not None and done - since > SLOW_HAND_OFF:
+            logger.warning(
+                "intake: %d requests (uid=%s first) handed off %.1f s after the first came "
+                "(waiting %.1f s, declaring %.1f s, tasks %.1f s, commit %.1f s)",
+                len(reads),
+                next((r.request.uid for r in reads if r.request is not None), "-"),
+                done - since,
+                began - since,
+                declared - began,
+                committing - declared,
+                done - committing,
+            )
         for r in reads:
             if r.request is not None:
                 logger.info("uid=%s: accepted", r.request.uid)

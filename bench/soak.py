@@ -295,7 +295,8 @@ class Soak:
             )
         for answer in broken[:5]:
             say(
-                f"  not whole: {answer.uid} {answer.error} dones={answer.dones} "
+                f"  not whole: {answer.uid} sent at {answer.sent:.1f} s: {answer.error} "
+                f"dones={answer.dones} "
                 f"ids={[e.id for e in answer.events][-6:]}"
             )
         if self.submit_errors:
@@ -329,6 +330,8 @@ class Soak:
                 if re.search(r"WARNING|ERROR|CRITICAL|Traceback", line):
                     kinds[f"{proc.name.rstrip('0123456789')}: {_shape(line)}"] += 1
         say(format_table([[v, k[:150]] for k, v in kinds.most_common(25)], ["lines", "kind"]))
+        logs = [proc.log_path for proc in [*self.workers, *([self.web] if self.web else [])]]
+        say("logs: " + ", ".join(map(str, logs)))
         durations = [e.at - a.events[0].at for a in whole for e in a.events[-1:] if a.events]
         say(
             f"\nmedian stream read time {median(durations):.1f} s "

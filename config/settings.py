@@ -213,7 +213,8 @@ class Settings:
         "10",
         "seconds GET /v1/chat/response waits for the response queue of a uid the web front "
         "issued (a worker declares it when it accepts the request) before it answers 404; "
-        "longer while RabbitMQ is away or the input queue has a backlog",
+        "longer while RabbitMQ is away, the input queue has a backlog, or a worker says it "
+        "holds the request",
     )
     web_resume_grace: float = _env(
         _seconds,

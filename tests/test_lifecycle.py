@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Any
 
+from app.consumer import Intake
+from app.factory import create_app
 from app.lifecycle import new_uid as owned_uid
 from app.lifecycle import owned_by
 from config import load_settings
@@ -186,6 +188,48 @@ def test_a_reader_waits_for_the_worker_to_accept_its_request(
     nobody = stream(quick, owned_uid())
     assert nobody.status == 404
     assert 0.5 <= time.monotonic() - started < 10  # it waited, then gave up
+
+
+def test_a_reader_waits_while_an_intake_holds_its_request(
+    start_web: WebFactory, start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
+) -> None:
+    """A request an intake has taken but cannot hand off yet (its broker slow
+    to answer: the soak saw 11 s on a loaded machine) is in no backlog and not
+    accepted; the intake says it holds it (a ``taken`` notice), and its reader
+    waits instead of a 404 after WEB_ACCEPT_WAIT for a request answered later."""
+    # The intake tells after HOLD_NOTICE (1 s): a wait of 3 s leaves room for it.
+    env = {**isolated(worker_env, names, "held"), "WEB_ACCEPT_WAIT": "3"}
+    web = start_web("held", env=env)
+    intake = Intake(create_app(load_settings(env)))
+    taken, release = threading.Event(), threading.Event()
+
+    def stalled(reads: list[Any], since: float | None = None) -> None:
+        taken.set()
+        release.wait(30)  # the broker does not answer the hand-off
+
+    intake.hand_off = stalled  # type: ignore[method-assign]
+    serves = (intake.serve, intake.holding.serve)
+    threads = [threading.Thread(target=serve, daemon=True) for serve in serves]
+    for thread in threads:
+        thread.start()
+    try:
+        uid = submit(web, chat("hold me"))
+        results: list[Any] = []
+        reader = threading.Thread(target=lambda: results.append(stream(web, uid, timeout=60)))
+        reader.start()
+        assert taken.wait(10)
+        time.sleep(8)
+        assert reader.is_alive(), results[0].body  # not 404 after WEB_ACCEPT_WAIT
+    finally:
+        intake.should_stop = intake.holding.should_stop = True
+        release.set()
+        for thread in threads:
+            thread.join(10)
+    # The intake is gone without handing it off: the request goes back to the
+    # queue, and a worker answers it to the reader that waited.
+    start_worker("held", env=env)
+    reader.join(60)
+    assert results and results[0].content == expected("hold me")
 
 
 def test_a_reader_that_does_not_read_leaves_the_backlog_in_rabbitmq(

@@ -10,9 +10,10 @@ uids. A slow look every second covers a notice missed while the listener
 reconnected.
 
 ``WEB_ACCEPT_WAIT`` counts the time a request could have been accepted in: it
-starts again when RabbitMQ was away (nothing is accepted then), and it goes
-on while the input queue holds a backlog (the request may be in it), for up
-to ``WEB_RECONNECT_TIMEOUT`` more.
+starts again when RabbitMQ was away (nothing is accepted then), when an
+intake says it holds the request (a ``taken`` notice: app/consumer.py,
+Holding), and it goes on while the input queue holds a backlog (the request
+may be in it); for up to ``WEB_RECONNECT_TIMEOUT`` more in all.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from kombu import Connection, Queue
 from kombu.message import Message
 from kombu.mixins import ConsumerMixin
 
-from app.broker import accepted_exchange
+from app.broker import TAKEN, accepted_exchange
 from app.errors import BrokerUnavailable
 from config import Settings
 from web.errors import UnknownStream
@@ -40,6 +41,8 @@ T = TypeVar("T")
 
 # Seconds between two looks of a waiting reader, should a notice be missed.
 LOOK_AGAIN = 1.0
+# Seconds a ``taken`` notice is remembered (a reader may come after it).
+TAKEN_KEPT = 120.0
 
 
 class Accepted(ConsumerMixin):
@@ -49,6 +52,7 @@ class Accepted(ConsumerMixin):
         self.settings = settings
         self.connection = Connection(settings.rabbitmq_url, heartbeat=0)
         self._waiting: defaultdict[str, set[Event]] = defaultdict(set)
+        self._taken: dict[str, float] = {}  # uid -> when an intake last said it holds it
         self._started = False
         self._lock = threading.Lock()
 
@@ -61,9 +65,21 @@ class Accepted(ConsumerMixin):
     def on_message(self, message: Message) -> None:
         body = message.body
         text = body if isinstance(body, str) else bytes(body).decode("utf-8", "replace")
+        if message.properties.get("type") == TAKEN:
+            self._note_taken(text.split(","))
+            return
         for uid in text.split(","):
             for event in self._waiting.pop(uid, ()):
                 event.set()
+
+    def _note_taken(self, uids: list[str]) -> None:
+        now = time.monotonic()
+        taken = self._taken
+        for uid in uids:
+            taken.pop(uid, None)  # to the end: the dict stays in the order of tellings
+            taken[uid] = now
+        while taken and next(iter(taken.values())) < now - TAKEN_KEPT:
+            del taken[next(iter(taken))]
 
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
         logger.warning("accepted: RabbitMQ unreachable (%r); next try in %.1f s", exc, interval)
@@ -98,6 +114,9 @@ class Accepted(ConsumerMixin):
                     return look()
                 except UnknownStream:
                     now = time.monotonic()
+                    held = self._taken.get(uid)
+                    if held is not None:
+                        deadline = max(deadline, min(held + timeout, limit))
                     if now >= limit or (now >= deadline and not backlog()):
                         raise
                 except BrokerUnavailable:
