@@ -28,10 +28,10 @@ who may read the answer       the uid itself: the web      as long as the uid; n
                               of their random part under
                               the caller's API key
 whether the uid is answered   the task message: exactly    while the task runs; a
-                              one per accepted request,    second copy in the same
-                              since its hand-off and the   process is dropped
-                              input's ack are one broker   (:class:`Running`)
-                              transaction
+                              one per accepted request,    copy that came back to the
+                              since its hand-off and the   same process supersedes the
+                              input's ack are one broker   one still running there
+                              transaction                  (:class:`Running`)
 whether it was cancelled      :class:`Cancels`, per        until its incarnation
                               worker process, keyed by     ends, at most
                               (uid, rid), or by uid for    RESPONSE_QUEUE_TTL
@@ -214,6 +214,7 @@ class Verdict(StrEnum):
     ANSWER = "answer"  # go on
     DUPLICATE = "duplicate"  # another incarnation of the uid is streaming here
     ANSWERED = "answered"  # this incarnation's answer is already out
+    BUSY = "busy"  # a superseded copy of this incarnation has not stopped yet: try later
 
 
 class Running:
@@ -223,8 +224,11 @@ class Running:
     input's ack are one transaction), so two copies of one incarnation only
     meet when a task message comes back while its first copy still runs here
     (the connection dropped; Celery stops that copy) or after its answer went
-    out (the ack was lost). A second request that reuses a uid still streaming
-    here is a duplicate. A uid whose answer is out is free again.
+    out (the ack was lost). A copy whose task message came back is orphaned:
+    the one that came back supersedes it (the running copy stops at its next
+    chunk, :meth:`superseded`) and answers again once it has stopped. A
+    second request that reuses a uid still streaming here is a duplicate. A
+    uid whose answer is out is free again.
     """
 
     def __init__(self, keep: float, limit: int = 100_000) -> None:
@@ -232,6 +236,7 @@ class Running:
         self._limit = limit
         self._streaming: dict[str, Incarnation] = {}
         self._finished: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._superseded: set[tuple[str, str]] = set()
         self._ended = threading.Condition()
 
     def begin(
@@ -243,9 +248,14 @@ class Running:
         deadline = time.monotonic() + wait
         with self._ended:
             self._prune()
-            while self._rid_of(uid) == rid and time.monotonic() < deadline:
-                # A copy of this very incarnation still runs here: let it end first.
-                self._ended.wait(timeout=0.1)
+            if self._rid_of(uid) == rid:
+                # A copy of this very incarnation still runs here, on a task
+                # message that came back: it is orphaned. Stop it, then take over.
+                self._superseded.add((uid, rid))
+                while self._rid_of(uid) == rid and time.monotonic() < deadline:
+                    self._ended.wait(timeout=0.1)
+                if self._rid_of(uid) == rid:
+                    return Verdict.BUSY
             if (uid, rid) in self._finished:
                 return Verdict.ANSWERED
             holder = self._streaming.get(uid)
@@ -253,6 +263,10 @@ class Running:
                 return Verdict.DUPLICATE
             self._streaming[uid] = incarnation
             return Verdict.ANSWER
+
+    def superseded(self, incarnation: Incarnation) -> bool:
+        """Whether a copy of ``incarnation`` that came back waits for this one to stop."""
+        return (incarnation.uid, incarnation.rid) in self._superseded
 
     def _rid_of(self, uid: str) -> str | None:
         holder = self._streaming.get(uid)
@@ -262,6 +276,7 @@ class Running:
         with self._ended:
             if self._streaming.get(incarnation.uid) == incarnation:
                 del self._streaming[incarnation.uid]
+                self._superseded.discard((incarnation.uid, incarnation.rid))
             if finished:
                 self._finished[(incarnation.uid, incarnation.rid)] = time.monotonic()
             self._ended.notify_all()

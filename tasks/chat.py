@@ -79,6 +79,12 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         check_transition(state, State.DROPPED)
         _drop_duplicate(task, request)
         return
+    if verdict is Verdict.BUSY:
+        # Its copy here has not stopped yet: unacknowledged, the task message
+        # comes back, and is answered once that copy is gone.
+        check_transition(state, State.HANDED_BACK)
+        logger.warning("uid=%s: rid %s still runs here; given back to come again", uid, rid)
+        raise Reject("a superseded copy still runs", requeue=True)
     state = check_transition(state, State.STREAMING)
     finished = False
     stream = ResponseStream(
@@ -117,12 +123,13 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         figures.end(outcome, stream)
 
 
-def _stop_if_due(lost: int) -> None:
+def _stop_if_due(lost: int, incarnation: Incarnation, settings: Settings) -> None:
     """Raise :class:`HandBack` when the grace of a warm shutdown is over, and
-    :class:`Orphaned` when a connection was lost since the count ``lost``."""
+    :class:`Orphaned` when a connection was lost since the count ``lost`` or
+    the task message came back to this process (:meth:`Running.superseded`)."""
     if warm_shutdown.due():
         raise HandBack
-    if losses.since(lost):
+    if losses.since(lost) or running(settings).superseded(incarnation):
         raise Orphaned
 
 
@@ -168,7 +175,7 @@ def answer(
     if cancels.cancelled(incarnation):
         logger.info("uid=%s: cancelled before it started", uid)
         return False
-    _stop_if_due(lost)
+    _stop_if_due(lost, incarnation, settings)
     client = llm.client(settings)
     started = time.monotonic()
     for attempt in range(settings.llm_max_retries + 1):
@@ -187,7 +194,8 @@ def answer(
                             logger.info("uid=%s: cancelled after %d chunks", uid, stream.seq)
                             cancels.forget(incarnation)
                             return False
-                        _stop_if_due(lost)  # leaving the block closes the HTTP stream
+                        # Leaving the block closes the HTTP stream.
+                        _stop_if_due(lost, incarnation, settings)
                         stream.chunk(payload)
                         if _carries_token(chunk):
                             tokens = True

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
-from app.lifecycle import TRANSITIONS, IllegalTransition, State, check_transition
+from app.lifecycle import (
+    TRANSITIONS,
+    IllegalTransition,
+    Incarnation,
+    Running,
+    State,
+    Verdict,
+    check_transition,
+)
 
 
 def test_the_path_of_a_request_is_allowed() -> None:
@@ -24,3 +35,34 @@ def test_an_ended_request_goes_nowhere(end: State) -> None:
 def test_a_submitted_request_cannot_skip_its_hand_off() -> None:
     with pytest.raises(IllegalTransition):
         check_transition(State.SUBMITTED, State.STREAMING)
+
+
+def test_a_task_message_that_comes_back_supersedes_the_copy_still_running() -> None:
+    """Its first copy's task message is gone with its connection (it cannot be
+    acknowledged any more): that copy stops at its next chunk, and the copy
+    that came back answers; it is never dropped while the first runs on."""
+    runs = Running(keep=60)
+    first = Incarnation("u1", "r1", 0.0)
+    assert runs.begin(first) is Verdict.ANSWER
+    stopped = threading.Event()
+
+    def running_copy() -> None:  # what tasks/chat.py does between two chunks
+        while not runs.superseded(first):
+            time.sleep(0.01)
+        runs.end(first, finished=False)
+        stopped.set()
+
+    threading.Thread(target=running_copy, daemon=True).start()
+    assert runs.begin(Incarnation("u1", "r1", 0.0), wait=5) is Verdict.ANSWER
+    assert stopped.is_set()
+    assert not runs.superseded(first)  # the copy that took over goes on
+
+
+def test_a_copy_that_does_not_stop_gives_the_task_back_instead_of_dropping_it() -> None:
+    runs = Running(keep=60)
+    first = Incarnation("u1", "r1", 0.0)
+    assert runs.begin(first) is Verdict.ANSWER
+    assert runs.begin(Incarnation("u1", "r1", 0.0), wait=0.3) is Verdict.BUSY
+    assert runs.superseded(first)
+    runs.end(first, finished=True)
+    assert runs.begin(Incarnation("u1", "r1", 0.0), wait=0.3) is Verdict.ANSWERED
