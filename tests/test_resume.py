@@ -75,6 +75,40 @@ def test_a_dropped_stream_resumes_with_last_event_id(start_web: WebFactory, llm:
     assert stream(web, uid).status == 404
 
 
+def test_a_resume_waits_for_the_reader_it_replaces(start_web: WebFactory) -> None:
+    """A client back before its old reader noticed it left (another network,
+    the old connection silent; a web process in its graceful shutdown) finds
+    that reader still consuming: its GET with Last-Event-ID waits for it to
+    go and gets the rest, not a 409 (EventSource stops at a 409)."""
+    web = start_web("busy-resume")
+    prompt, tokens = "a client on a new network", 16
+    # Slow enough that what the old connection takes unread while it hangs
+    # stays within the messages a reader leaves unacknowledged (RESUME_WINDOW).
+    uid = submit(web, chat(prompt, model=f"m;delay=0.3;tokens={tokens}"))
+    holding = threading.Event()
+    old: list[EventStream] = []
+
+    def hold_then_close(sse: EventStream) -> bool:
+        if len(sse.events) < 3:
+            return False
+        holding.set()
+        time.sleep(2)  # the old connection stays open, unread, then closes
+        return True
+
+    reader = threading.Thread(
+        target=lambda: old.append(stream(web, uid, until=hold_then_close, timeout=60))
+    )
+    reader.start()
+    assert holding.wait(30)
+    rest = stream(web, uid, headers={"Last-Event-ID": "2"}, timeout=60)
+    reader.join(30)
+    assert rest.status == 200, rest.body
+    first = old[0].events[:3]
+    ids = [e.id for e in first + rest.events]
+    assert ids == [str(n) for n in range(len(ids))], ids
+    assert "".join(e.content for e in first) + rest.content == expected(prompt, tokens)
+
+
 def test_a_client_that_does_not_come_back_is_cancelled_after_the_grace(
     start_web: WebFactory, llm: DevLLM
 ) -> None:

@@ -19,6 +19,14 @@ the WebSocket) does with its answer: take the deliveries in order until
 A response queue whose connection breaks (RabbitMQ restarted) is read again
 on a new one, without the client seeing anything but a pause: the messages
 it already has are skipped (:class:`Resume`).
+
+A client that reads again with ``Last-Event-ID`` often comes back before
+its old reader has noticed it left (a client on another network now, whose
+old connection is silent until the next keep-alive write; a web process in
+its graceful shutdown): the response queue still has that reader's
+consumer. Such a reader waits for the old one to go (``SSE_KEEPALIVE`` and a
+little more at most) instead of a ``409``, which ``EventSource`` would take
+as the end.
 """
 
 from __future__ import annotations
@@ -45,6 +53,10 @@ logger = logging.getLogger(__name__)
 
 # Between two tries to reach RabbitMQ again, for a stream whose connection broke.
 RECONNECT_PAUSE = 1.0
+# Seconds past SSE_KEEPALIVE a reader that resumes waits for the reader it replaces.
+BUSY_SLACK = 5.0
+# Between two looks whether that reader has gone.
+BUSY_PAUSE = 0.5
 
 
 class Resume:
@@ -107,7 +119,7 @@ class Answer:
         self.restarted = False  # whether that message had the restart mark
         # Its direct replies, or its response queue.
         self.stream: Replies | Stream = (
-            replies if replies is not None else services.router.open(uid, wait)
+            replies if replies is not None else self._open(wait, resuming=after is not None)
         )
         self.resume = Resume(after) if after is not None else None
         self.finished = False  # the worker has nothing more to send
@@ -118,6 +130,19 @@ class Answer:
         self._closed = False
         self._watch = ClientWatch(environ, self._on_gone) if environ is not None else None
         metrics.recorder().web_streams.inc()
+
+    def _open(self, wait: float, *, resuming: bool) -> Stream:
+        """The response queue's stream; a reader that resumes waits for the one
+        it replaces to go (see the module)."""
+        router = self.services.router
+        give_up = time.monotonic() + self.services.settings.sse_keepalive + BUSY_SLACK
+        while True:
+            try:
+                return router.open(self.uid, wait)
+            except StreamBusy:
+                if not resuming or time.monotonic() >= give_up:
+                    raise
+                gevent.sleep(BUSY_PAUSE)
 
     def _on_gone(self) -> None:
         self._gone = True
