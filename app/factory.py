@@ -9,7 +9,7 @@ from celery import Celery, signals
 
 from app import logs
 from app.broker import Pools
-from app.shutdown import warm_shutdown
+from app.shutdown import TaskLinkStep, warm_shutdown
 from app.tasknames import STREAM_CHAT
 from config import Settings, load_settings
 from config.celery import celery_config
@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
     )(stream_chat)
     app.steps["worker"].add(RequestConsumer)
     app.steps["consumer"].add(BufferedTaskEvents)
+    app.steps["consumer"].add(TaskLinkStep)
     logs.install()
 
     level = logging.getLevelName(settings.log_level.upper())

@@ -28,7 +28,19 @@ warm shutdown does, with no grace.
 
 from __future__ import annotations
 
+import logging
 import time
+import traceback
+from typing import Any
+
+from celery import bootsteps
+
+logger = logging.getLogger(__name__)
+
+# Seconds between two looks of the watchdog at the task consumer's connection,
+# and how long it may be broken, unnoticed by Celery, before it is reported.
+WATCH_EVERY = 5.0
+UNNOTICED = 15.0
 
 
 class HandBack(Exception):
@@ -67,6 +79,80 @@ class Losses:
 
 
 losses = Losses()
+
+
+class TaskLink:
+    """The connection on which this process's Celery consumer takes task messages.
+
+    A task message can be acknowledged (or given back) only on the connection
+    it came on. A stream notes that connection when it begins
+    (:meth:`current`) and stops, :class:`Orphaned`, once it is gone
+    (:meth:`alive`): replaced by Celery after a loss, or broken (a write to
+    it failed) while Celery has not noticed yet. The soak saw both: a
+    worker's Celery consumer that went on with a dead connection for minutes
+    after a broker restart, and a copy it started from a message taken just
+    before, which ran to its end beside the copy another worker answered.
+
+    Only where the consumer runs in the process of the tasks (the Procfile's
+    gevent pool); elsewhere nothing is noted and nothing is checked.
+    """
+
+    def __init__(self) -> None:
+        self.consumer: Any = None
+        self.loop: Any = None  # the greenlet that runs the consumer's loop
+
+    def current(self) -> Any:
+        consumer = self.consumer
+        return None if consumer is None else consumer.connection
+
+    def alive(self, noted: Any) -> bool:
+        """Whether ``noted`` (a :meth:`current`) still carries this process's tasks."""
+        if noted is None:
+            return True
+        return self.current() is noted and bool(noted.connected)
+
+    def watch(self) -> None:
+        """Report a task connection that is broken while Celery goes on with it
+        (no task reaches this worker then), with where its loop is."""
+        import gevent
+
+        broken_since: float | None = None
+        reported = None
+        while True:
+            gevent.sleep(WATCH_EVERY)
+            connection = self.current()
+            if connection is None or connection.connected:
+                broken_since = None
+                continue
+            now = time.monotonic()
+            broken_since = broken_since or now
+            if now - broken_since >= UNNOTICED and reported is not connection:
+                reported = connection
+                frame = getattr(self.loop, "gr_frame", None)
+                where = "".join(traceback.format_stack(frame)) if frame is not None else "?"
+                logger.error(
+                    "the task consumer's connection has been broken for %.0f s and Celery "
+                    "has not noticed: no task reaches this worker. Its loop is at:\n%s",
+                    now - broken_since,
+                    where,
+                )
+
+
+task_link = TaskLink()
+
+
+class TaskLinkStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Keeps :data:`task_link` on the Celery consumer of this process."""
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def start(self, c: Any) -> None:
+        task_link.consumer = c
+        if type(c.pool).__module__ == "celery.concurrency.gevent" and task_link.loop is None:
+            import gevent
+
+            task_link.loop = gevent.getcurrent()
+            gevent.spawn(task_link.watch)
 
 
 class WarmShutdown:

@@ -55,6 +55,7 @@ from bench.harness import (
     wait_for_http,
 )
 from bench.rabbitnode import RabbitNode
+from config import load_settings
 from devllm.testing import DevLLM
 
 TOKENS = 40
@@ -111,6 +112,7 @@ class Soak:
         self.rss: dict[str, dict[str, float]] = {}
         self.queues: dict[str, list[str]] = {}
         self.marks: list[tuple[float, str]] = []
+        self.consumers: dict[str, dict[str, int]] = {}
         self.port = free_port()
         self.started = time.monotonic()
 
@@ -165,6 +167,17 @@ class Soak:
 
     def sample(self, when: str) -> None:
         self.rss[when] = {name: rss_mib(pid) for name, pid in self.processes().items()}
+
+    def count_consumers(self) -> dict[str, int]:
+        """Consumers of the input and task queues: one each per worker process."""
+        assert self.node is not None
+        out = self.node.ctl("list_queues", "-q", "name", "consumers", "--no-table-headers")
+        found = {}
+        for line in out.splitlines():
+            name, _, count = line.strip().rpartition("\t")
+            if name in (self.env["RABBITMQ_QUEUE"], load_settings(self.env).task_queue):
+                found[name] = int(count)
+        return found
 
     def count_queues(self, when: str) -> None:
         assert self.node is not None
@@ -257,6 +270,10 @@ class Soak:
         self.marks.append((time.monotonic() - start, "broker restart"))
         await asyncio.to_thread(self.node.restart_app)
         self.marks.append((time.monotonic() - start, "broker back"))
+        await asyncio.sleep(30)
+        self.consumers["30 s after the broker came back"] = await asyncio.to_thread(
+            self.count_consumers
+        )
         await asyncio.sleep(max(0.0, start + 2 * self.seconds / 3 - time.monotonic()))
         self.marks.append((time.monotonic() - start, "web reload (HUP)"))
         os.kill(self.web.pid, signal.SIGHUP)
@@ -306,6 +323,11 @@ class Soak:
             )
         say("events: " + "; ".join(f"{what} at {at:.0f} s" for at, what in self.marks))
 
+        self.consumers.setdefault("end", self.count_consumers())
+        say(f"\n== consumers (each worker process: one of each queue, {self.n_workers} in all) ==")
+        for when, found in self.consumers.items():
+            say(f"{when}: " + ", ".join(f"{name} {n}" for name, n in sorted(found.items())))
+
         say("\n== RSS (MiB) ==")
         names = sorted({name for sample in self.rss.values() for name in sample})
         whens = list(self.rss)
@@ -318,9 +340,14 @@ class Soak:
         say("(the web workers after the reload are new processes)")
 
         say("\n== queues on the broker ==")
-        say(format_table([[k, len(v)] for k, v in self.queues.items()], ["when", "queues"]))
+        rows = [
+            [k, len(v), sum(q.startswith("response_") for q in v), sum(_server_named(q) for q in v)]
+            for k, v in self.queues.items()
+        ]
+        say(format_table(rows, ["when", "queues", "response_<uid>", "exclusive (amq.gen-)"]))
+        say("(exclusive queues live as long as the connection of a web process)")
         first, *_, last = self.queues.values()
-        if extra := sorted(set(last) - set(first)):
+        if extra := sorted(q for q in set(last) - set(first) if not _server_named(q)):
             say(f"left at the end: {', '.join(extra[:10])}")
 
         say("\n== warning and error lines of the logs, by kind ==")
@@ -337,6 +364,10 @@ class Soak:
             f"\nmedian stream read time {median(durations):.1f} s "
             f"(the LLM takes {TOKENS * TOKEN_DELAY:.0f} s)"
         )
+
+
+def _server_named(queue: str) -> bool:
+    return queue.startswith("amq.gen-")
 
 
 def _restarted(answer: Answer) -> bool:

@@ -21,7 +21,7 @@ from app.errors import DuplicateRequest
 from app.lifecycle import Incarnation, Running, State, Verdict, check_transition
 from app.protocol import Publish, ResponseStream
 from app.request import ChatRequest
-from app.shutdown import HandBack, Orphaned, losses, warm_shutdown
+from app.shutdown import HandBack, Orphaned, losses, task_link, warm_shutdown
 from config import Settings
 from tasks import cancel, llm
 
@@ -64,6 +64,7 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
     """
     settings: Settings = task.app.settings
     lost = losses.count  # a connection lost after this takes the task message with it
+    link = task_link.current()  # the connection the task message came on
     request = ChatRequest.from_task(payload)
     uid = request.uid
     incarnation = Incarnation(uid, rid or str(task.request.id), at)
@@ -100,7 +101,7 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         if restart:
             logger.warning("uid=%s: redelivered; the answer starts again", uid)
             metrics.restarted("redelivered")
-        finished = answer(stream, request, incarnation, settings, figures, lost=lost)
+        finished = answer(stream, request, incarnation, settings, figures, lost=lost, link=link)
         outcome = ("error" if stream.error_code else "answered") if finished else "cancelled"
         check_transition(state, State.ANSWERED if finished else State.CANCELLED)
     except PublishFailed as exc:
@@ -123,13 +124,14 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         figures.end(outcome, stream)
 
 
-def _stop_if_due(lost: int, incarnation: Incarnation, settings: Settings) -> None:
+def _stop_if_due(lost: int, link: Any, incarnation: Incarnation, settings: Settings) -> None:
     """Raise :class:`HandBack` when the grace of a warm shutdown is over, and
-    :class:`Orphaned` when a connection was lost since the count ``lost`` or
+    :class:`Orphaned` when a connection was lost since the count ``lost``,
+    the task message's connection ``link`` is gone (:class:`TaskLink`), or
     the task message came back to this process (:meth:`Running.superseded`)."""
     if warm_shutdown.due():
         raise HandBack
-    if losses.since(lost) or running(settings).superseded(incarnation):
+    if losses.since(lost) or not task_link.alive(link) or running(settings).superseded(incarnation):
         raise Orphaned
 
 
@@ -164,18 +166,20 @@ def answer(
     figures: metrics.Answering,
     *,
     lost: int,
+    link: Any = None,
 ) -> bool:
     """Stream the LLM's answer, or an error object, then ``[DONE]``; False if cancelled.
 
     ``figures`` takes the LLM's time to its first payload and the tokens;
-    ``lost``, the count of :data:`~app.shutdown.losses` when the task began:
-    a connection lost since ends the stream (:class:`~app.shutdown.Orphaned`)."""
+    ``lost``, the count of :data:`~app.shutdown.losses` when the task began,
+    and ``link``, the connection its message came on: a connection lost since
+    ends the stream (:class:`~app.shutdown.Orphaned`)."""
     uid = request.uid
     cancels = cancel.listener(settings).cancels
     if cancels.cancelled(incarnation):
         logger.info("uid=%s: cancelled before it started", uid)
         return False
-    _stop_if_due(lost, incarnation, settings)
+    _stop_if_due(lost, link, incarnation, settings)
     client = llm.client(settings)
     started = time.monotonic()
     for attempt in range(settings.llm_max_retries + 1):
@@ -195,7 +199,7 @@ def answer(
                             cancels.forget(incarnation)
                             return False
                         # Leaving the block closes the HTTP stream.
-                        _stop_if_due(lost, incarnation, settings)
+                        _stop_if_due(lost, link, incarnation, settings)
                         stream.chunk(payload)
                         if _carries_token(chunk):
                             tokens = True
