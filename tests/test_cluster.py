@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pika
+import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-from app.broker import response_queue_arguments
 from bench.rabbitnode import RabbitCluster
 from config import load_settings
 from devllm.answers import reply_tokens
@@ -39,20 +39,18 @@ DURING = 10  # requests sent while the node is down
 @dataclass
 class Readers:
     """One client connection (to a node that is not killed) reading many
-    response queues at once, each declared by the client itself, as the README
-    tells a client that starts consuming before the worker declared it.
+    response queues at once, each once its answer has begun.
 
-    Not a passive declare until the queue is there, then a consume: on
-    RabbitMQ 3.10 a consume that comes while a new quorum queue's Raft group
-    is still starting, with a member node down, crashes the channel and
-    closes the connection (541 INTERNAL_ERROR, ``badmatch {error,nodedown}``
-    in ``rabbit_quorum_queue:consume``). A declare returns once the group has
-    started.
+    Not as soon as the queue is there: on RabbitMQ 3.10 a consume that comes
+    while a new quorum queue's Raft group is still starting crashes the
+    broker's channel and closes the connection (541 INTERNAL_ERROR,
+    ``badmatch {error,noproc}`` or ``{error,nodedown}`` in
+    ``rabbit_quorum_queue:consume``), whether the client or the worker
+    declared it. A queue with a message in it has a leader.
     """
 
     connection: BlockingConnection
     prefix: str
-    arguments: dict[str, Any]
     answers: dict[str, Answer] = field(default_factory=dict)
     done_at: dict[str, float] = field(default_factory=dict)
     waiting: set[str] = field(default_factory=set)
@@ -66,12 +64,21 @@ class Readers:
             self.answers[uid] = Answer()
             self.waiting.add(uid)
 
+    def _begun(self, queue: str) -> bool:
+        channel = self.connection.channel()
+        try:
+            ok = channel.queue_declare(queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker:
+            return False  # not there yet
+        channel.close()
+        return bool(ok.method.message_count)
+
     def _consume_declared(self) -> None:
         for uid in list(self.waiting):
             queue = self.prefix + uid
-            self.channel.queue_declare(queue, durable=True, arguments=self.arguments)
-            self.waiting.discard(uid)
-            self.channel.basic_consume(queue, self._handler(uid), auto_ack=True)
+            if self._begun(queue):
+                self.waiting.discard(uid)
+                self.channel.basic_consume(queue, self._handler(uid), auto_ack=True)
 
     def _handler(self, uid: str) -> Any:
         def handle(ch: Any, method: Any, properties: Any, body: bytes) -> None:
@@ -159,8 +166,7 @@ def test_a_node_killed_mid_stream_loses_no_accepted_request(
     client = pika.BlockingConnection(pika.URLParameters(url3))
     sender = client.channel()
     sender.confirm_delivery()
-    arguments = response_queue_arguments(load_settings(env))
-    readers = Readers(client, env["RESPONSE_QUEUE_PREFIX"], arguments)
+    readers = Readers(client, env["RESPONSE_QUEUE_PREFIX"])
     model = f"m;delay={DELAY};tokens={TOKENS}"
     prompts = {new_uid(): f"cluster {i}" for i in range(STREAMS)}
     uids = list(prompts)
