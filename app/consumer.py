@@ -167,10 +167,8 @@ class Holding:
         self.told: dict[str, float] = {}  # uid -> when the web front last heard of it
         self.should_stop = False
 
-    def add(self, uids: list[str]) -> None:
-        now = time.monotonic()
-        for uid in uids:
-            self.since.setdefault(uid, now)
+    def add(self, uid: str) -> None:
+        self.since.setdefault(uid, time.monotonic())
 
     def remove(self, uids: list[str]) -> None:
         for uid in uids:
@@ -313,7 +311,7 @@ class Intake(ConsumerMixin):
         read = self.read(message)
         self.pending.append(read)
         if read.uid is not None:
-            self.holding.add([read.uid])
+            self.holding.add(read.uid)
 
     def _forget_pending(self) -> None:
         self.pending = []
@@ -365,14 +363,15 @@ class Intake(ConsumerMixin):
             r.message.ack()
         committing = time.monotonic()
         self._channel.tx_commit()
-        self.holding.remove([u for r in reads if (u := r.uid) is not None])
+        requested = [u for r in reads if (u := r.uid) is not None]
+        self.holding.remove(requested)
         done = time.monotonic()
         if since is not None and done - since > SLOW_HAND_OFF:
             logger.warning(
                 "intake: %d requests (uid=%s first) handed off %.1f s after the first came "
                 "(waiting %.1f s, declaring %.1f s, tasks %.1f s, commit %.1f s)",
                 len(reads),
-                next((r.request.uid for r in reads if r.request is not None), "-"),
+                requested[0] if requested else "-",
                 done - since,
                 began - since,
                 declared - began,

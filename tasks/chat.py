@@ -124,14 +124,14 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         figures.end(outcome, stream)
 
 
-def _stop_if_due(lost: int, link: Any, incarnation: Incarnation, settings: Settings) -> None:
+def _stop_if_due(lost: int, link: Any, incarnation: Incarnation, runs: Running) -> None:
     """Raise :class:`HandBack` when the grace of a warm shutdown is over, and
     :class:`Orphaned` when a connection was lost since the count ``lost``,
     the task message's connection ``link`` is gone (:class:`TaskLink`), or
     the task message came back to this process (:meth:`Running.superseded`)."""
     if warm_shutdown.due():
         raise HandBack
-    if losses.since(lost) or not task_link.alive(link) or running(settings).superseded(incarnation):
+    if losses.since(lost) or not task_link.alive(link) or runs.superseded(incarnation):
         raise Orphaned
 
 
@@ -176,10 +176,11 @@ def answer(
     ends the stream (:class:`~app.shutdown.Orphaned`)."""
     uid = request.uid
     cancels = cancel.listener(settings).cancels
+    runs = running(settings)
     if cancels.cancelled(incarnation):
         logger.info("uid=%s: cancelled before it started", uid)
         return False
-    _stop_if_due(lost, link, incarnation, settings)
+    _stop_if_due(lost, link, incarnation, runs)
     client = llm.client(settings)
     started = time.monotonic()
     for attempt in range(settings.llm_max_retries + 1):
@@ -199,7 +200,7 @@ def answer(
                             cancels.forget(incarnation)
                             return False
                         # Leaving the block closes the HTTP stream.
-                        _stop_if_due(lost, link, incarnation, settings)
+                        _stop_if_due(lost, link, incarnation, runs)
                         stream.chunk(payload)
                         if _carries_token(chunk):
                             tokens = True
