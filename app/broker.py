@@ -29,12 +29,16 @@ import itertools
 import json
 import logging
 import os
-import select
 import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import amqp
 from amqp.exceptions import AMQPError
+from gevent import monkey
 from kombu import Connection, Exchange, Producer, Queue
 from kombu.exceptions import OperationalError
 from kombu.pools import ProducerPool
@@ -46,6 +50,9 @@ from config.settings import type_argument
 
 logger = logging.getLogger(__name__)
 
+# The system's select, even where gevent patched the module (see frames_waiting).
+_select = monkey.get_original("select", "select")
+
 DEFAULT_EXCHANGE = Exchange("")
 # What a broker call raises when the connection or the broker is in trouble
 # (the request itself is fine): try again on a new connection, or requeue.
@@ -53,6 +60,11 @@ BROKER_ERRORS = (AMQPError, OperationalError, ConnectionError, OSError)
 # A publish that fails because the broker went away is retried on a new
 # connection for up to about 10 s before the caller hears of it.
 RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
+
+# Seconds a lane in confirm mode waits for the broker's confirm of a message
+# before it renews its connection and sends the message again (a quorum
+# queue elects a new leader in a few seconds after its node died).
+CONFIRM_TIMEOUT = 5.0
 
 
 def _queue(name: str, settings: Settings) -> Queue:
@@ -168,6 +180,12 @@ def frames_waiting(connection: Any) -> bool:
     Reads py-amqp's private ``transport._read_buffer`` (checked against amqp
     5.3 and 5.4): bytes already taken off the socket are not seen by select.
     tests/test_broker.py fails if the attribute moves.
+
+    It never yields to other greenlets: gevent's ``select``, even with a
+    timeout of 0, lets every other ready greenlet run first. Called once per
+    frame in a loop, that made a worker's intake, beside 1,000 streams that
+    restarted at once after a broker restart, take 30 to 90 s to collect one
+    batch, and the web front's readers wait 404s for those requests.
     """
     transport = connection.transport
     if getattr(transport, "_read_buffer", b""):
@@ -176,7 +194,7 @@ def frames_waiting(connection: Any) -> bool:
     pending = getattr(sock, "pending", None)  # TLS
     if pending is not None and pending():
         return True
-    readable, _, _ = select.select([sock], [], [], 0)
+    readable, _, _ = _select([sock], [], [], 0)
     return bool(readable)
 
 
@@ -184,49 +202,232 @@ class Lane:
     """One connection and channel that publishes the messages of many streams.
 
     RabbitMQ keeps the order of the messages published on one channel, and
-    only there: a stream sends every message through the same lane, and the
-    lane sends one message at a time. Messages go straight to py-amqp's
-    ``basic_publish`` (no kombu ``Producer``, no serializer, no per-message
-    declare); a broken connection is renewed by kombu's ``Connection.ensure``
-    under ``RETRY_POLICY``, and the message sent again on the new channel.
+    only there: a stream sends every message through the same lane, which
+    writes them in the order they were handed over. Messages go straight to
+    py-amqp's ``basic_publish`` (no kombu ``Producer``, no serializer, no
+    per-message declare).
+
+    A stream hands a message over (:meth:`publish`) and goes on: the lane's
+    writer, a thread (a greenlet in the worker) of its own, sends everything
+    handed over since its last write in one socket write (:func:`one_write`).
+    A socket write cost about as much CPU as the rest of a message's way
+    through the worker. A stream waits only for its last message
+    (:meth:`settle`: the task message is acknowledged after it), or when
+    ``WAITING_LIMIT`` messages wait for the lane (a broker that does not
+    read, in a memory alarm say: the backlog stays bounded).
+
+    A broken connection is renewed by kombu's ``Connection.ensure`` under
+    ``RETRY_POLICY``, and the messages not yet written sent again on the new
+    channel. A message that could not be sent (or, with ``since``, whose
+    stream lost its task message with a connection: :data:`losses`) is
+    dropped with its error, and its stream hears of it at its next
+    :meth:`publish` or :meth:`settle`.
     """
 
-    def __init__(self, connection: Connection) -> None:
+    # A stream that hands over a message while this many wait waits for it.
+    WAITING_LIMIT = 2000
+
+    def __init__(self, connection: Connection, *, confirm_timeout: float | None = None) -> None:
+        """``confirm_timeout``: the connection is in confirm mode; a confirm
+        that does not come in this many seconds renews it, and the message is
+        sent again on it."""
         self._connection = connection
         self._channel: Any = None
-        self._lock = threading.Lock()
         self._ensured: Any = None
+        self._waiting: list[Outgoing] = []
+        self._handing = threading.Lock()  # over self._waiting
+        self._written = threading.Condition()
+        self._wake = threading.Event()
+        self._writer: threading.Thread | None = None
+        # Off in confirm mode: each publish then waits for the broker's
+        # answer, which needs its frames on the wire first.
+        self._batch = confirm_timeout is None
+        self._confirm = {} if confirm_timeout is None else {"confirm_timeout": confirm_timeout}
 
     def revive(self, channel: Any) -> None:
         """Called by ``ensure`` with the channel of a renewed connection."""
         self._channel = channel
 
-    def _publish(
-        self, body: str, routing_key: str, properties: dict[str, Any], since: int | None
-    ) -> None:
-        if since is not None and losses.since(since):
-            # A retry on the renewed connection, for a stream whose task
-            # message went with the old one: not a message more of it.
-            raise Orphaned
-        if self._channel is None:
-            self._channel = self._connection.default_channel
-        self._channel.basic_publish(
-            amqp.Message(body, delivery_mode=2, **properties),
-            exchange="",
-            routing_key=routing_key,
-        )
-
     def publish(
         self, body: str, routing_key: str, properties: dict[str, Any], since: int | None = None
-    ) -> None:
-        """Send one message; with ``since`` (a count of :data:`losses`), raise
-        :class:`~app.shutdown.Orphaned` instead once a connection was lost."""
-        with self._lock:
+    ) -> Outgoing:
+        """Hand one message over, to be written soon; with ``since`` (a count
+        of :data:`losses`), it is dropped with :class:`~app.shutdown.Orphaned`
+        once a connection was lost. A stream publishes through a
+        :class:`Sender`, which hears what became of each message."""
+        out = Outgoing(body, routing_key, properties, since)
+        with self._handing:
+            self._waiting.append(out)
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_forever, name="lane", daemon=True
+                )
+                self._writer.start()
+        self._wake.set()
+        if len(self._waiting) > self.WAITING_LIMIT:
+            self.settle(out)
+        return out
+
+    def settle(self, out: Outgoing) -> None:
+        """Wait until ``out`` and every message handed over before it are
+        written or dropped."""
+        with self._written:
+            while not out.done:
+                self._written.wait()
+
+    def _write_forever(self) -> None:
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                with self._handing:
+                    batch, self._waiting = self._waiting, []
+                if batch:
+                    self._write(batch)
+        finally:
+            # Stopped (its greenlet killed, say): the next publish starts another.
+            with self._handing:
+                self._writer = None
+
+    def _write(self, batch: list[Outgoing]) -> None:
+        failure: BaseException = ConnectionError("the lane's writer was stopped")
+        try:
             if self._ensured is None:
                 self._ensured = self._connection.ensure(
                     self, self._publish, errback=_log_reconnect, **RETRY_POLICY
                 )
-            self._ensured(body, routing_key, properties, since)
+            self._ensured(batch)
+        except Exception as exc:  # each stream hears of it
+            failure = exc
+        finally:
+            with self._written:
+                for out in batch:
+                    out.done = True
+                    if not out.sent and out.error is None:
+                        out.error = failure
+                self._written.notify_all()
+
+    def _publish(self, batch: list[Outgoing]) -> None:
+        todo = []
+        for out in batch:
+            if out.sent or out.error is not None:
+                continue
+            if out.since is not None and losses.since(out.since):
+                # A stream whose task message went with a lost connection:
+                # not a message more of it.
+                out.error = Orphaned()
+            else:
+                todo.append(out)
+        if self._channel is None:
+            self._channel = self._connection.default_channel
+        channel = self._channel
+        if self._batch and len(todo) > 1:
+            with one_write(channel):
+                for out in todo:
+                    _basic_publish(channel, out)
+            for out in todo:
+                out.sent = True
+        else:
+            for out in todo:
+                _basic_publish(channel, out, **self._confirm)
+                out.sent = True
+
+
+class Sender:
+    """One stream's way into a :class:`Lane`: its messages in order, and what
+    became of them. A message the lane had to drop raises its error at the
+    stream's next message, or at :meth:`settle`; the stream then stops (a
+    later message could come after a gap)."""
+
+    def __init__(self, lane: Lane, since: int | None = None) -> None:
+        self._lane = lane
+        self._since = since
+        self._unsettled: deque[Outgoing] = deque()
+
+    def __call__(self, body: str, routing_key: str, properties: dict[str, Any]) -> None:
+        unsettled = self._unsettled
+        while unsettled and unsettled[0].done:
+            _raise_if_dropped(unsettled.popleft())
+        unsettled.append(self._lane.publish(body, routing_key, properties, self._since))
+
+    def settle(self) -> None:
+        """Wait until every message of the stream is written; raise the error
+        of the first one that was dropped."""
+        if self._unsettled:
+            self._lane.settle(self._unsettled[-1])
+        while self._unsettled:
+            _raise_if_dropped(self._unsettled.popleft())
+
+
+def _raise_if_dropped(out: Outgoing) -> None:
+    if out.error is not None:
+        raise out.error
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A message handed to a :class:`Lane`, and what became of it."""
+
+    body: str
+    routing_key: str
+    properties: dict[str, Any]
+    since: int | None
+    sent: bool = False
+    done: bool = False
+    error: BaseException | None = None
+
+
+def _basic_publish(channel: Any, out: Outgoing, **confirm: float) -> None:
+    channel.basic_publish(
+        amqp.Message(out.body, delivery_mode=2, **out.properties),
+        exchange="",
+        routing_key=out.routing_key,
+        **confirm,
+    )
+
+
+@contextmanager
+def one_write(channel: Any) -> Iterator[None]:
+    """Send what py-amqp writes on ``channel``'s connection inside the block in
+    one socket write: at its end (nothing if the block raises), or before it
+    waits for the broker (a declare waits for its answer, say).
+
+    py-amqp writes a message's frames with ``transport.write``, which calls
+    the private ``transport._write`` (the socket's ``sendall``), and reads
+    with ``transport.read_frame``; checked against amqp 5.3 and 5.4.
+    tests/test_broker.py fails if they move.
+    """
+    transport = channel.connection.transport
+    own = "_write" in vars(transport)
+    sendall = transport._write
+    read_frame = transport.read_frame
+    parts: list[bytes] = []
+
+    def write_out() -> None:
+        if parts:
+            data = b"".join(parts)
+            parts.clear()
+            sendall(data)
+
+    def read_after_writing(*args: Any, **kwargs: Any) -> Any:
+        if transport.sock.gettimeout() != 0:
+            # A read that waits (for an answer, say); not py-amqp's poll for
+            # a connection.blocked before each publish, with a zero timeout.
+            write_out()
+        return read_frame(*args, **kwargs)
+
+    transport._write = lambda data: parts.append(bytes(data))
+    transport.read_frame = read_after_writing
+    try:
+        yield
+    finally:
+        del transport.read_frame
+        if own:
+            transport._write = sendall
+        else:
+            del transport._write
+    if parts:  # all of it may have gone before a read already
+        transport.write(b"".join(parts))
 
 
 def _log_reconnect(exc: BaseException, interval: float) -> None:
@@ -240,7 +441,10 @@ class Lanes:
 
     def __init__(self, settings: Settings, *, confirm: bool) -> None:
         self._lanes = [
-            Lane(_connection(settings, confirm)) for _ in range(settings.publish_pool_size)
+            Lane(
+                _connection(settings, confirm), confirm_timeout=CONFIRM_TIMEOUT if confirm else None
+            )
+            for _ in range(settings.publish_pool_size)
         ]
         self._turn = itertools.count()
 
@@ -261,7 +465,8 @@ class Pools:
 
     ``confirmed`` waits for the broker's confirm of every publish (hand-offs,
     dead letters); ``lanes`` carry the streamed answers and wait for confirms
-    only with ``CONFIRM_CHUNKS``.
+    only with ``CONFIRM_CHUNKS`` or quorum response queues
+    (:attr:`~config.Settings.lanes_confirm`).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -278,7 +483,7 @@ class Pools:
                     limit = self.settings.publish_pool_size
                     connection = _connection(self.settings, confirm=True)
                     self._confirmed = ProducerPool(connection.Pool(limit=limit), limit=limit)
-                    self._lanes = Lanes(self.settings, confirm=self.settings.confirm_chunks)
+                    self._lanes = Lanes(self.settings, confirm=self.settings.lanes_confirm)
                     self._pid = os.getpid()
 
     @property

@@ -28,8 +28,10 @@ delivered again.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import amqp
@@ -49,10 +51,12 @@ from app.broker import (
     dead_letter_queue,
     frames_waiting,
     input_queue,
+    one_write,
     response_queue_arguments,
 )
 from app.errors import RequestError
 from app.lifecycle import new_rid
+from app.logs import stack_of
 from app.protocol import ResponseStream
 from app.request import ChatRequest, decode_body, owned_queues, parse_request
 from app.shutdown import losses
@@ -81,6 +85,10 @@ SLOW_HAND_OFF = 2.0
 # and between two tellings while it still is.
 HOLD_NOTICE = 1.0
 RETELL = 3.0
+# A request held this long (seconds) is reported with where the intake's loop
+# is (an ERROR, again every STALL_REPEAT seconds while it lasts).
+STALL_REPORT = 20.0
+STALL_REPEAT = 60.0
 
 
 class RequestConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -166,6 +174,9 @@ class Holding:
         self.since: dict[str, float] = {}  # uid -> when it came
         self.told: dict[str, float] = {}  # uid -> when the web front last heard of it
         self.should_stop = False
+        # Says where the intake's loop is, for a request held STALL_REPORT seconds.
+        self.where: Callable[[], str] = lambda: "?"
+        self._reported = 0.0
 
     def add(self, uid: str) -> None:
         self.since.setdefault(uid, time.monotonic())
@@ -186,12 +197,25 @@ class Holding:
             if now - came >= HOLD_NOTICE and now - self.told.get(uid, -RETELL) >= RETELL
         ]
 
+    def _report_stall(self, now: float) -> None:
+        oldest = min(self.since.values(), default=now)
+        if now - oldest >= STALL_REPORT and now - self._reported >= STALL_REPEAT:
+            self._reported = now
+            logger.error(
+                "intake: %d requests held, the oldest for %.0f s, not handed off; "
+                "its loop is at:\n%s",
+                len(self.since),
+                now - oldest,
+                self.where(),
+            )
+
     def serve(self) -> None:
         with Connection(self.settings.rabbitmq_url, heartbeat=0) as connection:
             producer = Producer(connection, auto_declare=False)
             while not self.should_stop:
                 time.sleep(HOLD_NOTICE / 2)
                 now = time.monotonic()
+                self._report_stall(now)
                 uids = self.due(now)
                 if not uids:
                     continue
@@ -231,11 +255,18 @@ class Intake(ConsumerMixin):
         self._producer: Any = None
         self._careful_until = 0.0
         self._consuming = False  # its queues are declared and consumed
+        self._frame: Callable[[], Any] = lambda: None  # the frame its loop is at
+        self.holding.where = self.where
 
     # --- the loop ------------------------------------------------------------------------------
 
+    def where(self) -> str:
+        """The stack of the intake's loop (for a stall report)."""
+        return stack_of(self._frame())
+
     def serve(self) -> None:
         """Consume until stopped; every connection loss is one line and a reconnect."""
+        self._frame = _frame_of_current()
         while not self.should_stop:
             try:
                 for _ in self.consume(safety_interval=IDLE_WAIT):  # type: ignore[no-untyped-call]
@@ -339,28 +370,33 @@ class Intake(ConsumerMixin):
     def hand_off(self, reads: list[Read], since: float | None = None) -> None:
         began = time.monotonic()
         uids = [u for r in reads if (u := r.response_uid) is not None]
-        if len(uids) > IN_LINE_DECLARES or time.monotonic() < self._careful_until:
+        apart = len(uids) > IN_LINE_DECLARES or time.monotonic() < self._careful_until
+        if apart:
             self.declare_response_queues(uids)
-        else:
-            # On the transaction's own channel, unanswered: they are done
-            # before the commit, whose answer then stands for them too.
-            self._declare_in_line(uids)
-        if uids:
-            # Readers of the web front waiting for these queues (web/accepted.py)
-            # hear of them with the commit.
-            self._channel.basic_publish(
-                amqp.Message(",".join(uids), content_type="text/plain"),
-                exchange=self.settings.accepted_exchange,
-                routing_key="",
-            )
-        at = time.time()
         declared = time.monotonic()
-        for r in reads:
-            if r.request is not None:
-                self._send_task(r.request, at)
-            elif r.error is not None:
-                self._refuse(r.message, r.error)
-            r.message.ack()
+        # Up to the commit, nothing here waits for an answer (but Celery's
+        # first declare of the task queue and event exchange on a channel):
+        # it all goes in one socket write.
+        with one_write(self._channel):
+            if not apart:
+                # On the transaction's own channel, unanswered: they are done
+                # before the commit, whose answer then stands for them too.
+                self._declare_in_line(uids)
+            if uids:
+                # Readers of the web front waiting for these queues
+                # (web/accepted.py) hear of them with the commit.
+                self._channel.basic_publish(
+                    amqp.Message(",".join(uids), content_type="text/plain"),
+                    exchange=self.settings.accepted_exchange,
+                    routing_key="",
+                )
+            at = time.time()
+            for r in reads:
+                if r.request is not None:
+                    self._send_task(r.request, at)
+                elif r.error is not None:
+                    self._refuse(r.message, r.error)
+                r.message.ack()
         committing = time.monotonic()
         self._channel.tx_commit()
         requested = [u for r in reads if (u := r.uid) is not None]
@@ -482,3 +518,17 @@ class Intake(ConsumerMixin):
         self._channel.basic_publish(
             amqp.Message(body, delivery_mode=2, **properties), exchange="", routing_key=routing_key
         )
+
+
+def _frame_of_current() -> Callable[[], Any]:
+    """A callable that gives the frame the calling thread is at: its
+    greenlet's under gevent's monkey-patching (a thread is a greenlet then),
+    else the thread's own."""
+    if "gevent" in sys.modules:
+        import gevent.monkey
+
+        if gevent.monkey.is_module_patched("threading"):
+            greenlet = gevent.getcurrent()
+            return lambda: getattr(greenlet, "gr_frame", None)
+    ident = threading.get_ident()
+    return lambda: sys._current_frames().get(ident)

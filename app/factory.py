@@ -9,7 +9,7 @@ from celery import Celery, signals
 
 from app import logs
 from app.broker import Pools
-from app.shutdown import TaskLinkStep, warm_shutdown
+from app.shutdown import TaskLinkStep, task_link, warm_shutdown
 from app.tasknames import STREAM_CHAT
 from config import Settings, load_settings
 from config.celery import celery_config
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
     app.steps["worker"].add(RequestConsumer)
     app.steps["consumer"].add(BufferedTaskEvents)
     app.steps["consumer"].add(TaskLinkStep)
+    signals.task_received.connect(_note_connection, weak=False)
     logs.install()
 
     level = logging.getLevelName(settings.log_level.upper())
@@ -85,3 +86,8 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
     signals.after_setup_logger.connect(set_level, weak=False)
     signals.after_setup_task_logger.connect(set_level, weak=False)
     return app
+
+
+def _note_connection(request: Any = None, **_: Any) -> None:
+    if request is not None:
+        task_link.received(request)

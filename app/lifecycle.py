@@ -55,6 +55,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -231,11 +232,17 @@ class Running:
     uid whose answer is out is free again.
     """
 
-    def __init__(self, keep: float, limit: int = 100_000) -> None:
+    def __init__(
+        self, keep: float, limit: int = 100_000, losses: Callable[[], int] = lambda: 0
+    ) -> None:
         self._keep = keep
         self._limit = limit
+        # The count of connections lost (app.shutdown.losses): an answer
+        # begun before a loss may have lost its last messages with it.
+        self._losses = losses
         self._streaming: dict[str, Incarnation] = {}
-        self._finished: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # (uid, rid) -> when it finished, and the losses when it began.
+        self._finished: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
         self._superseded: set[tuple[str, str]] = set()
         self._ended = threading.Condition()
 
@@ -256,8 +263,13 @@ class Running:
                     self._ended.wait(timeout=0.1)
                 if self._rid_of(uid) == rid:
                     return Verdict.BUSY
-            if (uid, rid) in self._finished:
-                return Verdict.ANSWERED
+            finished = self._finished.get((uid, rid))
+            if finished is not None:
+                if finished[1] == self._losses():
+                    return Verdict.ANSWERED
+                # A connection was lost since its last messages were written:
+                # with no confirm, they may have gone with it. Answer again.
+                del self._finished[(uid, rid)]
             holder = self._streaming.get(uid)
             if holder is not None and not (cancels is not None and cancels.cancelled(holder)):
                 return Verdict.DUPLICATE
@@ -272,18 +284,23 @@ class Running:
         holder = self._streaming.get(uid)
         return None if holder is None else holder.rid
 
-    def end(self, incarnation: Incarnation, *, finished: bool) -> None:
+    def end(self, incarnation: Incarnation, *, finished: bool, lost: int | None = None) -> None:
+        """``lost``: the count of connections lost when the incarnation began
+        (any loss after it may have taken its unconfirmed last messages)."""
         with self._ended:
             if self._streaming.get(incarnation.uid) == incarnation:
                 del self._streaming[incarnation.uid]
                 self._superseded.discard((incarnation.uid, incarnation.rid))
             if finished:
-                self._finished[(incarnation.uid, incarnation.rid)] = time.monotonic()
+                self._finished[(incarnation.uid, incarnation.rid)] = (
+                    time.monotonic(),
+                    self._losses() if lost is None else lost,
+                )
             self._ended.notify_all()
 
     def _prune(self) -> None:
         cutoff = time.monotonic() - self._keep
         while self._finished and (
-            len(self._finished) > self._limit or next(iter(self._finished.values())) < cutoff
+            len(self._finished) > self._limit or next(iter(self._finished.values()))[0] < cutoff
         ):
             self._finished.popitem(last=False)

@@ -24,6 +24,7 @@ tests/test_restart.py fails if a traceback comes back.
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any
 
 from amqp.exceptions import ConnectionError as AMQPConnectionError
@@ -108,3 +109,9 @@ def quiet_hub() -> None:
 
     hub.print_exception = print_exception
     hub._chatqueue_quiet = True
+
+
+def stack_of(frame: Any) -> str:
+    """The stack a loop is at, for a log line about a loop that is stuck
+    (``frame``: a greenlet's ``gr_frame`` or a thread's current frame)."""
+    return "".join(traceback.format_stack(frame)) if frame is not None else "?"

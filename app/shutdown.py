@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from typing import Any
 
 from celery import bootsteps
+
+from app.logs import stack_of
 
 logger = logging.getLogger(__name__)
 
@@ -93,17 +94,48 @@ class TaskLink:
     after a broker restart, and a copy it started from a message taken just
     before, which ran to its end beside the copy another worker answered.
 
+    The connection is noted when the message comes (:meth:`received`, on
+    Celery's ``task_received``), not when its task begins: a task can begin
+    a second after its message came, and Celery may have replaced a lost
+    connection by then. Noted at the task's start, the new connection looked
+    alive, and the copy ran to its end beside the one another worker took
+    from the queue, both in one response queue (soak run 14: 132 answers
+    with a gap at the broker restart).
+
     Only where the consumer runs in the process of the tasks (the Procfile's
     gevent pool); elsewhere nothing is noted and nothing is checked.
     """
 
+    # Messages received whose task has not begun, at most (those that never
+    # begin, revoked say, are forgotten oldest first).
+    KEPT = 100_000
+
     def __init__(self) -> None:
         self.consumer: Any = None
         self.loop: Any = None  # the greenlet that runs the consumer's loop
+        # id() of a received message's delivery_info, the dict its task sees
+        # as ``task.request.delivery_info`` -> the connection it came on.
+        self._came_on: dict[int, Any] = {}
 
     def current(self) -> Any:
         consumer = self.consumer
         return None if consumer is None else consumer.connection
+
+    def received(self, request: Any) -> None:
+        """Note the connection a task message came on: the consumer's current
+        one, as Celery hands over a message while it reads that connection."""
+        if self.consumer is None:
+            return
+        came_on = self._came_on
+        came_on[id(request.delivery_info)] = self.current()
+        while len(came_on) > self.KEPT:
+            del came_on[next(iter(came_on))]
+
+    def came_on(self, delivery_info: Any) -> Any:
+        """The connection the message of a task that begins came on (its
+        ``task.request.delivery_info``); the current one if none was noted."""
+        noted = self._came_on.pop(id(delivery_info), None)
+        return self.current() if noted is None else noted
 
     def alive(self, noted: Any) -> bool:
         """Whether ``noted`` (a :meth:`current`) still carries this process's tasks."""
@@ -128,8 +160,7 @@ class TaskLink:
             broken_since = broken_since or now
             if now - broken_since >= UNNOTICED and reported is not connection:
                 reported = connection
-                frame = getattr(self.loop, "gr_frame", None)
-                where = "".join(traceback.format_stack(frame)) if frame is not None else "?"
+                where = stack_of(getattr(self.loop, "gr_frame", None))
                 logger.error(
                     "the task consumer's connection has been broken for %.0f s and Celery "
                     "has not noticed: no task reaches this worker. Its loop is at:\n%s",

@@ -25,6 +25,7 @@ import http.client
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -37,6 +38,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +160,25 @@ class Process:
 
     def remove_log(self) -> None:
         self.log_path.unlink(missing_ok=True)
+
+
+def log_kinds(processes: Sequence[Process]) -> Counter[str]:
+    """The warning and error lines of their logs, counted by kind: the line
+    without its times, ids and numbers, after the process's name."""
+    kinds: Counter[str] = Counter()
+    for proc in processes:
+        for line in proc.output().splitlines():
+            if re.search(r"WARNING|ERROR|CRITICAL|Traceback", line):
+                kinds[f"{proc.name.rstrip('0123456789')}: {_shape(line)}"] += 1
+    return kinds
+
+
+def _shape(line: str) -> str:
+    """A log line without its times, uids, ids and numbers: its kind."""
+    line = re.sub(r"^\[[^\]]*\]\s*|^\S+ \S+ ", "", line)
+    line = re.sub(r"uid=[\w-]+", "uid=U", line)
+    line = re.sub(r"[0-9a-f]{8,}(\.[0-9a-f]+)?|\b\d+(\.\d+)?\b", "N", line)
+    return re.sub(r"\s+", " ", line).strip()
 
 
 def stop_all(processes: Sequence[Process], timeout: float = 15.0) -> None:

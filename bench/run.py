@@ -45,6 +45,7 @@ import math
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -64,6 +65,7 @@ from bench.harness import (
     find_pid,
     format_table,
     free_port,
+    log_kinds,
     median,
     ms,
     p99,
@@ -194,6 +196,7 @@ class Bench:
         )
         self.settings: Settings = load_settings(self.env)
         self.rows: list[Row] = []
+        self.log_lines: Counter[str] = Counter()
         self.dev: DevLLM | None = None
         self.workers: list[Process] = []
         self.web: Process | None = None
@@ -350,7 +353,9 @@ class Bench:
                     step()
                 except Exception as exc:
                     say(f"  {what}: {exc!r}")
-            for process in [*([self.web] if self.web else []), *self.workers]:
+            processes = [*([self.web] if self.web else []), *self.workers]
+            self.log_lines = log_kinds(processes)
+            for process in processes:
                 if process.proc.returncode in (0, -15):
                     process.remove_log()
                 else:
@@ -867,4 +872,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ["#", "measure", "chatqueue", "beside it (direct / peer)", "target", "verdict"],
         )
     )
+    if bench.log_lines:
+        say("\nwarning and error lines of the web and worker logs, by kind:")
+        kinds = [[n, kind[:150]] for kind, n in bench.log_lines.most_common(15)]
+        say(format_table(kinds, ["lines", "kind"]))
     return 0

@@ -30,7 +30,6 @@ import asyncio
 import json
 import math
 import os
-import re
 import resource
 import signal
 import time
@@ -46,6 +45,7 @@ from bench.harness import (
     environ,
     format_table,
     free_port,
+    log_kinds,
     median,
     open_stream,
     procfile_command,
@@ -96,8 +96,16 @@ class Answer:
 
 
 class Soak:
-    def __init__(self, streams: int, minutes: float, workers: int = 2, webs: int = 2) -> None:
+    def __init__(
+        self,
+        streams: int,
+        minutes: float,
+        workers: int = 2,
+        webs: int = 2,
+        log_level: str = "warning",
+    ) -> None:
         self.streams = streams
+        self.log_level = log_level
         self.seconds = minutes * 60
         self.n_workers = workers
         self.n_webs = webs
@@ -128,7 +136,7 @@ class Soak:
             CHATQUEUE_NAMESPACE=self.run,
             RESPONSE_QUEUE_TTL=str(QUEUE_TTL),
             OPENAI_URL=self.dev.base_url,
-            LOG_LEVEL="warning",
+            LOG_LEVEL=self.log_level,
             PORT=str(self.port),
             WEB_CONCURRENCY=str(self.n_webs),
         )
@@ -351,14 +359,10 @@ class Soak:
             say(f"left at the end: {', '.join(extra[:10])}")
 
         say("\n== warning and error lines of the logs, by kind ==")
-        kinds: Counter[str] = Counter()
-        for proc in [*self.workers, *([self.web] if self.web else [])]:
-            for line in proc.output().splitlines():
-                if re.search(r"WARNING|ERROR|CRITICAL|Traceback", line):
-                    kinds[f"{proc.name.rstrip('0123456789')}: {_shape(line)}"] += 1
+        processes = [*self.workers, *([self.web] if self.web else [])]
+        kinds = log_kinds(processes)
         say(format_table([[v, k[:150]] for k, v in kinds.most_common(25)], ["lines", "kind"]))
-        logs = [proc.log_path for proc in [*self.workers, *([self.web] if self.web else [])]]
-        say("logs: " + ", ".join(map(str, logs)))
+        say("logs: " + ", ".join(str(proc.log_path) for proc in processes))
         durations = [e.at - a.events[0].at for a in whole for e in a.events[-1:] if a.events]
         say(
             f"\nmedian stream read time {median(durations):.1f} s "
@@ -381,13 +385,6 @@ def _kind(body: bytes) -> str:
         return body[:80].decode("utf-8", "replace")
 
 
-def _shape(line: str) -> str:
-    """A log line without its times, ids and numbers: its kind."""
-    line = re.sub(r"^\[[^\]]*\]\s*|^\S+ \S+ ", "", line)
-    line = re.sub(r"[0-9a-f]{8,}(\.[0-9a-f]+)?|\b\d+(\.\d+)?\b", "N", line)
-    return re.sub(r"\s+", " ", line).strip()
-
-
 def _mib(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.0f}"
 
@@ -398,11 +395,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--streams", type=int, default=1000, help="clients at once (1000)")
     parser.add_argument("--minutes", type=float, default=10, help="how long (10)")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        help="LOG_LEVEL of the workers and the web (warning; info logs each request by uid)",
+    )
     args = parser.parse_args(argv)
     # A socket per client, and one more while it submits.
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    soak = Soak(args.streams, args.minutes)
+    soak = Soak(args.streams, args.minutes, log_level=args.log_level)
     try:
         soak.start()
         soak.count_queues("before")

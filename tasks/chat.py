@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject
 
 from app import metrics
-from app.broker import Lane, dead_letter
+from app.broker import Lane, Sender, dead_letter
 from app.errors import DuplicateRequest
 from app.lifecycle import Incarnation, Running, State, Verdict, check_transition
-from app.protocol import Publish, ResponseStream
+from app.protocol import ResponseStream
 from app.request import ChatRequest
 from app.shutdown import HandBack, Orphaned, losses, task_link, warm_shutdown
 from config import Settings
@@ -35,7 +37,7 @@ _running: Running | None = None
 def running(settings: Settings) -> Running:
     global _running  # noqa: PLW0603 - one per process, made on first use
     if _running is None:
-        _running = Running(keep=settings.response_queue_ttl)
+        _running = Running(keep=settings.response_queue_ttl, losses=lambda: losses.count)
     return _running
 
 
@@ -43,16 +45,37 @@ class PublishFailed(Exception):
     """The broker would not take a response message, even after retries."""
 
 
-def _publisher(lane: Lane, since: int) -> Publish:
-    def publish(body: str, routing_key: str, properties: dict[str, Any]) -> None:
-        try:
-            lane.publish(body, routing_key, properties, since)
-        except Orphaned:
-            raise
-        except Exception as exc:
-            raise PublishFailed(str(exc)) from exc
+class _Publisher:
+    """A stream's messages, handed to its lane (:class:`~app.broker.Sender`);
+    a message the broker would not take, even after retries, is PublishFailed."""
 
-    return publish
+    def __init__(self, lane: Lane, since: int) -> None:
+        self._sender = Sender(lane, since)
+
+    def __call__(self, body: str, routing_key: str, properties: dict[str, Any]) -> None:
+        with _publish_failures():
+            self._sender(body, routing_key, properties)
+
+    def settle(self) -> None:
+        """Wait until every message is written (the task message is
+        acknowledged after them)."""
+        with _publish_failures():
+            self._sender.settle()
+
+    def drain(self) -> None:
+        """Wait until every message is written or dropped, whatever became of them."""
+        with suppress(Exception):  # told already, or the stream is over
+            self._sender.settle()
+
+
+@contextmanager
+def _publish_failures() -> Iterator[None]:
+    try:
+        yield
+    except Orphaned:
+        raise
+    except Exception as exc:
+        raise PublishFailed(str(exc)) from exc
 
 
 def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 0.0) -> None:
@@ -64,7 +87,7 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
     """
     settings: Settings = task.app.settings
     lost = losses.count  # a connection lost after this takes the task message with it
-    link = task_link.current()  # the connection the task message came on
+    link = task_link.came_on(task.request.delivery_info)
     request = ChatRequest.from_task(payload)
     uid = request.uid
     incarnation = Incarnation(uid, rid or str(task.request.id), at)
@@ -88,8 +111,9 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         raise Reject("a superseded copy still runs", requeue=True)
     state = check_transition(state, State.STREAMING)
     finished = False
+    publisher = _Publisher(task.app.pools.lanes.next(), lost)
     stream = ResponseStream(
-        _publisher(task.app.pools.lanes.next(), lost),
+        publisher,
         request.reply_to or settings.response_queue(uid),
         uid,
         restart=restart,
@@ -102,6 +126,7 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
             logger.warning("uid=%s: redelivered; the answer starts again", uid)
             metrics.restarted("redelivered")
         finished = answer(stream, request, incarnation, settings, figures, lost=lost, link=link)
+        publisher.settle()
         outcome = ("error" if stream.error_code else "answered") if finished else "cancelled"
         check_transition(state, State.ANSWERED if finished else State.CANCELLED)
     except PublishFailed as exc:
@@ -120,7 +145,10 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         logger.warning("uid=%s: handed back after %d messages (%s)", uid, stream.seq, why)
         raise Reject(why, requeue=True) from exc
     finally:
-        runs.end(incarnation, finished=finished)
+        # Its messages written (or dropped) before another copy of it may
+        # start, on another lane, whose messages must come after them.
+        publisher.drain()
+        runs.end(incarnation, finished=finished, lost=lost)
         figures.end(outcome, stream)
 
 

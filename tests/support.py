@@ -295,3 +295,13 @@ class PrivateStack:
     def web(self) -> Web:
         assert self.front is not None, "started with web=False"
         return self.front
+
+
+def wait_until(predicate: Any, timeout: float = 10) -> bool:
+    """Whether ``predicate()`` came true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False

@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from app.consumer import Intake
 from app.factory import create_app
 from app.lifecycle import new_uid as owned_uid
@@ -18,9 +20,11 @@ from app.lifecycle import owned_by
 from config import load_settings
 from devllm.testing import DevLLM
 from tests.conftest import WebFactory, new_uid
-from tests.support import Web, collect, declare_response_queues, fetch, read_sse
+from tests.support import Web, collect, declare_response_queues, fetch, read_sse, wait_until
 from tests.test_durability import client_of, isolated
 from tests.test_web import chat, expected, stream, submit
+from web.accepted import Accepted
+from web.errors import UnknownStream
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"Authorization": "Bearer key-bob"}
@@ -169,13 +173,15 @@ def test_a_reader_waits_for_the_worker_to_accept_its_request(
     request, not by the POST: a reader that comes first waits for it
     (WEB_ACCEPT_WAIT), and a uid of that form that nobody submitted is 404
     once the wait is over."""
-    env = {**isolated(worker_env, names, "accept"), "WEB_ACCEPT_WAIT": "1"}
+    # 2 s: longer than a hand-off that no `taken` notice covers (HOLD_NOTICE and
+    # the notices' period), as a fresh worker's first can be on a loaded machine.
+    env = {**isolated(worker_env, names, "accept"), "WEB_ACCEPT_WAIT": "2"}
     web = start_web("accept", env=env)
     uid = submit(web, chat("wait for me"))  # no worker on this input queue yet
     results: list[Any] = []
     reader = threading.Thread(target=lambda: results.append(stream(web, uid, timeout=40)))
     reader.start()
-    time.sleep(4)
+    time.sleep(5)
     # Waiting past WEB_ACCEPT_WAIT, not 404: the request is in the input
     # queue's backlog (as after a burst, or a broker restart).
     assert reader.is_alive(), results[0].body
@@ -188,6 +194,41 @@ def test_a_reader_waits_for_the_worker_to_accept_its_request(
     nobody = stream(quick, owned_uid())
     assert nobody.status == 404
     assert 0.5 <= time.monotonic() - started < 10  # it waited, then gave up
+
+
+def test_a_reader_waits_for_a_request_just_taken_from_the_backlog(names: dict[str, str]) -> None:
+    """A request taken from the input queue leaves its backlog before its
+    hand-off commits and its queue exists: a reader that saw a backlog waits
+    WEB_ACCEPT_WAIT more once it is gone, instead of a 404 in between (seen
+    once in the suite: a worker started while a reader waited on the backlog).
+    Here the broker's answers are played by the clock: a backlog until 2.5 s,
+    the queue from 4.0 s, a look about every second (LOOK_AGAIN)."""
+    accepted = Accepted(load_settings(isolated(names, names, "taken-from-backlog")))
+    accepted.start()
+    try:
+        assert wait_until(lambda: accepted._listening, 10)
+        _wait_across_a_backlog_that_empties(accepted)
+    finally:
+        accepted.should_stop = True
+
+
+def _wait_across_a_backlog_that_empties(accepted: Accepted) -> None:
+    began = time.monotonic()
+
+    def look() -> str:
+        if time.monotonic() - began < 4.0:
+            raise UnknownStream("no queue yet")
+        return "found"
+
+    def backlog() -> bool:
+        return time.monotonic() - began < 2.5
+
+    assert accepted.wait(new_uid(), 2.0, look, backlog) == "found"
+    # With no backlog ever, the wait ends after WEB_ACCEPT_WAIT, with a 404.
+    began = time.monotonic()
+    with pytest.raises(UnknownStream):
+        accepted.wait(new_uid(), 1.0, look, lambda: False)
+    assert 1.0 <= time.monotonic() - began < 3.0
 
 
 def test_a_reader_waits_while_an_intake_holds_its_request(

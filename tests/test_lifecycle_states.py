@@ -66,3 +66,27 @@ def test_a_copy_that_does_not_stop_gives_the_task_back_instead_of_dropping_it() 
     assert runs.superseded(first)
     runs.end(first, finished=True)
     assert runs.begin(Incarnation("u1", "r1", 0.0), wait=0.3) is Verdict.ANSWERED
+
+
+def test_an_answer_finished_before_a_connection_was_lost_is_answered_again() -> None:
+    """Its last messages were written, not confirmed: a broker restart may have
+    taken them. Its task message, back because its ack went with the same
+    connection, is answered again (marked restart), not dropped."""
+    lost = 0
+    runs = Running(keep=60, losses=lambda: lost)
+    first = Incarnation("u1", "r1", 0.0)
+    assert runs.begin(first) is Verdict.ANSWER
+    runs.end(first, finished=True)
+    assert runs.begin(Incarnation("u1", "r1", 0.0)) is Verdict.ANSWERED  # nothing lost since
+    lost = 1
+    again = Incarnation("u1", "r1", 0.0)
+    assert runs.begin(again) is Verdict.ANSWER
+    runs.end(again, finished=True)
+    assert runs.begin(Incarnation("u1", "r1", 0.0)) is Verdict.ANSWERED
+    # A loss after a copy began counts, even one before it ended.
+    third = Incarnation("u2", "r2", 0.0)
+    assert runs.begin(third) is Verdict.ANSWER
+    began = lost
+    lost = 2
+    runs.end(third, finished=True, lost=began)
+    assert runs.begin(Incarnation("u2", "r2", 0.0)) is Verdict.ANSWER

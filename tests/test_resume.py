@@ -12,8 +12,8 @@ from typing import Any
 
 from devllm.testing import DevLLM
 from tests.conftest import WebFactory
-from tests.support import EventStream, Web
-from tests.test_web import chat, expected, stream, submit, wait_until
+from tests.support import EventStream, Web, wait_until
+from tests.test_web import chat, expected, stream, submit
 from web.responses import Resume
 from web.router import Delivery
 

@@ -17,7 +17,7 @@ import pytest
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
 from tests.conftest import WebFactory, new_uid
-from tests.support import Broker, EventStream, Web, fetch, read_sse, task_events
+from tests.support import Broker, EventStream, Web, fetch, read_sse, task_events, wait_until
 
 KNIGHT = "Tell me a short story about a brave knight."
 TOKENS = 12  # the development LLM's default answer length in the tests
@@ -256,15 +256,6 @@ def test_healthz_checks_at_most_once_in_two_seconds(web: Web) -> None:
     assert later > max(stamps)
 
 
-def wait_until(predicate: Any, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("when", ["mid-stream", "while the LLM is silent"])
 def test_a_client_that_leaves_cancels_the_llm_call(
     web: Web, llm: DevLLM, broker: Broker, when: str
@@ -279,7 +270,7 @@ def test_a_client_that_leaves_cancels_the_llm_call(
     before = llm.stats()["streams_cancelled"]
     uid = submit(web, chat(f"leave {when}", model=model))
     queue = broker.response_queue(uid)
-    assert broker.queue_exists(queue)
+    broker.wait_for_queue(queue)  # made by the worker as it accepts the request
     sse = stream(web, uid, until=hang_up)
     assert sse.status == 200
     assert sse.events[-1].data != "[DONE]" if sse.events else sse.comments == ["ping"]

@@ -13,7 +13,9 @@ reconnected.
 starts again when RabbitMQ was away (nothing is accepted then), when an
 intake says it holds the request (a ``taken`` notice: app/consumer.py,
 Holding), and it goes on while the input queue holds a backlog (the request
-may be in it); for up to ``WEB_RECONNECT_TIMEOUT`` more in all.
+may be in it), and for ``WEB_ACCEPT_WAIT`` once the backlog is gone (an
+intake may have just taken the request, and not committed its hand-off yet);
+for up to ``WEB_RECONNECT_TIMEOUT`` more in all.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ class Accepted(ConsumerMixin):
         self.connection = Connection(settings.rabbitmq_url, heartbeat=0)
         self._waiting: defaultdict[str, set[Event]] = defaultdict(set)
         self._taken: dict[str, float] = {}  # uid -> when an intake last said it holds it
+        # When this listener last began to consume (after RabbitMQ was away, say),
+        # and whether it consumes now: while it does not, nothing is accepted.
+        self._ready_at = 0.0
+        self._listening = False
         self._started = False
         self._lock = threading.Lock()
 
@@ -81,8 +87,27 @@ class Accepted(ConsumerMixin):
         while taken and next(iter(taken.values())) < now - TAKEN_KEPT:
             del taken[next(iter(taken))]
 
+    def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **_: Any) -> None:
+        self._ready_at = time.monotonic()
+        self._listening = True
+
+    def consume(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            yield from super().consume(*args, **kwargs)  # type: ignore[no-untyped-call]
+        finally:
+            self._listening = False
+
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
         logger.warning("accepted: RabbitMQ unreachable (%r); next try in %.1f s", exc, interval)
+
+    def _counts_from(self, uid: str, began: float, now: float) -> float:
+        """When the time ``uid`` could have been accepted in last started: the
+        wait's beginning, the last ``taken`` notice of it, the listener's
+        return if it was away since, or now while it is away."""
+        if not self._listening:  # RabbitMQ away, for this process
+            return now
+        held = self._taken.get(uid, began)
+        return max(began, held, self._ready_at)
 
     def start(self) -> None:
         with self._lock:
@@ -100,13 +125,14 @@ class Accepted(ConsumerMixin):
         """``look()`` until it stops raising :class:`UnknownStream`: once now,
         then each time ``uid`` is accepted (or every LOOK_AGAIN seconds), for
         up to ``timeout`` seconds of a broker that takes requests; longer
-        while ``backlog()`` says the input queue has requests waiting (see
-        the module)."""
+        while ``backlog()`` says the input queue has requests waiting, and
+        ``timeout`` more once it says it has none (see the module)."""
         self.start()
         event = Event()
-        now = time.monotonic()
+        now = began = time.monotonic()
         deadline = now + timeout
         limit = deadline + self.settings.web_reconnect_timeout
+        backlog_seen = False  # at the last look past the deadline
         try:
             while True:
                 self._waiting[uid].add(event)  # before the look: no notice is missed
@@ -114,10 +140,25 @@ class Accepted(ConsumerMixin):
                     return look()
                 except UnknownStream:
                     now = time.monotonic()
-                    held = self._taken.get(uid)
-                    if held is not None:
-                        deadline = max(deadline, min(held + timeout, limit))
-                    if now >= limit or (now >= deadline and not backlog()):
+                    deadline = max(
+                        deadline, min(self._counts_from(uid, began, now) + timeout, limit)
+                    )
+                    if deadline <= now < limit:
+                        # The request may wait in the input queue's backlog, or
+                        # have just left it for an intake whose hand-off is not
+                        # committed yet (a request taken is no longer counted):
+                        # ``timeout`` more from each look that sees a backlog,
+                        # and from the first that sees none after one.
+                        waiting = backlog()
+                        if waiting or backlog_seen:
+                            deadline = min(now + timeout, limit)
+                        backlog_seen = waiting
+                    if now >= deadline:
+                        logger.info(
+                            "uid=%s: no response queue after %.1f s of waiting; 404",
+                            uid,
+                            now - began,
+                        )
                         raise
                 except BrokerUnavailable:
                     now = time.monotonic()

@@ -4,7 +4,8 @@ An :class:`Answer` is what every streaming route (SSE, the OpenAI drop-in,
 the WebSocket) does with its answer: take the deliveries in order until
 ``[DONE]``, and then clean up. How it ends decides what becomes of the rest:
 
-- ``[DONE]`` was read: the queue is deleted, its stream has been delivered;
+- ``[DONE]`` was passed on to the client: the queue is deleted, its stream
+  has been delivered;
 - the client left (:meth:`Answer.left`): an answer read by direct reply-to
   (drop-in, WebSocket) cannot be read again, so its LLM call is cancelled at
   once. A response queue (SSE) waits ``WEB_RESUME_GRACE`` seconds for its
@@ -228,8 +229,11 @@ class Answer:
         that is not complete is left to be read again, but for direct
         replies, which nobody can read again: their LLM call is cancelled.
 
-        Routes close an answer *before* they pass its ``[DONE]`` on, so a
-        client that has seen ``[DONE]`` finds the queue gone.
+        The SSE route closes an answer once its ``[DONE]`` is written, before
+        the response ends: a client that read the response to its end finds
+        the queue gone, and a ``[DONE]`` that could not be written (the
+        client, or this web process, went) leaves the answer to be read again
+        (:meth:`undelivered`).
         """
         if self._stop():
             return
@@ -241,6 +245,13 @@ class Answer:
         else:
             logger.info("uid=%s: stopped reading after %d messages", self.uid, self.delivered)
             self.stream.close(delete=False)
+
+    def undelivered(self) -> None:
+        """The final message was read, but not passed on: the answer is not
+        delivered, and a response queue stays to be read again (its last
+        messages, unacknowledged, go back to it)."""
+        if isinstance(self.stream, Stream):
+            self.finished = False
 
     def left(self) -> None:
         """The client went away before the answer was complete."""

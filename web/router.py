@@ -77,6 +77,8 @@ READ_AHEAD = 64
 # those a dropped connection may have lost on the way, for a reader that
 # resumes. Between RESUME_WINDOW and twice that; acknowledged in batches.
 RESUME_WINDOW = 8
+# Frames a reader greenlet reads before it lets the others run.
+YIELD_EVERY = 256
 # Errors that mean the connection itself is gone.
 LINK_ERRORS: tuple[type[BaseException], ...] = (
     AMQPConnectionError,
@@ -113,8 +115,12 @@ def read_frames(
             if not frames_waiting(amqp):
                 wait_read(fileno)
             with lock:
+                read = 0
                 while alive() and frames_waiting(amqp):
                     amqp.drain_events(timeout=FRAME_TIMEOUT)
+                    read += 1
+                    if read % YIELD_EVERY == 0:
+                        gevent.sleep(0)  # the streams it filled get their turn
     except gevent.GreenletExit:
         raise
     except TimeoutError as exc:

@@ -68,8 +68,13 @@ def events(
             if delivery is None:
                 yield PING
             elif delivery.done:
+                try:
+                    yield event(delivery, ids=ids)
+                except GeneratorExit:  # not written: the client, or this process, went
+                    answer.undelivered()
+                    raise
+                # Written: the queue goes, before the response ends.
                 answer.close()
-                yield event(delivery, ids=ids)
                 return
             else:
                 yield event(delivery, ids=ids)
