@@ -287,6 +287,7 @@ def test_a_reader_that_does_not_read_leaves_the_backlog_in_rabbitmq(
     try:
         client.sendall(f"GET /v1/chat/response?uid={uid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         queue = broker.response_queue(uid)
+        broker.wait_for_queue(queue)  # made by the worker that takes the request
         deadline = time.monotonic() + 60
         while broker.queue_length(queue) < 5000:  # and never reads a byte
             assert time.monotonic() < deadline, "the web process took the backlog in"
