@@ -256,6 +256,92 @@ def test_a_stream_that_lost_its_task_message_hears_it_and_sends_nothing_more(
         connection.release()
 
 
+# Run under gevent's monkey-patching, as in a worker. argv: broker host, port, queue.
+KILLED_WHILE_DRAINING = """
+from gevent import monkey
+monkey.patch_all()
+import socket
+import sys
+import time
+import gevent
+from gevent.server import StreamServer
+from kombu import Connection
+from app.broker import Lane
+from tasks.chat import _Publisher
+
+host, port, queue = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+spare = socket.create_server(("127.0.0.1", 0))
+gone = spare.getsockname()[1]  # where "the broker" is away for now
+spare.close()
+
+def pipe(source, sink):
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        sink.close()
+
+def relay(client, _):
+    broker = socket.create_connection((host, port))
+    gevent.spawn(pipe, broker, client)
+    pipe(client, broker)
+
+publisher = _Publisher(Lane(Connection(f"amqp://guest:guest@127.0.0.1:{gone}/", heartbeat=0)), None)
+after = []
+
+def stream():
+    publisher("the last message", queue, {})
+    publisher.drain()
+    after.append(time.monotonic())  # what stream_chat does next: runs.end(...)
+
+task = gevent.spawn(stream)
+gevent.sleep(0.5)  # the lane's writer cannot connect, and tries again
+killed = time.monotonic()
+gevent.kill(task)  # as Celery cancels the tasks of a connection it lost
+gevent.sleep(0.5)
+StreamServer(("127.0.0.1", gone), relay).start()  # the broker is back
+task.join(timeout=30)
+assert task.dead and task.successful(), task.exception
+assert after and after[0] > killed + 0.5, after  # it waited for its message
+with Connection(f"amqp://guest:guest@{host}:{port}/", heartbeat=0) as direct:
+    deadline = time.monotonic() + 10  # the relay passes it on
+    while not direct.default_channel.queue_declare(queue, passive=True).message_count:
+        assert time.monotonic() < deadline, "the message never reached the broker"
+        gevent.sleep(0.05)
+print("ok")
+"""
+
+
+def test_a_stream_killed_while_its_messages_drain_ends_after_them(
+    queue: str, broker: Broker
+) -> None:
+    """Celery kills the tasks of a connection it lost (gevent.kill), often
+    while a stream that saw the loss first waits for its lane, which
+    reconnects: the stream goes on to its end once its messages are out (a
+    kill let through skipped its end, and every later copy of its request was
+    given back to come again, to the end of the soak's run)."""
+    parts = urlsplit(RABBITMQ_URL)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILLED_WHILE_DRAINING,
+            parts.hostname or "localhost",
+            str(parts.port or 5672),
+            queue,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+    assert _bodies(broker, queue, 1) == ["the last message"]
+
+
 class Relay:
     """A TCP relay to the broker whose connections can be told to stop
     passing on what the broker says (its confirms, say), as a connection to
