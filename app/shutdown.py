@@ -113,6 +113,10 @@ class TaskLink:
     def __init__(self) -> None:
         self.consumer: Any = None
         self.loop: Any = None  # the greenlet that runs the consumer's loop
+        # The watchdog's (:meth:`look`): since when it has seen no consuming.
+        self._broken_since: float | None = None
+        self._idle_since: float | None = None
+        self._reported: tuple[Any, str] | None = None  # the connection and what, last
         # id() of a received message's delivery_info, the dict its task sees
         # as ``task.request.delivery_info`` -> the connection it came on.
         self._came_on: dict[int, Any] = {}
@@ -144,29 +148,64 @@ class TaskLink:
         return self.current() is noted and bool(noted.connected)
 
     def watch(self) -> None:
-        """Report a task connection that is broken while Celery goes on with it
-        (no task reaches this worker then), with where its loop is."""
+        """Report, with where its loop is, a task consumer that takes no task
+        while Celery goes on: its connection broken and Celery not noticing, or
+        its connection up and nothing consumed (after a broker restart, the
+        soak's run 21 saw a worker re-connected, its consumer on no queue, to
+        the end of the run)."""
         import gevent
 
-        broken_since: float | None = None
-        reported = None
         while True:
             gevent.sleep(WATCH_EVERY)
-            connection = self.current()
-            if connection is None or connection.connected:
-                broken_since = None
-                continue
-            now = time.monotonic()
-            broken_since = broken_since or now
-            if now - broken_since >= UNNOTICED and reported is not connection:
-                reported = connection
+            report = self.look(time.monotonic())
+            if report is not None:
                 where = stack_of(getattr(self.loop, "gr_frame", None))
-                logger.error(
-                    "the task consumer's connection has been broken for %.0f s and Celery "
-                    "has not noticed: no task reaches this worker. Its loop is at:\n%s",
-                    now - broken_since,
-                    where,
-                )
+                logger.error("%s: no task reaches this worker. Its loop is at:\n%s", report, where)
+
+    def look(self, now: float) -> str | None:
+        """One look of :meth:`watch` at the time ``now``: what to report, once
+        for each connection and kind, when the consumer has taken no task for
+        ``UNNOTICED`` seconds."""
+        connection = self.current()
+        if connection is None:
+            self._broken_since = self._idle_since = None
+            return None
+        if not connection.connected:
+            self._idle_since = None
+            if self._broken_since is None:
+                self._broken_since = now
+            return self._once(
+                connection,
+                now - self._broken_since,
+                "the task consumer's connection has been broken for %.0f s and Celery "
+                "has not noticed",
+            )
+        self._broken_since = None
+        if self._consuming() or warm_shutdown.begun:
+            self._idle_since = None
+            return None
+        if self._idle_since is None:
+            self._idle_since = now
+        return self._once(
+            connection,
+            now - self._idle_since,
+            "the task consumer has consumed from none of its queues for %.0f s, its connection up",
+        )
+
+    def _once(self, connection: Any, lasted: float, report: str) -> str | None:
+        last = self._reported
+        if lasted < UNNOTICED or (last is not None and last[0] is connection and last[1] == report):
+            return None
+        self._reported = (connection, report)
+        return report % lasted
+
+    def _consuming(self) -> bool:
+        """Whether the task consumer consumes from its queues (or has none: a
+        control command cancelled them)."""
+        tasks = getattr(self.consumer, "task_consumer", None)
+        if tasks is None:  # between the stop and the start of Celery's steps
+            return False
+        return not tasks.queues or any(tasks.consuming_from(queue) for queue in tasks.queues)
 
 
 task_link = TaskLink()

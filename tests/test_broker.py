@@ -20,6 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 import amqp
 import pytest
 from kombu import Connection
+from kombu import Consumer as KombuConsumer
+from kombu import Queue as KombuQueue
 
 from app.broker import Lane, Sender, frames_waiting, one_write
 from app.shutdown import Orphaned, TaskLink, losses
@@ -128,6 +130,36 @@ def test_a_task_connection_that_broke_or_was_replaced_orphans_its_streams() -> N
     finally:
         consumer.connection.release()
         noted.release()
+
+
+def test_the_watchdog_reports_a_task_consumer_that_takes_no_task(queue: str) -> None:
+    """Once for each connection, after UNNOTICED seconds: a consumer on no
+    queue while its connection is up, and a connection broken unnoticed."""
+    connection = Connection(RABBITMQ_URL, heartbeat=0)
+    connection.connect()
+    tasks = KombuConsumer(connection.channel(), queues=[KombuQueue(queue, durable=False)])
+    link = TaskLink()
+    link.consumer = SimpleNamespace(connection=connection, task_consumer=None)
+    try:
+        assert link.look(0.0) is None  # Celery between its steps: not yet
+        assert "consumed from none of its queues for 16 s" in (link.look(16.0) or "")
+        assert link.look(30.0) is None  # said once
+        link.consumer.task_consumer = tasks
+        assert link.look(31.0) is None
+        tasks.consume()  # Celery's loop began
+        assert link.look(50.0) is None
+
+        connection.connection.sock.shutdown(socket.SHUT_RDWR)
+        with pytest.raises(OSError):
+            for _ in range(100):  # the broken socket is seen at a write
+                connection.default_channel.basic_publish(
+                    amqp.Message("x"), exchange="", routing_key="nowhere"
+                )
+        assert link.look(60.0) is None
+        assert "broken for 15 s and Celery has not noticed" in (link.look(75.0) or "")
+        assert link.look(90.0) is None
+    finally:
+        connection.release()
 
 
 @pytest.fixture
