@@ -1,4 +1,4 @@
-"""The worker's log: an expected fault is one line, not a traceback.
+"""The log of the worker and the web front: an expected fault is one line, not a traceback.
 
 Two kinds of fault are expected, and each is said in a line of its own:
 
@@ -10,7 +10,8 @@ Two kinds of fault are expected, and each is said in a line of its own:
   of task messages delivered on the old connection fail ("Couldn't ack ...,
   connection already closed", ``celery.worker.request``; the broker delivers
   those messages again), kombu's consumers log "Connection to broker lost"
-  (``kombu.mixins``, the cancel listener), and Celery's remote-control
+  (``kombu.mixins``: the cancel listener; in the web front, the accepted
+  and metrics listeners), and Celery's remote-control
   greenlet (``celery/worker/pidbox.py``) dies of the error, which gevent's hub
   prints; the consumer starts a new one once it has reconnected.
 

@@ -6,6 +6,7 @@ import logging
 
 from flask import Flask
 
+from app import logs
 from config import Settings, load_settings
 from web import health, openai_compat, playground, sse, submit
 from web.auth import init_auth
@@ -24,6 +25,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     for noisy in ("httpx", "httpx2", "httpcore", "amqp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.install()  # kombu's consumers (accepted, metrics) lose a connection in one line
 
     app = Flask(__name__)
     # One byte more than allowed: werkzeug stops a body without a length at
