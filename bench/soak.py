@@ -17,7 +17,8 @@ It prints:
 - answers: accepted, complete and exactly once (one ``[DONE]``, the whole
   text after the last restart, ``id`` in order), and what became of the rest;
 - how often clients resumed, and waited out a 503;
-- the RSS of every process at the start, the middle and the end;
+- the RSS of every process at the start, before the broker restart, 30 s
+  after it, before the web reload and at the end;
 - the queues on the broker before, at the end, and once the response queues'
   TTL has passed;
 - the warning and error lines of the workers' and the web's logs, by kind.
@@ -274,7 +275,7 @@ class Soak:
         """The restart, the reload, and the RSS samples, at their times."""
         assert self.node is not None and self.web is not None
         await asyncio.sleep(self.seconds / 3)
-        self.sample("middle")
+        self.sample("before restart")
         self.marks.append((time.monotonic() - start, "broker restart"))
         await asyncio.to_thread(self.node.restart_app)
         self.marks.append((time.monotonic() - start, "broker back"))
@@ -282,7 +283,9 @@ class Soak:
         self.consumers["30 s after the broker came back"] = await asyncio.to_thread(
             self.count_consumers
         )
+        self.sample("restart + 30 s")
         await asyncio.sleep(max(0.0, start + 2 * self.seconds / 3 - time.monotonic()))
+        self.sample("before reload")
         self.marks.append((time.monotonic() - start, "web reload (HUP)"))
         os.kill(self.web.pid, signal.SIGHUP)
 
