@@ -3,17 +3,20 @@ the tests' own (tests/brokers.py): the shared broker is never disturbed."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+import websocket
 
 from bench.rabbitnode import RabbitNode
 from tests.conftest import new_uid
 from tests.support import PrivateStack
 from tests.test_web import chat, expected, stream, submit
+from tests.test_web_ws import content_of, receive_all, request, ws_url
 
 pytest_plugins = ["tests.brokers"]
 
@@ -83,4 +86,32 @@ def test_a_drop_in_answer_not_begun_survives_a_broker_restart(
         rabbit_node.restart_app()
         completion = asked.result()
     assert completion.choices[0].message.content == expected(prompt, 30)
+    assert "before its answer began; submitting it again" in stack.web.output()
+
+
+def test_a_websocket_answer_not_begun_survives_a_broker_restart(
+    rabbit_node: RabbitNode,
+    private_stack: Callable[..., PrivateStack],
+) -> None:
+    """The same on the WebSocket: a request whose answer has not begun when
+    RabbitMQ restarts is submitted again, and the client gets the whole
+    answer, no error, on the same socket (an error and a close before)."""
+    stack = private_stack("private-ws-again", LLM_READ_TIMEOUT="30")
+    prompt = "a WebSocket answer across a broker restart"
+    ws = websocket.create_connection(ws_url(stack.web), timeout=120)
+    try:
+        ws.send(
+            request(prompt, model="m;tokens=30;delay=0.2", stream=False)
+        )  # 6 s, whole at the end
+        time.sleep(2)
+        rabbit_node.restart_app()
+        frames = receive_all(ws)
+        assert len(frames) == 2, frames  # the completion, [DONE]
+        completion = json.loads(frames[0])
+        assert completion["choices"][0]["message"]["content"] == expected(prompt, 30)
+        # The socket goes on: the next request is answered.
+        ws.send(request("and after it", model="m;tokens=3"))
+        assert content_of(receive_all(ws)) == expected("and after it", 3)
+    finally:
+        ws.close()
     assert "before its answer began; submitting it again" in stack.web.output()

@@ -43,6 +43,7 @@ from app import metrics
 from app.broker import request_cancel
 from app.errors import BrokerUnavailable
 from app.request import ChatRequest
+from config import Settings
 from web.client import ClientGone, ClientWatch
 from web.errors import StreamBusy
 from web.publisher import Replies
@@ -305,6 +306,36 @@ class Answer:
             logger.warning("uid=%s: could not ask for a cancel: %r", self.uid, exc)
 
 
+class Resubmission:
+    """Whether a request read by direct reply-to (the drop-in, the WebSocket)
+    is submitted again after RabbitMQ went away before its answer began.
+
+    A direct reply-to address dies with its connection, and nothing was sent
+    to the client yet: the request is cancelled and submitted again on a new
+    connection, as long as RabbitMQ comes back within ``WEB_RECONNECT_TIMEOUT``
+    of the first loss. The client gets its answer, later.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._limit = settings.web_reconnect_timeout
+        self._give_up: float | None = None
+
+    def refused(self, exc: BrokerUnavailable) -> None:
+        """A submission RabbitMQ did not take: ``exc`` at the first try (503
+        at once) and once past the limit; else a pause before the next try."""
+        if self._give_up is None or time.monotonic() >= self._give_up:
+            raise exc
+        gevent.sleep(RECONNECT_PAUSE)
+
+    def lost(self, exc: BrokerUnavailable, uid: str) -> None:
+        """An answer lost before it began: ``exc`` once past the limit."""
+        if self._give_up is None:
+            self._give_up = time.monotonic() + self._limit
+        if time.monotonic() >= self._give_up:
+            raise exc
+        logger.info("uid=%s: %s before its answer began; submitting it again", uid, exc)
+
+
 def ask(
     services: Services,
     data: dict[str, Any],
@@ -314,33 +345,22 @@ def ask(
 ) -> tuple[ChatRequest, Answer, Delivery | None]:
     """Submit ``data`` and wait up to ``timeout`` seconds for its answer's first
     message (None if none came), for a reader in this process (the drop-in):
-    the answer comes by direct reply-to.
-
-    A direct reply-to address dies with its connection: when RabbitMQ goes
-    away before the first message came (a restart), nothing was sent to the
-    client yet, so the request is cancelled and submitted again on a new
-    connection, as long as RabbitMQ comes back within
-    ``WEB_RECONNECT_TIMEOUT``: the client gets its answer, later.
+    the answer comes by direct reply-to, and is asked again if RabbitMQ goes
+    away before it began (:class:`Resubmission`).
     """
-    give_up: float | None = None
+    again = Resubmission(services.settings)
     while True:
         try:
             accepted, replies = submit_and_read(services, data, key)
-        except BrokerUnavailable:
-            if give_up is None or time.monotonic() >= give_up:
-                raise  # RabbitMQ is away at the first try: 503 at once
-            gevent.sleep(RECONNECT_PAUSE)
+        except BrokerUnavailable as exc:
+            again.refused(exc)
             continue
         answer = Answer(services, accepted.uid, environ=environ, replies=replies)
         try:
             return accepted, answer, answer.next(timeout)
         except BrokerUnavailable as exc:
             answer.close()  # cancels it: its answer could reach nobody
-            if give_up is None:
-                give_up = time.monotonic() + services.settings.web_reconnect_timeout
-            if time.monotonic() >= give_up:
-                raise
-            logger.info("uid=%s: %s before its answer began; submitting it again", answer.uid, exc)
+            again.lost(exc, answer.uid)
         except BaseException:
             answer.close()
             raise

@@ -4,7 +4,9 @@ The client sends a chat-shaped request (the body of ``POST
 /v1/chat/completions``) as a text frame; it receives each body of the answer
 as a text frame, the last one ``[DONE]``. Then it may send the next request.
 A request that cannot be accepted is answered with an error object and
-``[DONE]``. Closing the socket mid-answer cancels the LLM call.
+``[DONE]``. Closing the socket mid-answer cancels the LLM call. A RabbitMQ
+restart before the answer began is not a failure: the request is submitted
+again; one mid-answer ends it with an error object (the socket is closed).
 
 flask-sock swallows ``ConnectionClosed`` in its route wrapper, so the clean-up
 of an answer is in ``finally``.
@@ -21,12 +23,12 @@ from flask import Flask
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
-from app.errors import ChatqueueError
+from app.errors import BrokerUnavailable, ChatqueueError
 from app.protocol import DONE
 from app.request import decode_body
 from web.auth import current_key
-from web.responses import Answer
-from web.services import services
+from web.responses import Answer, Resubmission
+from web.services import Services, services
 from web.submit import submit_and_read
 from web.ws_limits import bound_waiting_frames
 
@@ -72,35 +74,53 @@ def serve(ws: Any) -> None:
             continue
         raw = frame.encode("utf-8") if isinstance(frame, str) else frame
         try:
-            data = decode_body(raw, svc.settings.max_body_bytes)
-            accepted, replies = submit_and_read(svc, data, key)
-            answer = Answer(svc, accepted.uid, replies=replies)
+            answer(ws, svc, decode_body(raw, svc.settings.max_body_bytes), key)
         except ChatqueueError as exc:
             ws.send(json.dumps(exc.to_error_object()))
             ws.send(DONE)
+
+
+def answer(ws: Any, svc: Services, data: dict[str, Any], key: str | None) -> None:
+    """Submit one request and forward its answer. RabbitMQ going away before
+    the answer's first body was sent is no failure: the request is submitted
+    again, as the drop-in does (:class:`~web.responses.Resubmission`)."""
+    again = Resubmission(svc.settings)
+    while True:
+        try:
+            accepted, replies = submit_and_read(svc, data, key)
+        except BrokerUnavailable as exc:
+            again.refused(exc)
             continue
-        forward(ws, answer)
+        lost = forward(ws, Answer(svc, accepted.uid, replies=replies))
+        if lost is None:
+            return
+        again.lost(lost, accepted.uid)
 
 
-def forward(ws: Any, answer: Answer) -> None:
-    """Send the answer's bodies until ``[DONE]``; cancel it if the client leaves."""
+def forward(ws: Any, answer: Answer) -> BrokerUnavailable | None:
+    """Send the answer's bodies until ``[DONE]``; cancel it if the client
+    leaves. RabbitMQ gone before the first body: that error, nothing sent."""
+    sent = False
     try:
         while True:
             try:
                 delivery = answer.next(POLL_SECONDS)
             except ChatqueueError as exc:
                 answer.close()  # RabbitMQ went away: a direct reply cannot be read again
+                if not sent and isinstance(exc, BrokerUnavailable):
+                    return exc
                 ws.send(json.dumps(exc.to_error_object()))
                 ws.close(reason=1011, message="the answer broke off")
-                return
+                return None
             if delivery is None:
                 if not ws.connected:
-                    return
+                    return None
                 continue
             if delivery.done:
                 answer.close()
                 ws.send(delivery.body)
-                return
+                return None
             ws.send(delivery.body)
+            sent = True
     finally:
         answer.close()
