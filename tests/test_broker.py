@@ -72,8 +72,14 @@ def test_frames_waiting_never_lets_other_greenlets_run() -> None:
     every other ready greenlet on each turn: beside 1,000 streams that started
     again after a broker restart, an intake took 30 to 90 s to collect one
     batch, and its requests' readers were answered 404."""
+    run_under_gevent(NO_YIELD, RABBITMQ_URL)
+
+
+def run_under_gevent(script: str, *argv: str) -> None:
+    """Run ``script`` in a Python of its own (it monkey-patches, as a worker
+    does); it prints ``ok`` when all its checks held."""
     done = subprocess.run(
-        [sys.executable, "-c", NO_YIELD, RABBITMQ_URL],
+        [sys.executable, "-c", script, *argv],
         check=False,
         capture_output=True,
         text=True,
@@ -355,22 +361,9 @@ def test_a_stream_killed_while_its_messages_drain_ends_after_them(
     kill let through skipped its end, and every later copy of its request was
     given back to come again, to the end of the soak's run)."""
     parts = urlsplit(RABBITMQ_URL)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            KILLED_WHILE_DRAINING,
-            parts.hostname or "localhost",
-            str(parts.port or 5672),
-            queue,
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=Path(__file__).resolve().parents[1],
+    run_under_gevent(
+        KILLED_WHILE_DRAINING, parts.hostname or "localhost", str(parts.port or 5672), queue
     )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
     assert _bodies(broker, queue, 1) == ["the last message"]
 
 

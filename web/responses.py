@@ -320,12 +320,18 @@ class Resubmission:
         self._limit = settings.web_reconnect_timeout
         self._give_up: float | None = None
 
-    def refused(self, exc: BrokerUnavailable) -> None:
-        """A submission RabbitMQ did not take: ``exc`` at the first try (503
-        at once) and once past the limit; else a pause before the next try."""
-        if self._give_up is None or time.monotonic() >= self._give_up:
-            raise exc
-        gevent.sleep(RECONNECT_PAUSE)
+    def submit(
+        self, services: Services, data: dict[str, Any], key: str | None
+    ) -> tuple[ChatRequest, Replies]:
+        """:func:`~web.submit.submit_and_read`; RabbitMQ away is a 503 at the
+        first try, and tried again after a loss until the limit."""
+        while True:
+            try:
+                return submit_and_read(services, data, key)
+            except BrokerUnavailable:
+                if self._give_up is None or time.monotonic() >= self._give_up:
+                    raise
+                gevent.sleep(RECONNECT_PAUSE)
 
     def lost(self, exc: BrokerUnavailable, uid: str) -> None:
         """An answer lost before it began: ``exc`` once past the limit."""
@@ -350,11 +356,7 @@ def ask(
     """
     again = Resubmission(services.settings)
     while True:
-        try:
-            accepted, replies = submit_and_read(services, data, key)
-        except BrokerUnavailable as exc:
-            again.refused(exc)
-            continue
+        accepted, replies = again.submit(services, data, key)
         answer = Answer(services, accepted.uid, environ=environ, replies=replies)
         try:
             return accepted, answer, answer.next(timeout)

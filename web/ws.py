@@ -29,7 +29,6 @@ from app.request import decode_body
 from web.auth import current_key
 from web.responses import Answer, Resubmission
 from web.services import Services, services
-from web.submit import submit_and_read
 from web.ws_limits import bound_waiting_frames
 
 logger = logging.getLogger(__name__)
@@ -86,11 +85,7 @@ def answer(ws: Any, svc: Services, data: dict[str, Any], key: str | None) -> Non
     again, as the drop-in does (:class:`~web.responses.Resubmission`)."""
     again = Resubmission(svc.settings)
     while True:
-        try:
-            accepted, replies = submit_and_read(svc, data, key)
-        except BrokerUnavailable as exc:
-            again.refused(exc)
-            continue
+        accepted, replies = again.submit(svc, data, key)
         lost = forward(ws, Answer(svc, accepted.uid, replies=replies))
         if lost is None:
             return
