@@ -73,13 +73,13 @@ def serve(ws: Any) -> None:
             continue
         raw = frame.encode("utf-8") if isinstance(frame, str) else frame
         try:
-            answer(ws, svc, decode_body(raw, svc.settings.max_body_bytes), key)
+            answer_request(ws, svc, decode_body(raw, svc.settings.max_body_bytes), key)
         except ChatqueueError as exc:
             ws.send(json.dumps(exc.to_error_object()))
             ws.send(DONE)
 
 
-def answer(ws: Any, svc: Services, data: dict[str, Any], key: str | None) -> None:
+def answer_request(ws: Any, svc: Services, data: dict[str, Any], key: str | None) -> None:
     """Submit one request and forward its answer. RabbitMQ going away before
     the answer's first body was sent is no failure: the request is submitted
     again, as the drop-in does (:class:`~web.responses.Resubmission`)."""
