@@ -17,7 +17,7 @@ _settings = load_settings()
 
 bind = [f"0.0.0.0:{_settings.port}"]
 # One gevent loop per process; each holds thousands of streams.
-worker_class = "gevent"
+worker_class = "config.gunicorn_worker.Worker"
 workers = _settings.web_concurrency
 worker_connections = _settings.web_worker_connections
 # With async workers this is no per-request limit: a worker whose loop does not
