@@ -42,6 +42,20 @@ class Kind(StrEnum):
 Publish = Callable[[str, str, dict[str, Any]], None]
 
 
+def opens_only(chunk: dict[str, Any]) -> bool:
+    """Whether a ``chat.completion.chunk`` only opens the answer: no content,
+    no tool call, no end. A stream started again after such chunks alone
+    repeats nothing a reader could have shown."""
+    choices = chunk.get("choices") or []
+    return all(
+        isinstance(c, dict)
+        and not (c.get("delta") or {}).get("content")
+        and not (c.get("delta") or {}).get("tool_calls")
+        and c.get("finish_reason") is None
+        for c in choices
+    )
+
+
 class ResponseStream:
     """Writes one answer onto its response queue, numbering the messages.
 

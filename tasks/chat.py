@@ -22,7 +22,7 @@ from app import metrics
 from app.broker import Lane, Sender, dead_letter
 from app.errors import DuplicateRequest
 from app.lifecycle import Incarnation, Running, State, Verdict, check_transition
-from app.protocol import ResponseStream
+from app.protocol import ResponseStream, opens_only
 from app.request import ChatRequest
 from app.shutdown import HandBack, Orphaned, losses, task_link, warm_shutdown
 from config import Settings
@@ -252,7 +252,7 @@ def answer(
                             tokens = True
                             figures.tokens += 1
                         elif not tokens:
-                            tokens = not _no_token(chunk)
+                            tokens = not opens_only(chunk)
             else:
                 completion = llm.complete(client, request)
                 figures.llm_first = time.monotonic()
@@ -292,18 +292,6 @@ def answer(
         )
         return True
     return True  # pragma: no cover - the loop always returns
-
-
-def _no_token(chunk: dict[str, Any]) -> bool:
-    """A chunk that only opens the answer: no content, no tool call, no end."""
-    choices = chunk.get("choices") or []
-    return all(
-        isinstance(c, dict)
-        and not (c.get("delta") or {}).get("content")
-        and not (c.get("delta") or {}).get("tool_calls")
-        and c.get("finish_reason") is None
-        for c in choices
-    )
 
 
 def _carries_token(chunk: dict[str, Any]) -> bool:

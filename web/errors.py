@@ -7,7 +7,9 @@
         ├── Unauthorized     no or a wrong API key (401)
         ├── UnknownStream    no response queue for this uid, or not this key's (404)
         ├── StreamBusy       another client is reading this stream (409)
-        └── AnswerTimeout    no answer began within WEB_ANSWER_TIMEOUT (504)
+        ├── AnswerTimeout    no answer began within WEB_ANSWER_TIMEOUT (504)
+        └── AnswerRestarted  a worker started an answer again that a drop-in
+                             stream or the WebSocket had begun to send (502)
 
 Every error leaves as an OpenAI error object with its status code, so the
 openai SDK raises its own exception classes for them. A 503 carries
@@ -53,6 +55,12 @@ class AnswerTimeout(ChatqueueError):
     status = 504
     type = "timeout"
     code = "answer_timeout"
+
+
+class AnswerRestarted(ChatqueueError):
+    status = 502
+    type = "server_error"
+    code = "answer_restarted"
 
 
 def error_response(

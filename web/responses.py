@@ -32,6 +32,7 @@ as the end.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -42,10 +43,11 @@ import gevent
 from app import metrics
 from app.broker import request_cancel
 from app.errors import BrokerUnavailable
+from app.protocol import Kind, opens_only
 from app.request import ChatRequest
 from config import Settings
 from web.client import ClientGone, ClientWatch
-from web.errors import StreamBusy
+from web.errors import AnswerRestarted, StreamBusy
 from web.publisher import Replies
 from web.router import Delivery, Stream
 from web.services import Services
@@ -119,6 +121,7 @@ class Answer:
         self.rid: str | None = None  # the incarnation whose messages came
         self.seq: int | None = None  # the seq of the last message handed out
         self.restarted = False  # whether that message had the restart mark
+        self.shown = False  # a token has been handed out
         # Its direct replies, or its response queue.
         self.stream: Replies | Stream = (
             replies if replies is not None else self._open(wait, resuming=after is not None)
@@ -175,6 +178,8 @@ class Answer:
                 return None
             if self.resume is not None and self.resume.seen(delivery):
                 continue
+            if isinstance(self.stream, Replies):
+                self._check_not_restarted(delivery)
             self.delivered += 1
             self.rid = delivery.rid or self.rid
             self.seq = delivery.seq
@@ -182,6 +187,37 @@ class Answer:
             if delivery.final:
                 self.finished = True
             return delivery
+
+    def _check_not_restarted(self, delivery: Delivery) -> None:
+        """Raise :class:`AnswerRestarted` for a run of the answer that a worker
+        started again (its first worker died or handed it back) after a token
+        was handed out. A direct reply's reader (a drop-in stream, the
+        WebSocket) cannot tell its client to drop what it had, as SSE's ``id``
+        going back to 0 does: passed on, the new run would follow the old one's
+        part as if it were the rest. A restart before any token repeats only
+        the opening chunk, and goes through."""
+        if (
+            self.shown
+            and self.seq is not None
+            and delivery.seq is not None
+            and (delivery.seq <= self.seq or delivery.restart != self.restarted)
+        ):
+            logger.warning(
+                "uid=%s: a worker started the answer again after %d messages; it ends "
+                "with an error (a direct reply cannot show a restart)",
+                self.uid,
+                self.delivered,
+            )
+            raise AnswerRestarted(
+                "the worker answering this request stopped mid-answer and another began it "
+                "again from the start, which this stream cannot show; ask again"
+            )
+        if not self.shown and delivery.kind == Kind.CHUNK:
+            try:
+                chunk = json.loads(delivery.body)
+            except ValueError:
+                chunk = None
+            self.shown = not (isinstance(chunk, dict) and opens_only(chunk))
 
     def _reopen(self, timeout: float | None) -> bool:
         """Consume the response queue again on a new connection; False while

@@ -7,6 +7,9 @@ A request that cannot be accepted is answered with an error object and
 ``[DONE]``. Closing the socket mid-answer cancels the LLM call. A RabbitMQ
 restart before the answer began is not a failure: the request is submitted
 again; one mid-answer ends it with an error object (the socket is closed).
+A worker that starts an answer again mid-answer (its first worker died, or
+handed it back at a warm shutdown) ends it with an error object and ``[DONE]``
+(``answer_restarted``): the frames cannot tell the client to drop what it had.
 
 flask-sock swallows ``ConnectionClosed`` in its route wrapper, so the clean-up
 of an answer is in ``finally``.
@@ -27,6 +30,7 @@ from app.errors import BrokerUnavailable, ChatqueueError
 from app.protocol import DONE
 from app.request import decode_body
 from web.auth import current_key
+from web.errors import AnswerRestarted
 from web.responses import Answer, Resubmission
 from web.services import Services, services
 from web.ws_limits import bound_waiting_frames
@@ -100,6 +104,11 @@ def forward(ws: Any, answer: Answer) -> BrokerUnavailable | None:
         while True:
             try:
                 delivery = answer.next(POLL_SECONDS)
+            except AnswerRestarted as exc:
+                answer.close()  # cancels the new run: it can reach nobody
+                ws.send(json.dumps(exc.to_error_object()))
+                ws.send(DONE)
+                return None
             except ChatqueueError as exc:
                 answer.close()  # RabbitMQ went away: a direct reply cannot be read again
                 if not sent and isinstance(exc, BrokerUnavailable):
