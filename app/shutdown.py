@@ -29,6 +29,7 @@ warm shutdown does, with no grace.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from typing import Any
 
@@ -81,6 +82,25 @@ class Losses:
 
 losses = Losses()
 
+_TCP_ESTABLISHED = 1  # tcpi_state, the first byte of Linux's struct tcp_info
+
+
+def peer_gone(connection: Any) -> bool:
+    """Whether the broker has closed or reset the TCP connection under the
+    kombu ``connection``, noticed or not: ``connection.connected`` turns false
+    only once its reader reads the end, and a reader that does not read
+    (Celery's loop, stuck elsewhere) never does. Linux's ``TCP_INFO`` tells the
+    socket's state, with data still waiting in it or not; elsewhere, False."""
+    transport = getattr(getattr(connection, "_connection", None), "transport", None)
+    sock = getattr(transport, "sock", None)
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return False
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:  # closed here already
+        return True
+    return bool(state != _TCP_ESTABLISHED)
+
 
 class TaskLink:
     """The connection on which this process's Celery consumer takes task messages.
@@ -120,6 +140,7 @@ class TaskLink:
         # id() of a received message's delivery_info, the dict its task sees
         # as ``task.request.delivery_info`` -> the connection it came on.
         self._came_on: dict[int, Any] = {}
+        self._checked = 0  # the count of losses when the connection's socket was last asked
 
     def current(self) -> Any:
         consumer = self.consumer
@@ -142,10 +163,24 @@ class TaskLink:
         return self.current() if noted is None else noted
 
     def alive(self, noted: Any) -> bool:
-        """Whether ``noted`` (a :meth:`current`) still carries this process's tasks."""
+        """Whether ``noted`` (a :meth:`current`) still carries this process's tasks.
+
+        After a connection of this process was lost (:data:`losses`), its
+        socket is asked too (:func:`peer_gone`): the broker closed every
+        connection, Celery's included, and a Celery loop that had stopped
+        reading (soak run 25) kept a connection that looked up for minutes.
+        Its last messages, taken from the socket after the loss, began tasks
+        that ran to their end beside the copies another worker answered.
+        """
         if noted is None:
             return True
-        return self.current() is noted and bool(noted.connected)
+        if self.current() is not noted or not noted.connected:
+            return False
+        if losses.count != self._checked:
+            if peer_gone(noted):
+                return False
+            self._checked = losses.count
+        return True
 
     def watch(self) -> None:
         """Report, with where its loop is, a task consumer that takes no task
@@ -170,7 +205,7 @@ class TaskLink:
         if connection is None:
             self._broken_since = self._idle_since = None
             return None
-        if not connection.connected:
+        if not connection.connected or peer_gone(connection):
             self._idle_since = None
             if self._broken_since is None:
                 self._broken_since = now

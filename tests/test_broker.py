@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from kombu import Consumer as KombuConsumer
 from kombu import Queue as KombuQueue
 
 from app.broker import Lane, Sender, frames_waiting, one_write
-from app.shutdown import Orphaned, TaskLink, losses
+from app.shutdown import Orphaned, TaskLink, losses, peer_gone
 from tests.conftest import RABBITMQ_URL
 from tests.support import Broker, free_port, wait_until
 from web.router import connect
@@ -166,6 +167,41 @@ def test_the_watchdog_reports_a_task_consumer_that_takes_no_task(queue: str) -> 
         assert link.look(90.0) is None
     finally:
         connection.release()
+
+
+def test_a_task_connection_the_broker_closed_unread_is_not_alive(queue: str) -> None:
+    """The broker closes the connection of a consumer whose loop does not read
+    it: kombu still calls it connected. Once a loss is counted in the process
+    (the intake's), a stream's link asks the socket itself, and stops; the
+    watchdog reports the connection."""
+    parts = urlsplit(RABBITMQ_URL)
+    relay = Relay(parts.hostname or "localhost", parts.port or 5672)
+    url = urlunsplit(
+        parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{relay.port}")
+    )
+    connection = Connection(url, heartbeat=0)
+    connection.connect()
+    tasks = KombuConsumer(connection.channel(), queues=[KombuQueue(queue, durable=False)])
+    tasks.consume()
+    link = TaskLink()
+    link.consumer = SimpleNamespace(connection=connection, task_consumer=tasks)
+    noted = link.current()
+    try:
+        losses.lost()  # another connection's loss: this one is asked, and up
+        assert link.alive(noted) and not peer_gone(connection)
+        assert link.look(0.0) is None
+
+        relay.reset()
+        assert wait_until(lambda: peer_gone(connection))
+        assert connection.connected  # nothing read it: kombu has not noticed
+        losses.lost()  # the intake, which reads all the time, noticed
+        assert not link.alive(noted)
+        assert link.look(10.0) is None
+        assert "broken for 15 s and Celery has not noticed" in (link.look(25.0) or "")
+    finally:
+        relay.close()
+        with contextlib.suppress(OSError):
+            connection.release()
 
 
 @pytest.fixture
@@ -402,6 +438,14 @@ class Relay:
             for s in (source, sink):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+    def reset(self) -> None:
+        """The broker's side of each open connection goes at once (a reset,
+        where the platform sends one for a socket shut down with linger 0)."""
+        for client in self._open[0::2]:
+            with contextlib.suppress(OSError):
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.shutdown(socket.SHUT_RDWR)
 
     def mute(self) -> None:
         """From now on, what the broker says on the open connections is dropped."""
