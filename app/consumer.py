@@ -59,7 +59,7 @@ from app.lifecycle import new_rid
 from app.logs import stack_of
 from app.protocol import ResponseStream
 from app.request import ChatRequest, decode_body, owned_queues, parse_request
-from app.shutdown import losses
+from app.shutdown import losses, task_link
 from app.tasknames import STREAM_CHAT
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,8 @@ class RequestConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         self.thread: threading.Thread | None = None
 
     def start(self, w: Any) -> None:
-        self.intake = Intake(w.app)
+        self.intake = intake = Intake(w.app)
+        task_link.broker_up = lambda: bool(intake.connection.connected)
         self.thread = threading.Thread(target=self.intake.serve, name="chatqueue-intake")
         self.thread.daemon = True
         self.thread.start()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import bootsteps
@@ -141,6 +142,9 @@ class TaskLink:
         # as ``task.request.delivery_info`` -> the connection it came on.
         self._came_on: dict[int, Any] = {}
         self._checked = 0  # the count of losses when the connection's socket was last asked
+        # Whether RabbitMQ can be reached now (the intake's connection is up):
+        # only then is a task consumer without a connection stuck.
+        self.broker_up: Callable[[], bool] = lambda: False
 
     def current(self) -> Any:
         consumer = self.consumer
@@ -203,8 +207,19 @@ class TaskLink:
         ``UNNOTICED`` seconds."""
         connection = self.current()
         if connection is None:
-            self._broken_since = self._idle_since = None
-            return None
+            # Celery between the stop and the start of its steps: a moment,
+            # unless its restart after a loss hangs (then no task comes).
+            self._broken_since = None
+            if self.consumer is None or warm_shutdown.begun or not self.broker_up():
+                self._idle_since = None
+                return None
+            if self._idle_since is None:
+                self._idle_since = now
+            return self._once(
+                self.consumer,
+                now - self._idle_since,
+                "the task consumer has had no connection for %.0f s",
+            )
         if not connection.connected or peer_gone(connection):
             self._idle_since = None
             if self._broken_since is None:
@@ -216,6 +231,8 @@ class TaskLink:
                 "has not noticed",
             )
         self._broken_since = None
+        if self._reported is not None and self._reported[0] is self.consumer:
+            self._reported = None  # it has a connection again
         if self._consuming() or warm_shutdown.begun:
             self._idle_since = None
             return None

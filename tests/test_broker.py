@@ -169,6 +169,20 @@ def test_the_watchdog_reports_a_task_consumer_that_takes_no_task(queue: str) -> 
         connection.release()
 
 
+def test_the_watchdog_reports_a_task_consumer_left_without_a_connection() -> None:
+    """Celery's consumer between its steps has no connection: while RabbitMQ
+    is away that is its reconnecting; with RabbitMQ up (the intake's
+    connection), for UNNOTICED seconds, it is stuck, and said once."""
+    link = TaskLink()
+    link.consumer = SimpleNamespace(connection=None, task_consumer=None)
+    assert link.look(0.0) is None
+    assert link.look(100.0) is None  # RabbitMQ away: reconnecting, not stuck
+    link.broker_up = lambda: True
+    assert link.look(101.0) is None
+    assert "no connection for 16 s" in (link.look(117.0) or "")
+    assert link.look(130.0) is None  # said once
+
+
 def test_a_task_connection_the_broker_closed_unread_is_not_alive(queue: str) -> None:
     """The broker closes the connection of a consumer whose loop does not read
     it: kombu still calls it connected. Once a loss is counted in the process
