@@ -114,6 +114,7 @@ class Soak:
         self.model = f"m;delay={TOKEN_DELAY};tokens={TOKENS}"
         self.answers: list[Answer] = []
         self.submit_errors: Counter[str] = Counter()
+        self.submit_error_at: dict[str, list[float]] = {}  # seconds into the soak
         self.node: RabbitNode | None = None
         self.dev: DevLLM | None = None
         self.workers: list[Process] = []
@@ -213,7 +214,9 @@ class Soak:
             if status == 202:
                 answer.uid = json.loads(body)["uid"]
                 return
-            self.submit_errors[f"{status} {_kind(body)}"] += 1
+            kind = f"{status} {_kind(body)}"
+            self.submit_errors[kind] += 1
+            self.submit_error_at.setdefault(kind, []).append(time.monotonic() - self.started)
             if time.monotonic() > give_up:
                 raise RuntimeError(f"not accepted: {status} {body[:200]!r}")
             await asyncio.sleep(RETRY_PAUSE)
@@ -332,6 +335,8 @@ class Soak:
                 "submissions refused, by status and code: "
                 + ", ".join(f"{k}: {v}" for k, v in self.submit_errors.most_common())
             )
+            for kind, times in self.submit_error_at.items():
+                say(f"  {kind} at (s into the soak): " + ", ".join(f"{t:.1f}" for t in times[:20]))
         say("events: " + "; ".join(f"{what} at {at:.0f} s" for at, what in self.marks))
 
         self.consumers.setdefault("end", self.count_consumers())
