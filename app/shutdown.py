@@ -28,6 +28,7 @@ warm shutdown does, with no grace.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -88,12 +89,11 @@ _TCP_ESTABLISHED = 1  # tcpi_state, the first byte of Linux's struct tcp_info
 
 def peer_gone(connection: Any) -> bool:
     """Whether the broker has closed or reset the TCP connection under the
-    kombu ``connection``, noticed or not: ``connection.connected`` turns false
-    only once its reader reads the end, and a reader that does not read
-    (Celery's loop, stuck elsewhere) never does. Linux's ``TCP_INFO`` tells the
-    socket's state, with data still waiting in it or not; elsewhere, False."""
-    transport = getattr(getattr(connection, "_connection", None), "transport", None)
-    sock = getattr(transport, "sock", None)
+    py-amqp ``connection``, noticed or not: ``connected`` turns false only once
+    its reader reads the end, and a reader that does not read never does.
+    Linux's ``TCP_INFO`` tells the socket's state, with data still waiting in
+    it or not; elsewhere, False."""
+    sock = getattr(getattr(connection, "transport", None), "sock", None)
     if sock is None or not hasattr(socket, "TCP_INFO"):
         return False
     try:
@@ -147,8 +147,13 @@ class TaskLink:
         self.broker_up: Callable[[], bool] = lambda: False
 
     def current(self) -> Any:
+        """The py-amqp connection under the consumer's kombu connection: kombu
+        makes a new one under the same kombu object when a lost one is used
+        again (``drain_events`` does, in Celery's loop), so the kombu object
+        does not name a connection."""
         consumer = self.consumer
-        return None if consumer is None else consumer.connection
+        connection = None if consumer is None else consumer.connection
+        return None if connection is None else getattr(connection, "_connection", None)
 
     def received(self, request: Any) -> None:
         """Note the connection a task message came on: the consumer's current
@@ -233,6 +238,8 @@ class TaskLink:
         self._broken_since = None
         if self._reported is not None and self._reported[0] is self.consumer:
             self._reported = None  # it has a connection again
+        if self._left_behind(connection):
+            return self._restart(connection)
         if self._consuming() or warm_shutdown.begun:
             self._idle_since = None
             return None
@@ -250,6 +257,33 @@ class TaskLink:
             return None
         self._reported = (connection, report)
         return report % lasted
+
+    def _left_behind(self, connection: Any) -> bool:
+        """Whether the task consumer consumes on a channel of another
+        connection than the current one: kombu made a new connection under
+        Celery's loop (soak runs 25, 26 and 28: ``drain_events`` re-connects a
+        lost connection by itself, and Celery, seeing no error, went on
+        reading the new one, on which nothing consumed; no task came again)."""
+        tasks = getattr(self.consumer, "task_consumer", None)
+        channel = getattr(tasks, "channel", None)
+        owner = getattr(channel, "connection", connection)
+        return bool(tasks is not None and tasks.queues and owner is not connection)
+
+    def _restart(self, connection: Any) -> str | None:
+        """Shut the connection Celery's loop reads, so that its read fails and
+        Celery starts its consumer again, as after any lost connection."""
+        sock: Any = getattr(getattr(connection, "transport", None), "sock", None)
+        with contextlib.suppress(OSError, AttributeError):
+            sock.shutdown(socket.SHUT_RDWR)
+        report = (
+            "the task consumer's connection was made again under Celery's loop with no "
+            "consumer on it (kombu re-connects a lost connection by itself); it is shut so "
+            "that Celery starts its consumer again"
+        )
+        if self._reported == (connection, report):
+            return None
+        self._reported = (connection, report)
+        return report
 
     def _consuming(self) -> bool:
         """Whether the task consumer consumes from its queues (or has none: a

@@ -112,11 +112,12 @@ def test_a_task_connection_that_broke_or_was_replaced_orphans_its_streams() -> N
     link.consumer = consumer
     try:
         consumer.connection.connect()
+        first = consumer.connection
         # A message comes; Celery replaces the connection before its task begins.
         message = SimpleNamespace(delivery_info={"redelivered": False})
         link.received(message)
         noted = link.came_on(message.delivery_info)
-        assert noted is consumer.connection
+        assert noted is consumer.connection.connection  # py-amqp's, under kombu's
         assert link.alive(noted)
         consumer.connection.connection.sock.shutdown(socket.SHUT_RDWR)
         with pytest.raises(OSError):
@@ -136,7 +137,7 @@ def test_a_task_connection_that_broke_or_was_replaced_orphans_its_streams() -> N
         assert not link.alive(link.came_on(later.delivery_info))
     finally:
         consumer.connection.release()
-        noted.release()
+        first.release()
 
 
 def test_the_watchdog_reports_a_task_consumer_that_takes_no_task(queue: str) -> None:
@@ -183,6 +184,35 @@ def test_the_watchdog_reports_a_task_consumer_left_without_a_connection() -> Non
     assert link.look(130.0) is None  # said once
 
 
+def test_a_consumer_left_on_a_connection_kombu_replaced_is_restarted(queue: str) -> None:
+    """kombu's ``drain_events`` makes a lost connection again under the same
+    kombu object, and Celery's loop reads the new one, on which nothing
+    consumes. The link sees another connection (a stream from the old one
+    stops); the watchdog says so at once and shuts the new one, so that the
+    loop's next read fails and Celery starts its consumer again."""
+    connection = Connection(RABBITMQ_URL, heartbeat=0)
+    connection.connect()
+    tasks = KombuConsumer(connection.channel(), queues=[KombuQueue(queue, durable=False)])
+    tasks.consume()
+    link = TaskLink()
+    link.consumer = SimpleNamespace(connection=connection, task_consumer=tasks)
+    noted = link.current()
+    try:
+        assert link.look(0.0) is None
+        noted.collect()  # the old connection goes (as py-amqp drops a broken one)
+        with pytest.raises(socket.timeout):
+            connection.drain_events(timeout=0.2)  # a new one, made quietly
+        assert link.current() is not noted and link.current().connected
+        assert not link.alive(noted)
+        assert "made again under Celery's loop" in (link.look(5.0) or "")
+        assert link.look(10.0) is None  # said once
+        with pytest.raises(OSError):  # no longer a quiet timeout: Celery notices
+            connection.drain_events(timeout=5)
+    finally:
+        with contextlib.suppress(OSError):
+            connection.release()
+
+
 def test_a_task_connection_the_broker_closed_unread_is_not_alive(queue: str) -> None:
     """The broker closes the connection of a consumer whose loop does not read
     it: kombu still calls it connected. Once a loss is counted in the process
@@ -202,11 +232,11 @@ def test_a_task_connection_the_broker_closed_unread_is_not_alive(queue: str) -> 
     noted = link.current()
     try:
         losses.lost()  # another connection's loss: this one is asked, and up
-        assert link.alive(noted) and not peer_gone(connection)
+        assert link.alive(noted) and not peer_gone(noted)
         assert link.look(0.0) is None
 
         relay.reset()
-        assert wait_until(lambda: peer_gone(connection))
+        assert wait_until(lambda: peer_gone(noted))
         assert connection.connected  # nothing read it: kombu has not noticed
         losses.lost()  # the intake, which reads all the time, noticed
         assert not link.alive(noted)
