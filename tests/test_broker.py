@@ -184,18 +184,25 @@ def test_the_watchdog_reports_a_task_consumer_left_without_a_connection() -> Non
     assert link.look(130.0) is None  # said once
 
 
+def watched_consumer(url: str, queue: str) -> tuple[Connection, TaskLink]:
+    """A real connection and kombu consumer on ``queue``: Celery's task
+    consumer, as a :class:`TaskLink` sees it."""
+    connection = Connection(url, heartbeat=0)
+    connection.connect()
+    tasks = KombuConsumer(connection.channel(), queues=[KombuQueue(queue, durable=False)])
+    tasks.consume()
+    link = TaskLink()
+    link.consumer = SimpleNamespace(connection=connection, task_consumer=tasks)
+    return connection, link
+
+
 def test_a_consumer_left_on_a_connection_kombu_replaced_is_restarted(queue: str) -> None:
     """kombu's ``drain_events`` makes a lost connection again under the same
     kombu object, and Celery's loop reads the new one, on which nothing
     consumes. The link sees another connection (a stream from the old one
     stops); the watchdog says so at once and shuts the new one, so that the
     loop's next read fails and Celery starts its consumer again."""
-    connection = Connection(RABBITMQ_URL, heartbeat=0)
-    connection.connect()
-    tasks = KombuConsumer(connection.channel(), queues=[KombuQueue(queue, durable=False)])
-    tasks.consume()
-    link = TaskLink()
-    link.consumer = SimpleNamespace(connection=connection, task_consumer=tasks)
+    connection, link = watched_consumer(RABBITMQ_URL, queue)
     noted = link.current()
     try:
         assert link.look(0.0) is None
@@ -223,12 +230,7 @@ def test_a_task_connection_the_broker_closed_unread_is_not_alive(queue: str) -> 
     url = urlunsplit(
         parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{relay.port}")
     )
-    connection = Connection(url, heartbeat=0)
-    connection.connect()
-    tasks = KombuConsumer(connection.channel(), queues=[KombuQueue(queue, durable=False)])
-    tasks.consume()
-    link = TaskLink()
-    link.consumer = SimpleNamespace(connection=connection, task_consumer=tasks)
+    connection, link = watched_consumer(url, queue)
     noted = link.current()
     try:
         losses.lost()  # another connection's loss: this one is asked, and up
