@@ -8,8 +8,10 @@ Two kinds of fault are expected, and each is said in a line of its own:
   (``celery.app.trace``);
 - a connection to RabbitMQ lost (a broker restart, a network cut): the acks
   of task messages delivered on the old connection fail ("Couldn't ack ...,
-  connection already closed", ``celery.worker.request``; the broker delivers
-  those messages again), kombu's consumers log "Connection to broker lost"
+  connection already closed", ``celery.worker.request``, or "call_soon_ack
+  immediate exec failed", ``celery.worker.consumer.consumer``, where Celery
+  acks at once from a task's greenlet; the broker delivers those messages
+  again), kombu's consumers log "Connection to broker lost"
   (``kombu.mixins``: the cancel listener; in the web front, the accepted
   and metrics listeners), and Celery's remote-control
   greenlet (``celery/worker/pidbox.py``) dies of the error, which gevent's hub
@@ -39,7 +41,7 @@ CONNECTION_LOST: tuple[type[BaseException], ...] = (AMQPConnectionError, OSError
 
 # The loggers of the lines above (each library names its loggers after its modules).
 REJECT_LOGGERS = ("celery.app.trace",)
-CONNECTION_LOGGERS = ("celery.worker.request", "kombu.mixins")
+CONNECTION_LOGGERS = ("celery.worker.request", "celery.worker.consumer.consumer", "kombu.mixins")
 
 
 class RejectWithoutTraceback(logging.Filter):

@@ -5,11 +5,15 @@ its log, not tracebacks."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 import pika
+import pytest
+from celery.worker.consumer import consumer as celery_consumer
 
+from app import logs
 from bench.rabbitnode import RabbitNode
 from devllm.answers import reply_tokens
 from tests.conftest import new_uid
@@ -69,3 +73,20 @@ def test_a_broker_restart_mid_stream_loses_no_accepted_request(
     finally:
         client.close()
         worker.stop()
+
+
+def test_celerys_failed_immediate_ack_after_a_loss_is_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Celery acks at once from a task's greenlet under gevent, and logs a
+    failure with its traceback: after a broker restart, one line each."""
+    logs.install()
+    celery_logger = celery_consumer.logger
+    with caplog.at_level(logging.WARNING, logger=celery_logger.name):
+        try:
+            raise BrokenPipeError(32, "Broken pipe")
+        except BrokenPipeError as exc:
+            celery_logger.exception("call_soon_ack immediate exec failed: %r", exc)
+    (record,) = [r for r in caplog.records if "call_soon_ack" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert record.exc_info is None and "Traceback" not in caplog.text
