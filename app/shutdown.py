@@ -142,6 +142,7 @@ class TaskLink:
         # as ``task.request.delivery_info`` -> the connection it came on.
         self._came_on: dict[int, Any] = {}
         self._checked = 0  # the count of losses when the connection's socket was last asked
+        self._behind_since: float | None = None  # since when its consumer is on an old connection
         # Whether RabbitMQ can be reached now (the intake's connection is up):
         # only then is a task consumer without a connection stuck.
         self.broker_up: Callable[[], bool] = lambda: False
@@ -239,7 +240,12 @@ class TaskLink:
         if self._reported is not None and self._reported[0] is self.consumer:
             self._reported = None  # it has a connection again
         if self._left_behind(connection):
-            return self._restart(connection)
+            # Seen twice: Celery's own restart, between its Connection step and
+            # its Tasks step, has the new connection and the old consumer too.
+            if self._behind_since is None:
+                self._behind_since = now
+            return self._restart(connection) if now - self._behind_since >= WATCH_EVERY else None
+        self._behind_since = None
         if self._consuming() or warm_shutdown.begun:
             self._idle_since = None
             return None
