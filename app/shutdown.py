@@ -87,13 +87,18 @@ losses = Losses()
 _TCP_ESTABLISHED = 1  # tcpi_state, the first byte of Linux's struct tcp_info
 
 
+def _socket_of(connection: Any) -> Any:
+    """The socket under a py-amqp connection (None once it is closed)."""
+    return getattr(getattr(connection, "transport", None), "sock", None)
+
+
 def peer_gone(connection: Any) -> bool:
     """Whether the broker has closed or reset the TCP connection under the
     py-amqp ``connection``, noticed or not: ``connected`` turns false only once
     its reader reads the end, and a reader that does not read never does.
     Linux's ``TCP_INFO`` tells the socket's state, with data still waiting in
     it or not; elsewhere, False."""
-    sock = getattr(getattr(connection, "transport", None), "sock", None)
+    sock = _socket_of(connection)
     if sock is None or not hasattr(socket, "TCP_INFO"):
         return False
     try:
@@ -258,11 +263,17 @@ class TaskLink:
         )
 
     def _once(self, connection: Any, lasted: float, report: str) -> str | None:
-        last = self._reported
-        if lasted < UNNOTICED or (last is not None and last[0] is connection and last[1] == report):
+        """``report`` (with how long it ``lasted``) once it has for UNNOTICED seconds."""
+        if lasted < UNNOTICED or not self._first(connection, report):
             return None
-        self._reported = (connection, report)
         return report % lasted
+
+    def _first(self, connection: Any, report: str) -> bool:
+        """Whether ``report`` is new for ``connection`` (then it is noted as said)."""
+        if self._reported == (connection, report):
+            return False
+        self._reported = (connection, report)
+        return True
 
     def _left_behind(self, connection: Any) -> bool:
         """Whether the task consumer consumes on a channel of another
@@ -278,7 +289,7 @@ class TaskLink:
     def _restart(self, connection: Any) -> str | None:
         """Shut the connection Celery's loop reads, so that its read fails and
         Celery starts its consumer again, as after any lost connection."""
-        sock: Any = getattr(getattr(connection, "transport", None), "sock", None)
+        sock: Any = _socket_of(connection)
         with contextlib.suppress(OSError, AttributeError):
             sock.shutdown(socket.SHUT_RDWR)
         report = (
@@ -286,10 +297,7 @@ class TaskLink:
             "consumer on it (kombu re-connects a lost connection by itself); it is shut so "
             "that Celery starts its consumer again"
         )
-        if self._reported == (connection, report):
-            return None
-        self._reported = (connection, report)
-        return report
+        return report if self._first(connection, report) else None
 
     def _consuming(self) -> bool:
         """Whether the task consumer consumes from its queues (or has none: a
