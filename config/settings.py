@@ -237,6 +237,13 @@ class Settings:
         "seconds the web front waits for RabbitMQ to confirm a submitted request before it "
         "answers 503 (RabbitMQ holds publishes during a memory or disk alarm)",
     )
+    web_reply_buffer: int = _env(
+        _positive_int,
+        "1048576",
+        "bytes of a drop-in stream's or WebSocket answer a web process holds for a client "
+        "that does not read it (direct reply-to has no flow control); past that the answer "
+        "ends with reader_too_slow and its LLM call is cancelled",
+    )
     web_answer_timeout: float = _env(
         _seconds,
         "600",

@@ -57,10 +57,21 @@ class AnswerTimeout(ChatqueueError):
     code = "answer_timeout"
 
 
-class AnswerRestarted(ChatqueueError):
+class AnswerCut(ChatqueueError):
+    """An answer read by direct reply-to (a drop-in stream, the WebSocket)
+    ends here with this error; the reader's connection is still good."""
+
+
+class AnswerRestarted(AnswerCut):
     status = 502
     type = "server_error"
     code = "answer_restarted"
+
+
+class ReaderTooSlow(AnswerCut):
+    status = 408
+    type = "timeout"
+    code = "reader_too_slow"
 
 
 def error_response(

@@ -21,9 +21,13 @@ carries ``reply_to='amq.rabbitmq.reply-to'``, and the reader greenlet hands
 each reply to its :class:`Replies` by correlation id (the uid). No queue is
 made or deleted for such a request: on this broker a durable queue cost
 4 to 7 ms of its CPU to make and 2 to 4 ms to delete. Replies are not
-acknowledged (direct reply-to has no acks), so a reader that does not keep up
-holds its backlog in this process; those routes have no resume either (the
-client's connection is the answer's).
+acknowledged (direct reply-to has no acks and no prefetch: RabbitMQ pushes
+each reply as it is written), so what a client has not read waits in this
+process: up to ``WEB_REPLY_BUFFER`` bytes of answer. Past that the answer ends
+with ``reader_too_slow`` and its LLM call is cancelled (:class:`Replies`); a
+client that never read its socket had its web process hold the whole answer
+(274 MiB of it for one drop-in stream in a minute). Those routes have no
+resume either (the client's connection is the answer's).
 
 A broken connection fails every waiting submission and every reply stream
 with :class:`BrokerUnavailable` (the route's retry takes a new connection);
@@ -44,6 +48,7 @@ request may still be answered when the alarm clears.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import amqp
@@ -54,6 +59,7 @@ from gevent.event import AsyncResult
 from app.broker import response_queue_arguments
 from app.errors import BrokerBlocked, BrokerUnavailable
 from config import Settings
+from web.errors import ReaderTooSlow
 from web.router import LINK_ERRORS, Delivery, Inbox, SharedConnection
 
 logger = logging.getLogger(__name__)
@@ -63,12 +69,58 @@ DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 class Replies(Inbox):
     """The answer of one request sent back by direct reply-to: what
-    :class:`web.responses.Answer` reads, as it reads a response queue."""
+    :class:`web.responses.Answer` reads, as it reads a response queue.
 
-    def __init__(self, publisher: Publisher, uid: str) -> None:
+    It takes a reply while at most ``limit`` bytes of answer bodies wait
+    unread, and the last one of an answer always (so one completion larger
+    than that still comes whole); a reply past it ends the answer instead:
+    this uid's replies are no
+    longer taken, those held are dropped, the reader gets
+    :class:`ReaderTooSlow` next, and ``on_overflow`` (its answer's cancel)
+    is called at once, while the reader may still be stuck writing to its
+    client."""
+
+    def __init__(self, publisher: Publisher, uid: str, limit: int) -> None:
         super().__init__()
         self.publisher = publisher
         self.uid = uid
+        self.limit = limit
+        self.held = 0  # bytes of bodies put and not read yet
+        self.on_overflow: Callable[[], None] | None = None
+
+    def put(self, item: Delivery | BaseException) -> None:
+        if isinstance(item, Delivery):
+            if self.held > self.limit and not item.final:
+                self._overflow()
+                return
+            self.held += len(item.body)
+        super().put(item)
+
+    def get(self, timeout: float | None) -> Delivery | None:
+        delivery = super().get(timeout)
+        if delivery is not None:
+            self.held -= len(delivery.body)
+        return delivery
+
+    def _overflow(self) -> None:
+        self.publisher.forget(self)
+        self.drop()
+        self.held = 0
+        logger.warning(
+            "uid=%s: its client has not read %d bytes of its answer (WEB_REPLY_BUFFER); "
+            "the answer ends with reader_too_slow",
+            self.uid,
+            self.limit,
+        )
+        self.interrupt(
+            ReaderTooSlow(
+                f"this client did not read its answer: more than {self.limit} bytes of it "
+                "waited (WEB_REPLY_BUFFER), and the rest was not generated; read faster, or "
+                "use the SSE route, whose answer waits in its queue"
+            )
+        )
+        if self.on_overflow is not None:
+            self.on_overflow()
 
     def close(self, *, delete: bool) -> None:
         """Stop taking this uid's replies (there is no queue to delete)."""
@@ -114,7 +166,7 @@ class Publisher(SharedConnection):
             self._check_open()
             result: AsyncResult[bool] = AsyncResult()
             if reply:
-                replies = self._replies[uid] = Replies(self, uid)
+                replies = self._replies[uid] = Replies(self, uid, settings.web_reply_buffer)
             try:
                 if declare:
                     self.channel.queue_declare(

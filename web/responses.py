@@ -6,12 +6,13 @@ the WebSocket) does with its answer: take the deliveries in order until
 
 - ``[DONE]`` was passed on to the client: the queue is deleted, its stream
   has been delivered;
-- the client left (:meth:`Answer.left`): an answer read by direct reply-to
-  (drop-in, WebSocket) cannot be read again, so its LLM call is cancelled at
-  once. A response queue (SSE) waits ``WEB_RESUME_GRACE`` seconds for its
-  reader to come back with ``Last-Event-ID``; if none has, the queue is
-  deleted and the LLM call cancelled (the cooperative cancel, so no tokens
-  are paid for nobody);
+- the client left (:meth:`Answer.left`), or did not read its direct replies
+  (``WEB_REPLY_BUFFER``): an answer read by direct reply-to (drop-in,
+  WebSocket) cannot be read again, so its LLM call is cancelled at once.
+  A response queue (SSE) waits ``WEB_RESUME_GRACE`` seconds for its reader
+  to come back with ``Last-Event-ID``; if none has, the queue is deleted
+  and the LLM call cancelled (the cooperative cancel, so no tokens are
+  paid for nobody);
 - anything else (the web process shutting down, RabbitMQ gone for longer
   than ``WEB_RECONNECT_TIMEOUT``): the response queue and the LLM call are
   left alone, and the client reads the rest again, here or from another web
@@ -133,6 +134,9 @@ class Answer:
         self._gone = False  # the client closed its connection
         self._left_at = 0.0
         self._closed = False
+        self._cancelled = False  # its LLM call was asked to stop
+        if isinstance(self.stream, Replies):
+            self.stream.on_overflow = self._on_too_slow
         self._watch = ClientWatch(environ, self._on_gone) if environ is not None else None
         metrics.recorder().web_streams.inc()
 
@@ -152,6 +156,11 @@ class Answer:
     def _on_gone(self) -> None:
         self._gone = True
         self.stream.interrupt(ClientGone())
+
+    def _on_too_slow(self) -> None:
+        """The client does not read its direct replies (:class:`Replies`): the
+        LLM call stops now, not once the reader gets to the error."""
+        gevent.spawn(self._cancel, "its client does not read its answer")
 
     def next(self, timeout: float | None) -> Delivery | None:
         """The next message, or None after ``timeout`` seconds of silence.
@@ -330,6 +339,9 @@ class Answer:
         return False
 
     def _cancel(self, why: str) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
         logger.info(
             "uid=%s: %s after %d messages; cancelling the LLM call", self.uid, why, self.delivered
         )

@@ -215,6 +215,11 @@ class Inbox:
         """Make the waiting (or next) :meth:`get` raise ``error``."""
         self._inbox.put(error)
 
+    def drop(self) -> None:
+        """Forget every delivery not taken yet."""
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+
 
 class Stream(Inbox):
     """The consumer of one response queue; :meth:`get` the next delivery.

@@ -10,6 +10,9 @@ again; one mid-answer ends it with an error object (the socket is closed).
 A worker that starts an answer again mid-answer (its first worker died, or
 handed it back at a warm shutdown) ends it with an error object and ``[DONE]``
 (``answer_restarted``): the frames cannot tell the client to drop what it had.
+A client that does not read its frames while more than ``WEB_REPLY_BUFFER``
+bytes of its answer wait gets the same end (``reader_too_slow``), and the LLM
+call is cancelled.
 
 flask-sock swallows ``ConnectionClosed`` in its route wrapper, so the clean-up
 of an answer is in ``finally``.
@@ -25,15 +28,16 @@ from typing import Any
 from flask import Flask
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
+from wsproto.utilities import LocalProtocolError
 
 from app.errors import BrokerUnavailable, ChatqueueError
 from app.protocol import DONE
 from app.request import decode_body
 from web.auth import current_key
-from web.errors import AnswerRestarted
+from web.errors import AnswerCut
 from web.responses import Answer, Resubmission
 from web.services import Services, services
-from web.ws_limits import bound_waiting_frames
+from web.ws_limits import bound_waiting_frames, whole_frames
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +55,15 @@ def init_ws(app: Flask, sock: Sock | None = None) -> Sock:
 
     def chat(ws: Any) -> None:
         bound_waiting_frames(ws)  # a client that floods the socket is closed (1008)
+        whole_frames(ws, settings.sse_keepalive)  # whole frames for a slow client
         try:
             serve(ws)
         except ConnectionClosed:
             raise
+        except (OSError, LocalProtocolError) as exc:
+            # The client went, or stopped reading, or did not answer a ping
+            # (the socket is closing): its answer was cancelled on the way out.
+            logger.info("the WebSocket client's connection ended: %r", exc)
         except Exception:
             # Past the handshake an exception must not reach Flask: its error
             # page would be written into the WebSocket stream.
@@ -104,8 +113,8 @@ def forward(ws: Any, answer: Answer) -> BrokerUnavailable | None:
         while True:
             try:
                 delivery = answer.next(POLL_SECONDS)
-            except AnswerRestarted as exc:
-                answer.close()  # cancels the new run: it can reach nobody
+            except AnswerCut as exc:
+                answer.close()  # cancels what runs still: it can reach nobody
                 ws.send(json.dumps(exc.to_error_object()))
                 ws.send(DONE)
                 return None
