@@ -24,7 +24,13 @@ worker_connections = _settings.web_worker_connections
 # come round for this long is restarted.
 timeout = 30
 graceful_timeout = 10
-keepalive = 2
+# Seconds gunicorn's async worker waits for a request on a connection: the
+# first one too, and past it the connection is closed with no response, which
+# a client cannot tell from a request cut after it was taken. 2 s lost
+# submissions of clients slow to send (a bad network; the soak's client
+# lagging under load: "no HTTP status line"). nginx's default; more than a
+# load balancer's idle timeout (60 s on AWS), as gunicorn's docs advise.
+keepalive = 75
 loglevel = _settings.log_level
 accesslog = "-" if _settings.log_level == "debug" else None
 # No --preload: each worker builds its app (and, lazily, its broker

@@ -4,7 +4,9 @@ closed it unanswered (gunicorn issue #712)."""
 
 from __future__ import annotations
 
+import json
 import socket
+import time
 from typing import Any
 
 from gunicorn.config import Config
@@ -12,6 +14,7 @@ from gunicorn.glogging import Logger
 
 import config.gunicorn
 from config.gunicorn_worker import Worker
+from tests.support import Web
 
 
 def hello(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -49,3 +52,26 @@ def test_a_connection_accepted_as_the_listener_closes_is_served() -> None:
     client.close()
     assert response.startswith(b"HTTP/1.1 200 OK"), response
     assert f"served on port {port}".encode() in response
+
+
+def test_a_request_that_comes_seconds_after_its_connection_is_answered(web: Web) -> None:
+    """gunicorn's async workers give the first request on a connection, as each
+    later one, ``keepalive`` seconds to arrive, and close the connection
+    silently past that: a client on a slow network, or one whose loop lagged
+    between its connect and its write (the soak's, under load), got a closed
+    connection and no status line, and could not know whether its POST was
+    taken. The web front's ``keepalive`` leaves such a client time."""
+    host, port = web.url.removeprefix("http://").split(":")
+    body = json.dumps({"messages": [{"role": "user", "content": "Say hello."}]}).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as client:
+        time.sleep(3)  # past gunicorn's default keepalive, and chatqueue's old one (2 s)
+        client.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: chatqueue\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        response = b""
+        while chunk := client.recv(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 202"), response
