@@ -57,7 +57,7 @@ def web_rss(web: Web) -> float:
 
 def wait_for_the_cancel(llm: DevLLM, before: dict[str, int], web: Web) -> None:
     """Wait, the client reading nothing, until the LLM call is cancelled (before
-    the bound, the answer ran to its end, held by the web process: 274 MiB)."""
+    the bound, the answer ran to its end, held by the web process: 45 to 283 MiB)."""
     deadline = time.monotonic() + 60
     rss = web_rss(web)
     while llm.stats()["streams_cancelled"] <= before["streams_cancelled"]:

@@ -26,8 +26,8 @@ each reply as it is written), so what a client has not read waits in this
 process: up to ``WEB_REPLY_BUFFER`` bytes of answer. Past that the answer ends
 with ``reader_too_slow`` and its LLM call is cancelled (:class:`Replies`); a
 client that never read its socket had its web process hold the whole answer
-(274 MiB of it for one drop-in stream in a minute). Those routes have no
-resume either (the client's connection is the answer's).
+(one drop-in stream of 400,000 tokens took it from 45 to 283 MiB). Those
+routes have no resume either (the client's connection is the answer's).
 
 A broken connection fails every waiting submission and every reply stream
 with :class:`BrokerUnavailable` (the route's retry takes a new connection);
@@ -74,11 +74,10 @@ class Replies(Inbox):
     It takes a reply while at most ``limit`` bytes of answer bodies wait
     unread, and the last one of an answer always (so one completion larger
     than that still comes whole); a reply past it ends the answer instead:
-    this uid's replies are no
-    longer taken, those held are dropped, the reader gets
-    :class:`ReaderTooSlow` next, and ``on_overflow`` (its answer's cancel)
-    is called at once, while the reader may still be stuck writing to its
-    client."""
+    this uid's replies are no longer taken, those held are dropped, the
+    reader gets :class:`ReaderTooSlow` next, and ``on_overflow`` (its
+    answer's cancel) is called at once, while the reader may still be stuck
+    writing to its client."""
 
     def __init__(self, publisher: Publisher, uid: str, limit: int) -> None:
         super().__init__()
