@@ -144,15 +144,14 @@ class Accepted(ConsumerMixin):
                     return look()
                 except UnknownStream:
                     now = time.monotonic()
-                    deadline = max(
-                        deadline, min(self._counts_from(uid, began, now) + timeout, limit)
+                    # The request may wait in the input queue's backlog, or have
+                    # just left it for an intake whose hand-off is not committed
+                    # yet (a request taken is no longer counted): ``timeout``
+                    # more from each look that sees a backlog.
+                    counts_from = (
+                        now if now < limit and backlog() else self._counts_from(uid, began, now)
                     )
-                    if now < limit and backlog():
-                        # The request may wait in the input queue's backlog, or
-                        # have just left it for an intake whose hand-off is not
-                        # committed yet (a request taken is no longer counted):
-                        # ``timeout`` more from each look that sees a backlog.
-                        deadline = max(deadline, min(now + timeout, limit))
+                    deadline = max(deadline, min(counts_from + timeout, limit))
                     if now >= deadline:
                         logger.info(
                             "uid=%s: no response queue after %.1f s of waiting; 404",
