@@ -17,6 +17,8 @@ import socket
 import time
 from collections.abc import Iterator
 
+import gevent
+import gevent.socket
 import psutil
 import pytest
 import websocket
@@ -26,6 +28,7 @@ from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
 from tests.conftest import WebFactory
 from tests.support import Web
+from web.ws_limits import WholeWrites
 
 BUFFER = 65536  # WEB_REPLY_BUFFER of the web front below
 TOKENS = 400000
@@ -174,3 +177,23 @@ def test_one_completion_larger_than_the_buffer_comes_whole(small_buffer_web: Web
     text = completion.choices[0].message.content or ""
     assert len(text) > BUFFER
     assert text == "".join(reply_tokens(PROMPT, tokens))
+
+
+def test_a_callers_own_timeout_passes_through_a_whole_write() -> None:
+    """A gevent.Timeout of the caller's, firing while a frame waits for a
+    client that does not read, is the caller's: it is raised as itself, and
+    the socket is not taken for a gone client (before, any Timeout was
+    taken for the write's own, the socket shut and BrokenPipeError raised)."""
+    server, client = gevent.socket.socketpair()
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        writes = WholeWrites(server, timeout=30)
+        mine = gevent.Timeout(0.5)
+        with pytest.raises(gevent.Timeout) as raised, mine:
+            writes.send(b"x" * 8 * 2**20)  # more than the socket buffers hold
+        assert raised.value is mine
+        server.setblocking(False)
+        server.send(b"")  # still open: a shut socket raises here
+    finally:
+        server.close()
+        client.close()

@@ -194,22 +194,22 @@ class Publisher(SharedConnection):
             self._waiting[tag] = result
             self._next_tag += 1
         try:
-            if not result.get(timeout=settings.web_publish_timeout):
-                raise BrokerUnavailable("RabbitMQ refused the request (nack); try again later")
-        except gevent.Timeout:
+            # wait(), not get(timeout=): a caller's own gevent.Timeout passes through.
+            result.wait(settings.web_publish_timeout)
+            if result.ready():
+                if not result.get():
+                    raise BrokerUnavailable("RabbitMQ refused the request (nack); try again later")
+                return replies
             self._waiting.pop(tag, None)
-            if replies is not None:
-                self.forget(replies)
             raise BrokerBlocked(
                 f"RabbitMQ did not confirm the request within {settings.web_publish_timeout:g} s "
                 "(WEB_PUBLISH_TIMEOUT); it may be blocked by a memory or disk alarm. Try again "
                 "later (the request may still be answered when the broker takes it)"
-            ) from None
+            )
         except BaseException:
             if replies is not None:
                 self.forget(replies)
             raise
-        return replies
 
     def _on_reply(self, message: Any) -> None:
         uid = (message.properties or {}).get("correlation_id")
@@ -226,12 +226,15 @@ class Publisher(SharedConnection):
         queue closes the channel it is asked on)."""
         with self.lock:
             self._check_open()
+            # A blocked connection is not read by the broker: bound the wait.
+            timer = gevent.Timeout(self.settings.web_publish_timeout)
             try:
-                # A blocked connection is not read by the broker: bound the wait.
-                with gevent.Timeout(self.settings.web_publish_timeout):
+                with timer:
                     return self._ask_exists(name)
             except gevent.Timeout as exc:
                 self.fail(exc)  # a call cut off half way: the connection is no good
+                if exc is not timer:
+                    raise  # a caller's own timeout
                 raise BrokerBlocked(
                     "RabbitMQ did not answer within "
                     f"{self.settings.web_publish_timeout:g} s (WEB_PUBLISH_TIMEOUT); "

@@ -90,10 +90,13 @@ class WholeWrites:
         self._lock = threading.Lock()  # gevent's, once monkey-patched
 
     def send(self, data: bytes) -> int:
+        timer = gevent.Timeout(self._timeout)
         try:
-            with gevent.Timeout(self._timeout), self._lock:
+            with timer, self._lock:
                 self._sock.sendall(data)
-        except gevent.Timeout:
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise  # a caller's own timeout: not the client's doing
             logger.info(
                 "a WebSocket client took no frame for %g s; its connection is closed",
                 self._timeout,
