@@ -20,6 +20,7 @@ from tests.support import (
     delete_queues,
     environ,
     procfile_command,
+    stop_webs,
     wait_for_consumer,
 )
 
@@ -154,8 +155,7 @@ def start_web(web_env: dict[str, str], worker: Process) -> Iterator[WebFactory]:
         return server
 
     yield start
-    for server in started:
-        server.stop()
+    stop_webs(started)
 
 
 @pytest.fixture(scope="session")

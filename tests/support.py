@@ -263,6 +263,16 @@ class Web:
         self.process.kill(signal.SIGQUIT)
 
 
+def stop_webs(servers: list[Web]) -> None:
+    """Stop ``servers`` together (SIGQUIT to all, then wait): one after the
+    other, the suite's few dozen took half a second each."""
+    running = [server.process for server in servers if server.process.alive]
+    for process in running:
+        process.proc.send_signal(signal.SIGQUIT)
+    for process in running:
+        process.kill(signal.SIGQUIT)  # waits for it
+
+
 def task_events(url: str, uid: str, send: Callable[[], object], timeout: float = 20) -> list[Any]:
     """The Celery events the workers send about ``uid`` once ``send()`` made
     its request, up to its ``task-succeeded``, read as Flower reads them."""
