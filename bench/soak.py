@@ -344,6 +344,18 @@ class Soak:
         for when, found in self.consumers.items():
             say(f"{when}: " + ", ".join(f"{name} {n}" for name, n in sorted(found.items())))
 
+        say("\n== streams the broker restart cut, by worker ==")
+        say(
+            format_table(
+                [
+                    [worker.name, *(worker.output().count(words) for words in _CUT.values())]
+                    for worker in self.workers
+                ],
+                ["worker", *_CUT],
+            )
+        )
+        say("(a worker whose Celery consumer is back first takes what the queue gives back)")
+
         say("\n== RSS (MiB) ==")
         names = sorted({name for sample in self.rss.values() for name in sample})
         whens = list(self.rss)
@@ -376,6 +388,13 @@ class Soak:
             f"\nmedian stream read time {median(durations):.1f} s "
             f"(the LLM takes {TOKENS * TOKEN_DELAY:.0f} s)"
         )
+
+
+# What a worker logs of a stream the restart cut: column -> the line's words.
+_CUT = {
+    "handed back": ": handed back after ",
+    "started again (redelivered)": ": redelivered; the answer starts again",
+}
 
 
 def _server_named(queue: str) -> bool:
