@@ -270,7 +270,7 @@ def stop_webs(servers: list[Web]) -> None:
     for process in running:
         process.proc.send_signal(signal.SIGQUIT)
     for process in running:
-        process.kill(signal.SIGQUIT)  # waits for it
+        process.proc.wait(30)
 
 
 def task_events(url: str, uid: str, send: Callable[[], object], timeout: float = 20) -> list[Any]:
