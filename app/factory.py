@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 from celery import Celery, signals
+from celery.exceptions import CPendingDeprecationWarning
 
 from app import logs
 from app.broker import Pools
-from app.shutdown import TaskLinkStep, task_link, warm_shutdown
+from app.shutdown import RoomForCopies, TaskLinkStep, task_link, warm_shutdown
 from app.tasknames import STREAM_CHAT
 from config import Settings, load_settings
 from config.celery import celery_config
@@ -40,10 +42,18 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
         ignore_result=True,
     )(stream_chat)
     app.steps["worker"].add(RequestConsumer)
+    app.steps["worker"].add(RoomForCopies)
     app.steps["consumer"].add(BufferedTaskEvents)
     app.steps["consumer"].add(TaskLinkStep)
     signals.task_received.connect(_note_connection, weak=False)
     logs.install()
+    # At each lost connection: Celery 6 will cancel its tasks by default. chatqueue
+    # sets worker_cancel_long_running_tasks_on_connection_loss itself (config/celery.py).
+    warnings.filterwarnings(
+        "ignore",
+        message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss",
+        category=CPendingDeprecationWarning,
+    )
 
     level = logging.getLevelName(settings.log_level.upper())
 

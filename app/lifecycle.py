@@ -58,6 +58,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class State(StrEnum):
@@ -68,13 +69,16 @@ class State(StrEnum):
     CANCELLED = "cancelled"
     DROPPED = "dropped"
     HANDED_BACK = "handed_back"
+    # A task message that came back while its incarnation streams on in this
+    # process: that stream goes on, acknowledged with it (Running.follow).
+    ADOPTED = "adopted"
 
 
 # Allowed transitions; anything else is a bug (:class:`IllegalTransition`).
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.SUBMITTED: frozenset({State.HANDED_OFF}),
     State.HANDED_OFF: frozenset(
-        {State.STREAMING, State.DROPPED, State.CANCELLED, State.HANDED_BACK}
+        {State.STREAMING, State.DROPPED, State.CANCELLED, State.HANDED_BACK, State.ADOPTED}
     ),
     # STREAMING -> STREAMING: the worker died and the task came back (restart).
     State.STREAMING: frozenset(
@@ -85,6 +89,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.DROPPED: frozenset(),
     # In this process; the task message it gave back is another worker's now.
     State.HANDED_BACK: frozenset(),
+    State.ADOPTED: frozenset(),
 }
 
 
@@ -216,6 +221,18 @@ class Verdict(StrEnum):
     DUPLICATE = "duplicate"  # another incarnation of the uid is streaming here
     ANSWERED = "answered"  # this incarnation's answer is already out
     BUSY = "busy"  # a superseded copy of this incarnation has not stopped yet: try later
+    ADOPT = "adopt"  # this incarnation streams here on another task message: follow it
+
+
+@dataclass(eq=False)
+class TaskMessage:
+    """One delivery of an incarnation's task message: the one its stream is
+    acknowledged with. ``link`` is the connection it came on
+    (:class:`~app.shutdown.TaskLink`); ``outcome``, once the stream it
+    carried ended: ``answered``, ``cancelled`` or ``handed_back``."""
+
+    link: Any = None
+    outcome: str | None = None
 
 
 class Running:
@@ -244,17 +261,31 @@ class Running:
         # (uid, rid) -> when it finished, and the losses when it began.
         self._finished: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
         self._superseded: set[tuple[str, str]] = set()
+        # Streaming incarnations -> the task message that came back for them
+        # (:meth:`adopt`); those that no longer take one (:meth:`copy_for`).
+        self._copies: dict[tuple[str, str], TaskMessage] = {}
+        self._closed: set[tuple[str, str]] = set()
         self._ended = threading.Condition()
 
     def begin(
-        self, incarnation: Incarnation, cancels: Cancels | None = None, wait: float = 10.0
+        self,
+        incarnation: Incarnation,
+        cancels: Cancels | None = None,
+        wait: float = 10.0,
+        message: TaskMessage | None = None,
     ) -> Verdict:
         """Whether to answer ``incarnation``. One whose uid is held by a cancelled
-        incarnation (about to stop at its next chunk) takes the uid over."""
+        incarnation (about to stop at its next chunk) takes the uid over. A
+        task ``message`` that came back for an incarnation streaming here is
+        adopted: the stream goes on, to be acknowledged with it (:meth:`follow`)."""
         uid, rid = incarnation.uid, incarnation.rid
         deadline = time.monotonic() + wait
         with self._ended:
             self._prune()
+            if self._rid_of(uid) == rid and message is not None and (uid, rid) not in self._closed:
+                self._copies[(uid, rid)] = message
+                self._ended.notify_all()
+                return Verdict.ADOPT
             if self._rid_of(uid) == rid:
                 # A copy of this very incarnation still runs here, on a task
                 # message that came back: it is orphaned. Stop it, then take over.
@@ -280,17 +311,75 @@ class Running:
         """Whether a copy of ``incarnation`` that came back waits for this one to stop."""
         return (incarnation.uid, incarnation.rid) in self._superseded
 
+    def newer(self, incarnation: Incarnation, message: TaskMessage) -> bool:
+        """Whether a task message of ``incarnation`` came back since ``message``."""
+        return self._copies.get((incarnation.uid, incarnation.rid)) not in (None, message)
+
+    def copy_for(
+        self, incarnation: Incarnation, message: TaskMessage, wait: float
+    ) -> TaskMessage | None:
+        """The task message that came back for ``incarnation`` since ``message``
+        (the stream's went with a lost connection), waiting ``wait`` seconds at
+        most; None if none came: then none is adopted any more (it went to
+        another worker, which answers it again)."""
+        key = (incarnation.uid, incarnation.rid)
+        deadline = time.monotonic() + wait
+        with self._ended:
+            while (copy := self._copies.get(key)) in (None, message):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._closed.add(key)
+                    return None
+                self._ended.wait(timeout=min(left, 1.0))
+            return copy
+
+    def follow(
+        self, incarnation: Incarnation, message: TaskMessage, alive: Callable[[], bool]
+    ) -> str:
+        """Wait while ``incarnation`` streams here under the adopted ``message``:
+        its outcome (``answered``, ``cancelled``, ``handed_back``), ``replaced``
+        once a newer task message came back for it, or ``lost`` once
+        ``alive()`` says the connection ``message`` came on is gone."""
+        key = (incarnation.uid, incarnation.rid)
+        with self._ended:
+            while message.outcome is None:
+                if self._copies.get(key) is not message:
+                    return "replaced"
+                if not alive():
+                    return "lost"
+                self._ended.wait(timeout=1.0)
+            return message.outcome
+
     def _rid_of(self, uid: str) -> str | None:
         holder = self._streaming.get(uid)
         return None if holder is None else holder.rid
 
-    def end(self, incarnation: Incarnation, *, finished: bool, lost: int | None = None) -> None:
+    def end(
+        self,
+        incarnation: Incarnation,
+        *,
+        finished: bool,
+        lost: int | None = None,
+        outcome: str = "",
+    ) -> None:
         """``lost``: the count of connections lost when the incarnation began
-        (any loss after it may have taken its unconfirmed last messages)."""
+        (any loss after it may have taken its unconfirmed last messages);
+        ``outcome``: for the task message it adopted, if any (:meth:`follow`)."""
+        key = (incarnation.uid, incarnation.rid)
         with self._ended:
             if self._streaming.get(incarnation.uid) == incarnation:
                 del self._streaming[incarnation.uid]
-                self._superseded.discard((incarnation.uid, incarnation.rid))
+                self._superseded.discard(key)
+                self._closed.discard(key)
+                adopted = self._copies.pop(key, None)
+                if adopted is not None:
+                    # An answer that ended before a loss may have lost its last
+                    # messages with it (below): its message is given back, and
+                    # answered again.
+                    safe = lost is None or lost == self._losses()
+                    adopted.outcome = outcome or (
+                        "answered" if finished and safe else "handed_back"
+                    )
             if finished:
                 self._finished[(incarnation.uid, incarnation.rid)] = (
                     time.monotonic(),

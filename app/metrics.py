@@ -102,7 +102,8 @@ class Recorder:
         self.restarts = Counter(
             "chatqueue_restarts",
             "answers started over (redelivered: a worker died; llm_retry: the LLM broke its "
-            "stream before the first token)",
+            "stream before the first token; carried_on: written again from memory after a "
+            "lost connection, the LLM not asked again)",
             ["reason"],
             registry=registry,
         )
@@ -174,7 +175,7 @@ class Recorder:
             self.requests.labels(outcome, "")
         for kind in ("sdk", "stream"):
             self.llm_retries.labels(kind)
-        for reason in ("redelivered", "llm_retry"):
+        for reason in ("redelivered", "llm_retry", "carried_on"):
             self.restarts.labels(reason)
 
     def snapshot(self, role: str, interval: float, *, final: bool = False) -> dict[str, Any]:

@@ -325,6 +325,32 @@ class TaskLinkStep(bootsteps.StartStopStep):  # type: ignore[misc]
             gevent.spawn(task_link.watch)
 
 
+class RoomForCopies(bootsteps.StartStopStep):  # type: ignore[misc]
+    """A gevent pool with room for twice ``--concurrency`` tasks, the prefetch
+    left at ``--concurrency``.
+
+    In normal running the pool never holds more tasks than unacknowledged
+    task messages, the prefetch. After a lost connection the streams of its
+    messages go on until their copies come back (tasks/chat.py), and the
+    copies are tasks too, on the new connection, up to the prefetch: the
+    pool needs room for both. Full, Celery's gevent pool stops its consumer's
+    loop at ``spawn`` until a task ends: the copies, which the streams wait
+    for, could not start. Its ``grow()`` would raise the prefetch as well
+    (``num_processes``)."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def start(self, w: Any) -> None:
+        pool = w.pool
+        green = getattr(pool, "_pool", None)
+        if type(pool).__module__ != "celery.concurrency.gevent" or green is None:
+            return
+        extra = pool.limit
+        green.size += extra
+        for _ in range(extra):
+            green._semaphore.release()
+
+
 class WarmShutdown:
     """When this process's streams must be handed back, once a warm shutdown began."""
 

@@ -43,14 +43,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # out, and given back to the broker when its worker dies.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Off: a stream whose task message went with a lost connection goes
+        # on when the message comes back to this process (tasks/chat.py,
+        # "carry on"), and stops by itself otherwise. Celery's cancel killed
+        # it wherever it was (gevent.kill).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         # Off: after a reconnect Celery would lower the prefetch count and
         # raise it again from the ack callback of each task that ends
         # (basic.qos, which waits for its answer), in the task's greenlet,
         # while the consumer's loop reads the same socket: gevent refused
         # the second reader (ConcurrentObjectUseError, in a soak run). The
-        # tasks of the lost connection were cancelled (above), so there is
-        # nothing to over-fetch beside.
+        # tasks of the lost connection end or go on beside the new ones in
+        # a pool with room for both (app.shutdown.RoomForCopies).
         "worker_enable_prefetch_count_reduction": False,
         "worker_prefetch_multiplier": 1,
         # Flower: events from the worker, and task-sent from the consumer.

@@ -20,9 +20,16 @@ from celery.exceptions import Reject
 from gevent import GreenletExit
 
 from app import metrics
-from app.broker import Lane, Sender, dead_letter
+from app.broker import Lane, Lanes, Sender, dead_letter
 from app.errors import DuplicateRequest
-from app.lifecycle import Incarnation, Running, State, Verdict, check_transition
+from app.lifecycle import (
+    Incarnation,
+    Running,
+    State,
+    TaskMessage,
+    Verdict,
+    check_transition,
+)
 from app.protocol import ResponseStream, opens_only
 from app.request import ChatRequest
 from app.shutdown import HandBack, Orphaned, losses, task_link, warm_shutdown
@@ -36,6 +43,12 @@ logger = logging.getLogger(__name__)
 # read, which then never yields: the cancel listener, the lanes and Celery's
 # loop waited for the stream (a cancel took 7.7 s to be seen at 5,000 chunks/s).
 YIELD_EVERY = 64
+
+# Seconds a stream that lost its task message with a connection waits for it
+# to come back to this process (then it goes on), and the bytes of answer it
+# keeps to write again for that (past them it stops at a loss, as before).
+CARRY_ON_WAIT = 30.0
+CARRY_ON_KEEP = 1 << 20
 
 # The incarnations this process streams, and those it finished in the last
 # RESPONSE_QUEUE_TTL (made with the first task, from its settings).
@@ -53,22 +66,138 @@ class PublishFailed(Exception):
     """The broker would not take a response message, even after retries."""
 
 
+class Lease:
+    """What a stream needs to go on after it lost its task message with a
+    connection (:class:`~app.shutdown.Orphaned`): the task message that came
+    back for it to this process (:meth:`~app.lifecycle.Running.copy_for`),
+    within ``wait`` seconds."""
+
+    def __init__(
+        self, incarnation: Incarnation, runs: Running, message: TaskMessage, wait: float
+    ) -> None:
+        self.incarnation = incarnation
+        self.runs = runs
+        self.message = message
+        self.wait = wait
+
+    def lost(self) -> bool:
+        """Whether the task message is no longer this stream's to acknowledge."""
+        return not task_link.alive(self.message.link) or self.runs.newer(
+            self.incarnation, self.message
+        )
+
+    def renew(self) -> None:
+        """Take the task message that came back, or raise Orphaned."""
+        copy = self.runs.copy_for(self.incarnation, self.message, self.wait)
+        if copy is None:
+            raise Orphaned
+        self.message = copy
+
+
 class _Publisher:
     """A stream's messages, handed to its lane (:class:`~app.broker.Sender`);
-    a message the broker would not take, even after retries, is PublishFailed."""
+    a message the broker would not take, even after retries, is PublishFailed.
 
-    def __init__(self, lane: Lane, since: int) -> None:
-        self._sender = Sender(lane, since)
+    With a :class:`Lease`, a stream that lost messages or its task message
+    with a connection goes on (:meth:`carry_on`): it writes again, from
+    ``seq`` 0 and marked ``restart``, what it had written, and goes on
+    after it. Readers drop what they had at a ``restart``, and get the same
+    text again: no second LLM call. Up to ``keep`` bytes of answer are kept
+    for that; past them the stream stops as before (:class:`Orphaned`), and
+    the task message that came back answers it again from the start.
+    """
+
+    def __init__(self, lanes: Any, since: int, lease: Lease | None = None, keep: int = 0) -> None:
+        # ``lanes``: a Lanes (each Sender takes the next lane) or one Lane.
+        self._lanes = lanes
+        self.since = since  # the count of losses its messages are written under
+        self._sender = Sender(self._lane(), since)
+        self.lease = lease
+        self._keep = keep
+        self._kept: list[tuple[str, str, dict[str, Any]]] | None = [] if lease else None
+        self._size = 0
+        self._again = False  # written again once: what follows is marked restart
+        self.carried = 0  # times it went on after a loss
+
+    def _lane(self) -> Lane:
+        return self._lanes.next() if isinstance(self._lanes, Lanes) else self._lanes
 
     def __call__(self, body: str, routing_key: str, properties: dict[str, Any]) -> None:
-        with _publish_failures():
-            self._sender(body, routing_key, properties)
+        headers = properties.get("application_headers") or {}
+        if self._again:
+            headers["restart"] = True
+        self._note(body, routing_key, properties, headers)
+        try:
+            with _publish_failures():
+                self._sender(body, routing_key, properties)
+        except Orphaned:
+            self.carry_on()  # writes this one again too
+
+    def _note(
+        self, body: str, routing_key: str, properties: dict[str, Any], headers: dict[str, Any]
+    ) -> None:
+        if headers.get("seq") == 0:  # a new run of the answer (the first, or again())
+            self._kept, self._size = ([] if self.lease else None), 0
+        if self._kept is None:
+            return
+        self._size += len(body)
+        if self._size > self._keep:
+            self._kept = None  # too long to write again: a loss stops it
+        else:
+            self._kept.append((body, routing_key, properties))
+
+    def check(self) -> None:
+        """Go on (:meth:`carry_on`) if a connection was lost since its messages
+        were written, or the task message is no longer the stream's;
+        Orphaned if it cannot, or a copy that came back waits for it to stop."""
+        lease = self.lease
+        if lease is not None and lease.runs.superseded(lease.incarnation):
+            raise Orphaned  # it could not go on before, and a copy waits for it to stop
+        if losses.since(self.since) or (lease is not None and lease.lost()):
+            self.carry_on()
+
+    def carry_on(self) -> None:
+        """After a loss: under the task message that came back for the stream
+        (the same, if only messages were lost), write again what was written,
+        on a lane that sees no loss since; Orphaned if no message came back
+        (another worker answers it again) or too much was written to keep."""
+        lease = self.lease
+        if lease is None or self._kept is None:
+            raise Orphaned
+        while True:
+            if lease.lost():
+                lease.renew()  # or Orphaned
+            self.since = losses.count
+            self._sender = Sender(self._lane(), self.since)
+            self._again = True
+            self.carried += 1
+            logger.warning(
+                "uid=%s: goes on after a lost connection; its %d messages written again",
+                lease.incarnation.uid,
+                len(self._kept),
+            )
+            metrics.restarted("carried_on")
+            try:
+                with _publish_failures():
+                    for body, routing_key, properties in self._kept:
+                        headers = {**properties["application_headers"], "restart": True}
+                        self._sender(
+                            body, routing_key, {**properties, "application_headers": headers}
+                        )
+                return
+            except Orphaned:
+                continue
 
     def settle(self) -> None:
         """Wait until every message is written (the task message is
         acknowledged after them)."""
-        with _publish_failures():
-            self._sender.settle()
+        while True:
+            try:
+                with _publish_failures():
+                    self._sender.settle()
+                return
+            except Orphaned:
+                self.carry_on()
 
     def drain(self) -> None:
         """Wait until every message is written or dropped, whatever became of them.
@@ -118,25 +247,13 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
     incarnation = Incarnation(uid, rid or str(task.request.id), at)
     restart = bool((task.request.delivery_info or {}).get("redelivered"))
     runs = running(settings)
-    state = State.HANDED_OFF
-    verdict = runs.begin(incarnation, cancel.listener(settings).cancels)
-    if verdict is Verdict.ANSWERED:
-        check_transition(state, State.DROPPED)
-        logger.warning("uid=%s: rid %s was answered already; copy dropped", uid, rid)
+    message = TaskMessage(link)
+    if not _to_stream(task, request, incarnation, runs, message):
         return
-    if verdict is Verdict.DUPLICATE:
-        check_transition(state, State.DROPPED)
-        _drop_duplicate(task, request)
-        return
-    if verdict is Verdict.BUSY:
-        # Its copy here has not stopped yet: unacknowledged, the task message
-        # comes back, and is answered once that copy is gone.
-        check_transition(state, State.HANDED_BACK)
-        logger.warning("uid=%s: rid %s still runs here; given back to come again", uid, rid)
-        raise Reject("a superseded copy still runs", requeue=True)
-    state = check_transition(state, State.STREAMING)
+    state = check_transition(State.HANDED_OFF, State.STREAMING)
     finished = False
-    publisher = _Publisher(task.app.pools.lanes.next(), lost)
+    lease = Lease(incarnation, runs, message, CARRY_ON_WAIT)
+    publisher = _Publisher(task.app.pools.lanes, lost, lease, keep=CARRY_ON_KEEP)
     stream = ResponseStream(
         publisher,
         request.reply_to or settings.response_queue(uid),
@@ -150,7 +267,7 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         if restart:
             logger.warning("uid=%s: redelivered; the answer starts again", uid)
             metrics.restarted("redelivered")
-        finished = answer(stream, request, incarnation, settings, figures, lost=lost, link=link)
+        finished = answer(stream, request, incarnation, settings, figures, publisher=publisher)
         publisher.settle()
         outcome = ("error" if stream.error_code else "answered") if finished else "cancelled"
         check_transition(state, State.ANSWERED if finished else State.CANCELLED)
@@ -173,19 +290,62 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         # Its messages written (or dropped) before another copy of it may
         # start, on another lane, whose messages must come after them.
         publisher.drain()  # never raises
-        runs.end(incarnation, finished=finished, lost=lost)
+        runs.end(
+            incarnation,
+            finished=finished,
+            lost=publisher.since,
+            outcome="cancelled" if outcome == "cancelled" else "",
+        )
         figures.end(outcome, stream)
 
 
-def _stop_if_due(lost: int, link: Any, incarnation: Incarnation, runs: Running) -> None:
+def _to_stream(
+    task: Task, request: ChatRequest, incarnation: Incarnation, runs: Running, message: TaskMessage
+) -> bool:
+    """Whether this copy of ``incarnation`` streams its answer (:meth:`Running.begin`);
+    the others end here."""
+    uid, rid = incarnation.uid, incarnation.rid
+    state = State.HANDED_OFF
+    verdict = runs.begin(incarnation, cancel.listener(task.app.settings).cancels, message=message)
+    if verdict is Verdict.ADOPT:
+        check_transition(state, State.ADOPTED)
+        _follow(incarnation, runs, message)
+        return False
+    if verdict is Verdict.ANSWERED:
+        check_transition(state, State.DROPPED)
+        logger.warning("uid=%s: rid %s was answered already; copy dropped", uid, rid)
+        return False
+    if verdict is Verdict.DUPLICATE:
+        check_transition(state, State.DROPPED)
+        _drop_duplicate(task, request)
+        return False
+    if verdict is Verdict.BUSY:
+        # Its copy here has not stopped yet: unacknowledged, the task message
+        # comes back, and is answered once that copy is gone.
+        check_transition(state, State.HANDED_BACK)
+        logger.warning("uid=%s: rid %s still runs here; given back to come again", uid, rid)
+        raise Reject("a superseded copy still runs", requeue=True)
+    return True
+
+
+def _follow(incarnation: Incarnation, runs: Running, message: TaskMessage) -> None:
+    """A task message that came back while its stream goes on here: it is
+    acknowledged when that stream ends (given back if the stream is), and
+    until then the request is not lost if this worker dies."""
+    uid = incarnation.uid
+    logger.warning("uid=%s: came back while its answer streams here; that stream goes on", uid)
+    outcome = runs.follow(incarnation, message, lambda: task_link.alive(message.link))
+    if outcome == "handed_back":
+        raise Reject("the stream it carried was handed back", requeue=True)
+    logger.info("uid=%s: the task message that came back ends (%s)", uid, outcome)
+
+
+def _stop_if_due(publisher: _Publisher) -> None:
     """Raise :class:`HandBack` when the grace of a warm shutdown is over, and
-    :class:`Orphaned` when a connection was lost since the count ``lost``,
-    the task message's connection ``link`` is gone (:class:`TaskLink`), or
-    the task message came back to this process (:meth:`Running.superseded`)."""
+    go on after a lost connection or :class:`Orphaned` (:meth:`_Publisher.check`)."""
     if warm_shutdown.due():
         raise HandBack
-    if losses.since(lost) or not task_link.alive(link) or runs.superseded(incarnation):
-        raise Orphaned
+    publisher.check()
 
 
 def _drop_duplicate(task: Task, request: ChatRequest) -> None:
@@ -218,22 +378,19 @@ def answer(
     settings: Settings,
     figures: metrics.Answering,
     *,
-    lost: int,
-    link: Any = None,
+    publisher: _Publisher,
 ) -> bool:
     """Stream the LLM's answer, or an error object, then ``[DONE]``; False if cancelled.
 
     ``figures`` takes the LLM's time to its first payload and the tokens;
-    ``lost``, the count of :data:`~app.shutdown.losses` when the task began,
-    and ``link``, the connection its message came on: a connection lost since
-    ends the stream (:class:`~app.shutdown.Orphaned`)."""
+    ``publisher``, the stream's, tells at each chunk whether a connection
+    was lost (:func:`_stop_if_due`)."""
     uid = request.uid
     cancels = cancel.listener(settings).cancels
-    runs = running(settings)
     if cancels.cancelled(incarnation):
         logger.info("uid=%s: cancelled before it started", uid)
         return False
-    _stop_if_due(lost, link, incarnation, runs)
+    _stop_if_due(publisher)
     client = llm.client(settings)
     started = time.monotonic()
     for attempt in range(settings.llm_max_retries + 1):
@@ -253,7 +410,7 @@ def answer(
                             cancels.forget(incarnation)
                             return False
                         # Leaving the block closes the HTTP stream.
-                        _stop_if_due(lost, link, incarnation, runs)
+                        _stop_if_due(publisher)
                         stream.chunk(payload)
                         if stream.seq % YIELD_EVERY == 0:
                             gevent.sleep(0)

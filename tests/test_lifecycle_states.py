@@ -13,6 +13,7 @@ from app.lifecycle import (
     Incarnation,
     Running,
     State,
+    TaskMessage,
     Verdict,
     check_transition,
 )
@@ -56,6 +57,75 @@ def test_a_task_message_that_comes_back_supersedes_the_copy_still_running() -> N
     assert runs.begin(Incarnation("u1", "r1", 0.0), wait=5) is Verdict.ANSWER
     assert stopped.is_set()
     assert not runs.superseded(first)  # the copy that took over goes on
+
+
+def test_a_task_message_that_comes_back_is_adopted_by_its_stream_still_running() -> None:
+    """The stream goes on under the message that came back (tasks/chat.py
+    carries on), and that message is acknowledged when the stream ends."""
+    runs = Running(keep=60)
+    first = Incarnation("u1", "r1", 0.0)
+    mine = TaskMessage()
+    assert runs.begin(first, message=mine) is Verdict.ANSWER
+    back = TaskMessage()
+    assert runs.begin(Incarnation("u1", "r1", 0.0), message=back) is Verdict.ADOPT
+    assert runs.newer(first, mine)
+    assert runs.copy_for(first, mine, wait=0) is back
+    assert not runs.newer(first, back)
+    outcome: list[str] = []
+    follower = threading.Thread(
+        target=lambda: outcome.append(runs.follow(first, back, lambda: True))
+    )
+    follower.start()
+    time.sleep(0.3)
+    assert not outcome  # it waits while the stream runs
+    runs.end(first, finished=True)
+    follower.join(5)
+    assert outcome == ["answered"]
+
+
+@pytest.mark.parametrize(
+    ("end", "outcome"),
+    [
+        ({"finished": False}, "handed_back"),
+        ({"finished": False, "outcome": "cancelled"}, "cancelled"),
+    ],
+)
+def test_an_adopted_message_ends_as_its_stream_did(end: dict[str, object], outcome: str) -> None:
+    runs = Running(keep=60)
+    first = Incarnation("u1", "r1", 0.0)
+    assert runs.begin(first, message=TaskMessage()) is Verdict.ANSWER
+    back = TaskMessage()
+    assert runs.begin(Incarnation("u1", "r1", 0.0), message=back) is Verdict.ADOPT
+    runs.end(first, **end)  # type: ignore[arg-type]
+    assert runs.follow(first, back, lambda: True) == outcome
+
+
+def test_an_adopted_message_on_a_lost_connection_or_replaced_lets_go() -> None:
+    runs = Running(keep=60)
+    first = Incarnation("u1", "r1", 0.0)
+    assert runs.begin(first, message=TaskMessage()) is Verdict.ANSWER
+    back = TaskMessage()
+    assert runs.begin(Incarnation("u1", "r1", 0.0), message=back) is Verdict.ADOPT
+    assert runs.follow(first, back, lambda: False) == "lost"
+    again = TaskMessage()
+    assert runs.begin(Incarnation("u1", "r1", 0.0), message=again) is Verdict.ADOPT
+    assert runs.follow(first, back, lambda: True) == "replaced"
+
+
+def test_a_stream_whose_message_did_not_come_back_in_time_is_not_adopted_after() -> None:
+    """It went to another worker, which answers it again: this stream stops,
+    having written nothing since the loss, and a copy that comes here late
+    waits for it to stop, as before."""
+    runs = Running(keep=60)
+    first = Incarnation("u1", "r1", 0.0)
+    mine = TaskMessage()
+    assert runs.begin(first, message=mine) is Verdict.ANSWER
+    assert runs.copy_for(first, mine, wait=0.1) is None
+    late = Incarnation("u1", "r1", 0.0)
+    assert runs.begin(late, message=TaskMessage(), wait=0.3) is Verdict.BUSY
+    assert runs.superseded(first)
+    runs.end(first, finished=False)
+    assert runs.begin(late, message=TaskMessage()) is Verdict.ANSWER
 
 
 def test_a_copy_that_does_not_stop_gives_the_task_back_instead_of_dropping_it() -> None:

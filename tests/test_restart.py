@@ -5,6 +5,7 @@ its log, not tracebacks."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from celery.worker.consumer import consumer as celery_consumer
 from app import logs
 from bench.rabbitnode import RabbitNode
 from devllm.answers import reply_tokens
+from devllm.testing import DevLLM
 from tests.conftest import new_uid
 from tests.support import Broker, PrivateStack, collect, declare_response_queues
 
@@ -35,11 +37,16 @@ def connect(env: dict[str, str], timeout: float = 60) -> Broker:
 def test_a_broker_restart_mid_stream_loses_no_accepted_request(
     rabbit_node: RabbitNode,
     private_stack: Callable[..., PrivateStack],
+    llm: DevLLM,
 ) -> None:
+    """With one worker, every task message comes back to the process whose
+    streams lost it: each stream goes on, writing again from memory what it
+    had written (marked restart), and the LLM is asked once per request."""
     stack = private_stack("restart", web=False)
     env, worker = stack.env, stack.worker
     client = Broker(env["RABBITMQ_URL"], env)
-    prompts = [f"restart {i}" for i in range(10)]
+    tag = new_uid()
+    prompts = [f"restart {tag} {i}" for i in range(10)]
     uids = [new_uid() for _ in prompts]
     try:
         declare_response_queues(client, uids, int(env["RESPONSE_QUEUE_TTL"]))
@@ -67,6 +74,9 @@ def test_a_broker_restart_mid_stream_loses_no_accepted_request(
             final = answers[uid].final
             assert [m.seq for m in final.messages] == list(range(len(final.messages)))
             assert final.content == "".join(reply_tokens([{"role": "user", "content": prompt}], 40))
+        asked = [r for r in llm.stats()["last_requests"] if tag in json.dumps(r)]
+        assert len(asked) == len(prompts), f"the LLM was asked again:\n{log[-3000:]}"
+        assert log.count("goes on after a lost connection") >= len(prompts), log[-3000:]
         assert worker.proc.poll() is None  # it reconnected, it did not die
         # An expected connection loss is one line: no traceback.
         assert "Traceback" not in log, log[log.index("Traceback") - 2000 :][:6000]
