@@ -47,13 +47,6 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
     app.steps["consumer"].add(TaskLinkStep)
     signals.task_received.connect(_note_connection, weak=False)
     logs.install()
-    # At each lost connection: Celery 6 will cancel its tasks by default. chatqueue
-    # sets worker_cancel_long_running_tasks_on_connection_loss itself (config/celery.py).
-    warnings.filterwarnings(
-        "ignore",
-        message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss",
-        category=CPendingDeprecationWarning,
-    )
 
     level = logging.getLevelName(settings.log_level.upper())
 
@@ -93,6 +86,7 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
     signals.worker_process_shutdown.connect(last_report, weak=False)
     signals.worker_shutdown.connect(last_report, weak=False)
     signals.worker_ready.connect(warm_up, weak=False)
+    signals.worker_ready.connect(_quiet_cancel_warning, weak=False)
     signals.after_setup_logger.connect(set_level, weak=False)
     signals.after_setup_task_logger.connect(set_level, weak=False)
     return app
@@ -101,3 +95,15 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
 def _note_connection(request: Any = None, **_: Any) -> None:
     if request is not None:
         task_link.received(request)
+
+
+def _quiet_cancel_warning(**_: Any) -> None:
+    """Celery warns at each lost connection that Celery 6 will cancel its tasks
+    by default: chatqueue sets ``worker_cancel_long_running_tasks_on_connection_loss``
+    itself (config/celery.py). Celery's logging set-up, before, makes its
+    deprecation warnings ``always`` shown."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss",
+        category=CPendingDeprecationWarning,
+    )

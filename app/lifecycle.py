@@ -17,6 +17,11 @@ A uid is followed from the input queue to ``[DONE]`` like this::
        '---> (the worker died) the task message comes back: STREAMING again, as a
              restart of the same rid (``restart: true``, seq from 0)
 
+    A task message that comes back (its connection was lost) while its stream
+    still runs in the same process is ADOPTED: that stream goes on, writing
+    again what it had written (``restart: true``, seq from 0), and the message
+    is acknowledged when the stream ends (Running.follow).
+
 Each piece of state has one owner and one lifetime, and a check that cannot
 find its state refuses:
 
@@ -29,9 +34,9 @@ who may read the answer       the uid itself: the web      as long as the uid; n
                               the caller's API key
 whether the uid is answered   the task message: exactly    while the task runs; a
                               one per accepted request,    copy that came back to the
-                              since its hand-off and the   same process supersedes the
-                              input's ack are one broker   one still running there
-                              transaction                  (:class:`Running`)
+                              since its hand-off and the   same process is adopted by
+                              input's ack are one broker   the stream still running
+                              transaction                  there (:class:`Running`)
 whether it was cancelled      :class:`Cancels`, per        until its incarnation
                               worker process, keyed by     ends, at most
                               (uid, rid), or by uid for    RESPONSE_QUEUE_TTL
@@ -241,12 +246,15 @@ class Running:
     Across processes, a request has one task message (its hand-off and the
     input's ack are one transaction), so two copies of one incarnation only
     meet when a task message comes back while its first copy still runs here
-    (the connection dropped; Celery stops that copy) or after its answer went
-    out (the ack was lost). A copy whose task message came back is orphaned:
-    the one that came back supersedes it (the running copy stops at its next
-    chunk, :meth:`superseded`) and answers again once it has stopped. A
-    second request that reuses a uid still streaming here is a duplicate. A
-    uid whose answer is out is free again.
+    (the connection dropped) or after its answer went out (the ack was
+    lost). A task message that came back for a stream running here is
+    adopted (:meth:`begin` with ``message``, :meth:`copy_for`,
+    :meth:`follow`): the stream goes on, to be acknowledged with it. A
+    stream that waited for it in vain is closed to adoption: a copy that
+    comes late supersedes it (it stops at its next chunk,
+    :meth:`superseded`) and answers again once it has stopped. A second
+    request that reuses a uid still streaming here is a duplicate. A uid
+    whose answer is out is free again.
     """
 
     def __init__(

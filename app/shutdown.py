@@ -56,9 +56,11 @@ class Orphaned(HandBack):
 
     The task message came on a channel of that connection: it cannot be
     acknowledged any more, and RabbitMQ has given it back to the queue, so a
-    copy may already be answering it, here or in another worker. Going on
-    would interleave two runs in one response queue; the stream stops, and
-    the copy answers the request again from the start, marked ``restart``.
+    copy may already be answering it, here or in another worker. A stream
+    goes on only under a copy that came back to its own process
+    (tasks/chat.py, ``carry_on``); otherwise going on would interleave two
+    runs in one response queue: the stream stops (this), and the copy
+    answers the request again from the start, marked ``restart``.
     """
 
 

@@ -354,7 +354,10 @@ class Soak:
                 ["worker", *_CUT],
             )
         )
-        say("(a worker whose Celery consumer is back first takes what the queue gives back)")
+        say(
+            "(a worker whose Celery consumer is back first takes what the queue gives back; "
+            "a stream whose task message came back to its own process went on)"
+        )
 
         say("\n== RSS (MiB) ==")
         names = sorted({name for sample in self.rss.values() for name in sample})
@@ -394,6 +397,7 @@ class Soak:
 _CUT = {
     "handed back": ": handed back after ",
     "started again (redelivered)": ": redelivered; the answer starts again",
+    "went on, written again": ": goes on after a lost connection",
 }
 
 

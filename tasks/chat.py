@@ -2,7 +2,9 @@
 
 The task message is acknowledged late and given back when its worker dies,
 so every accepted request is answered at least once. A stream a second worker
-takes over starts again from ``seq`` 0 with the header ``restart: true``.
+takes over starts again from ``seq`` 0 with the header ``restart: true``. A
+stream whose task message went with a lost connection and came back to the
+same process goes on (:meth:`_Publisher.carry_on`).
 """
 
 from __future__ import annotations
@@ -202,10 +204,11 @@ class _Publisher:
     def drain(self) -> None:
         """Wait until every message is written or dropped, whatever became of them.
 
-        Celery kills the tasks of a connection it lost
-        (``worker_cancel_long_running_tasks_on_connection_loss``: ``gevent.kill``
-        raises GreenletExit where the task waits), often while a stream that
-        saw the loss first waits here, its lane reconnecting. The wait goes on:
+        A kill (``gevent.kill`` raises GreenletExit where the task waits) can
+        come while a stream waits here, its lane reconnecting: Celery's did,
+        when it cancelled the tasks of a connection it lost
+        (``worker_cancel_long_running_tasks_on_connection_loss``, off since
+        such a stream goes on, :meth:`carry_on`). The wait goes on:
         the stream is ending already, and another copy of it must not begin
         before its messages are out. Let through, the kill skipped the end of
         the incarnation, and every later copy was given back to come again,
