@@ -270,7 +270,7 @@ class Running:
         self._finished: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
         self._superseded: set[tuple[str, str]] = set()
         # Streaming incarnations -> the task message that came back for them
-        # (:meth:`adopt`); those that no longer take one (:meth:`copy_for`).
+        # (:meth:`begin`); those that no longer take one (:meth:`copy_for`).
         self._copies: dict[tuple[str, str], TaskMessage] = {}
         self._closed: set[tuple[str, str]] = set()
         self._ended = threading.Condition()

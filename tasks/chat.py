@@ -119,7 +119,6 @@ class _Publisher:
         self._kept: list[tuple[str, str, dict[str, Any]]] | None = [] if lease else None
         self._size = 0
         self._again = False  # written again once: what follows is marked restart
-        self.carried = 0  # times it went on after a loss
 
     def _lane(self) -> Lane:
         return self._lanes.next() if isinstance(self._lanes, Lanes) else self._lanes
@@ -172,7 +171,6 @@ class _Publisher:
             self.since = losses.count
             self._sender = Sender(self._lane(), self.since)
             self._again = True
-            self.carried += 1
             logger.warning(
                 "uid=%s: goes on after a lost connection; its %d messages written again",
                 lease.incarnation.uid,
