@@ -9,7 +9,12 @@ but before the first token and was asked again) carries the header
 ``restart: true`` on every message: its ``seq`` starts at 0 again and a reader
 drops what it had. The header ``rid`` names the incarnation (the hand-off)
 that wrote the message: a reader that leaves cancels that one (see
-:mod:`app.lifecycle`).
+:mod:`app.lifecycle`). The header ``run`` names one run of the answer (a
+new one at each start over). A worker that lost its connection mid-stream
+and goes on writes the run again from ``seq`` 0, the same bodies, marked
+``restart`` and ``replay: true`` (tasks/chat.py): a reader that has that
+run's messages up to some ``seq`` may skip those again instead of starting
+over.
 
 Properties are given to ``publish`` as py-amqp names them
 (``application_headers`` for the headers table).
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from enum import StrEnum
@@ -40,6 +46,11 @@ class Kind(StrEnum):
 
 # publish(body, routing_key, properties) -> None
 Publish = Callable[[str, str, dict[str, Any]], None]
+
+
+def new_run() -> str:
+    """The id of one run of an answer (the ``run`` header)."""
+    return secrets.token_hex(4)
 
 
 def opens_only(chunk: dict[str, Any]) -> bool:
@@ -71,6 +82,7 @@ class ResponseStream:
         self.uid = uid
         self.restart = restart
         self.rid = rid
+        self.run = new_run()
         self.seq = 0
         self.finished = False
         # For the metrics: messages sent (restarts included), when the first
@@ -95,9 +107,11 @@ class ResponseStream:
         self._send(json.dumps(error_object), Kind.ERROR, JSON, status=status)
 
     def again(self) -> None:
-        """Start the answer over: what follows carries ``restart`` and ``seq`` from 0."""
+        """Start the answer over: what follows carries ``restart``, ``seq`` from 0
+        and a new ``run``."""
         self.seq = 0
         self.restart = True
+        self.run = new_run()
 
     def done(self) -> None:
         self._send(DONE, Kind.DONE, TEXT)
@@ -116,6 +130,7 @@ class ResponseStream:
             headers["restart"] = True
         if self.rid:
             headers["rid"] = self.rid
+        headers["run"] = self.run
         self._publish(
             body,
             self.queue,

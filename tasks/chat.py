@@ -102,11 +102,13 @@ class _Publisher:
 
     With a :class:`Lease`, a stream that lost messages or its task message
     with a connection goes on (:meth:`carry_on`): it writes again, from
-    ``seq`` 0 and marked ``restart``, what it had written, and goes on
-    after it. Readers drop what they had at a ``restart``, and get the same
-    text again: no second LLM call. Up to ``keep`` bytes of answer are kept
-    for that; past them the stream stops as before (:class:`Orphaned`), and
-    the task message that came back answers it again from the start.
+    ``seq`` 0 and marked ``restart`` and ``replay``, what it had written, and
+    goes on after it: no second LLM call. A reader of the contract drops what
+    it had at a ``restart`` and gets the same text again; the web front's
+    readers skip what their client has (``replay``, same ``run``). Up to
+    ``keep`` bytes of answer are kept for that; past them the stream stops as
+    before (:class:`Orphaned`), and the task message that came back answers
+    it again from the start.
     """
 
     def __init__(self, lanes: Any, since: int, lease: Lease | None = None, keep: int = 0) -> None:
@@ -180,7 +182,11 @@ class _Publisher:
             try:
                 with _publish_failures():
                     for body, routing_key, properties in self._kept:
-                        headers = {**properties["application_headers"], "restart": True}
+                        headers = {
+                            **properties["application_headers"],
+                            "restart": True,
+                            "replay": True,
+                        }
                         self._sender(
                             body, routing_key, {**properties, "application_headers": headers}
                         )

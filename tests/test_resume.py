@@ -59,9 +59,16 @@ def assert_whole(prompt: str, first: EventStream, rest: EventStream) -> None:
     assert first.content + rest.content == expected(prompt, TOKENS)
 
 
+def cancelled_so_far(llm: DevLLM) -> int:
+    """The LLM's count of cancelled streams, once no stream of an earlier test
+    runs (one that is cancelled later would be counted as this test's)."""
+    assert wait_until(lambda: llm.stats()["active_streams"] == 0, timeout=30)
+    return int(llm.stats()["streams_cancelled"])
+
+
 def test_a_dropped_stream_resumes_with_last_event_id(start_web: WebFactory, llm: DevLLM) -> None:
     web = start_web("resume", WEB_RESUME_GRACE="5")
-    cancelled = llm.stats()["streams_cancelled"]
+    cancelled = cancelled_so_far(llm)
     prompt = "read me in two parts"
     uid = submit(web, long_chat(prompt))
     first = stream(web, uid, until=lambda s: len(s.events) >= 10)  # then hang up
@@ -113,7 +120,7 @@ def test_a_client_that_does_not_come_back_is_cancelled_after_the_grace(
     start_web: WebFactory, llm: DevLLM
 ) -> None:
     web = start_web("abandon", WEB_RESUME_GRACE="2")
-    cancelled = llm.stats()["streams_cancelled"]
+    cancelled = cancelled_so_far(llm)
     uid = submit(web, long_chat("nobody comes back", delay=0.2))
     first = stream(web, uid, until=lambda s: len(s.events) >= 3)
     left = time.monotonic()
@@ -134,7 +141,7 @@ def test_a_resumed_reader_keeps_the_answer_from_the_grace(
     not cut off."""
     first_web = start_web("grace-a", WEB_RESUME_GRACE="1")
     second_web = start_web("grace-b")
-    cancelled = llm.stats()["streams_cancelled"]
+    cancelled = cancelled_so_far(llm)
     prompt = "a reader that moved"
     uid = submit(first_web, long_chat(prompt, delay=0.1))  # about 6 s of answer
     first = stream(first_web, uid, until=lambda s: len(s.events) >= 5)
@@ -149,7 +156,7 @@ def test_web_restarts_do_not_lose_a_stream(start_web: WebFactory, llm: DevLLM) -
     cancels nor deletes the answer, and ``EventSource`` reconnects to the new
     worker process and goes on."""
     web = start_web("deploy", GUNICORN_CMD_ARGS="--graceful-timeout 1")
-    cancelled = llm.stats()["streams_cancelled"]
+    cancelled = cancelled_so_far(llm)
     for how in ("HUP to the master", "kill -9 of the worker"):
         prompt = f"a stream across a {how}"
         uid = submit(web, long_chat(prompt, delay=0.1))

@@ -120,6 +120,7 @@ class Answer:
         self.services = services
         self.uid = uid
         self.rid: str | None = None  # the incarnation whose messages came
+        self.run: str | None = None  # the run of the answer they belong to
         self.seq: int | None = None  # the seq of the last message handed out
         self.restarted = False  # whether that message had the restart mark
         self.shown = False  # a token has been handed out
@@ -185,17 +186,35 @@ class Answer:
                 continue
             if delivery is None:
                 return None
+            if self._repeats(delivery):
+                # What the client has, written again by a worker that lost its
+                # connection and went on: the rest comes after it.
+                self.restarted = delivery.restart
+                continue
             if self.resume is not None and self.resume.seen(delivery):
                 continue
             if isinstance(self.stream, Replies):
                 self._check_not_restarted(delivery)
             self.delivered += 1
             self.rid = delivery.rid or self.rid
+            self.run = delivery.run
             self.seq = delivery.seq
             self.restarted = delivery.restart
             if delivery.final:
                 self.finished = True
             return delivery
+
+    def _repeats(self, delivery: Delivery) -> bool:
+        """Whether ``delivery`` is a message the client has, written again
+        (``replay``) in the same run of the answer."""
+        return (
+            delivery.replay
+            and delivery.run is not None
+            and delivery.run == self.run
+            and delivery.seq is not None
+            and self.seq is not None
+            and delivery.seq <= self.seq
+        )
 
     def _check_not_restarted(self, delivery: Delivery) -> None:
         """Raise :class:`AnswerRestarted` for a run of the answer that a worker

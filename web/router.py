@@ -144,6 +144,8 @@ class Delivery:
     restart: bool = False
     rid: str | None = None  # the incarnation that wrote it (app.lifecycle)
     tag: int | None = None  # its delivery tag, to acknowledge once written
+    run: str | None = None  # the run of the answer it belongs to (app.protocol)
+    replay: bool = False  # written again by the same worker after a lost connection
 
     @property
     def done(self) -> bool:
@@ -169,6 +171,8 @@ class Delivery:
             restart=bool(headers.get("restart")),
             rid=_str_or_none(headers.get("rid")),
             tag=getattr(message, "delivery_tag", None),
+            run=_str_or_none(headers.get("run")),
+            replay=bool(headers.get("replay")),
         )
 
 

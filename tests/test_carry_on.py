@@ -1,0 +1,134 @@
+"""A worker that loses its connections to RabbitMQ mid-stream, the web front's
+staying up (a worker on a node that died, a network blip between the worker
+and the broker), on a RabbitMQ node of the tests' own (tests/brokers.py).
+
+Its task messages come back to it (one worker), so its streams go on: each
+writes again what it had written, marked ``replay`` (tasks/chat.py), and the
+web front's readers skip what their clients have. A drop-in stream, a
+WebSocket answer and an SSE stream see their whole answer, once, with no
+error and no start over; the LLM is asked once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import websocket
+from openai import OpenAI
+
+from bench.harness import EventStream
+from bench.rabbitnode import RabbitNode
+from devllm.testing import DevLLM
+from tests.conftest import new_uid
+from tests.support import PrivateStack, Web
+from tests.test_web import chat, expected, stream, submit
+
+pytest_plugins = ["tests.brokers"]
+
+TOKENS = 60
+MODEL = f"m;delay=0.1;tokens={TOKENS}"
+MIDWAY = 15  # chunks each reader has before the worker's connections are closed
+
+
+def close_connections_of(node: RabbitNode, pid: int) -> int:
+    """Close on ``node`` every AMQP connection of process ``pid``, as the broker
+    does to a client it lost; how many."""
+    ports = {
+        c.laddr.port
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == node.port
+    }
+    listed = node.ctl("-q", "list_connections", "--no-table-headers", "pid", "peer_port")
+    connections = [
+        connection
+        for connection, _, port in (line.rpartition("\t") for line in listed.splitlines())
+        if port.strip().isdigit() and int(port) in ports
+    ]
+    for connection in connections:
+        node.ctl("close_connection", connection, "closed by the test")
+    return len(connections)
+
+
+def read_drop_in(url: str, prompt: str, midway: threading.Barrier) -> str:
+    client = OpenAI(base_url=url + "/openai/v1", api_key="unused", max_retries=0)
+    messages = chat(prompt)["messages"]
+    chunks = client.chat.completions.create(model=MODEL, messages=messages, stream=True)
+    text = []
+    for n, chunk in enumerate(chunks):
+        if chunk.choices:
+            text.append(chunk.choices[0].delta.content or "")
+        if n == MIDWAY:
+            midway.wait()
+    return "".join(text)
+
+
+def read_websocket(url: str, prompt: str, midway: threading.Barrier) -> str:
+    ws = websocket.create_connection(url.replace("http", "ws") + "/v1/chat/ws", timeout=60)
+    try:
+        ws.send(json.dumps(chat(prompt, model=MODEL)))
+        text = []
+        n = 0
+        while (frame := ws.recv()) != "[DONE]":
+            body = json.loads(frame)
+            assert "error" not in body, body
+            if body.get("choices"):
+                text.append(body["choices"][0]["delta"].get("content") or "")
+            n += 1
+            if n == MIDWAY:
+                midway.wait()
+        return "".join(text)
+    finally:
+        ws.close()
+
+
+def read_over_sse(web: Web, prompt: str, midway: threading.Barrier) -> EventStream:
+    uid = submit(web, chat(prompt, model=MODEL))
+    waited: list[int] = []
+
+    def at_midway(events: EventStream) -> bool:
+        if len(events.events) >= MIDWAY and not waited:
+            waited.append(midway.wait())
+        return False
+
+    return stream(web, uid, timeout=60, until=at_midway)
+
+
+def test_a_worker_that_loses_its_connections_goes_on_and_no_reader_sees_it(
+    rabbit_node: RabbitNode,
+    private_stack: Callable[..., PrivateStack],
+    llm: DevLLM,
+) -> None:
+    stack = private_stack("carry-on")
+    web, worker = stack.web, stack.worker
+    assert web is not None
+    midway = threading.Barrier(4, timeout=60)
+    tag = new_uid()
+    prompts = {name: f"carry on {name} {tag}" for name in ("drop-in", "ws", "sse")}
+
+    with ThreadPoolExecutor(3) as pool:
+        readers = [
+            pool.submit(read_drop_in, web.url, prompts["drop-in"], midway),
+            pool.submit(read_websocket, web.url, prompts["ws"], midway),
+            pool.submit(read_over_sse, web, prompts["sse"], midway),
+        ]
+        midway.wait()
+        assert close_connections_of(rabbit_node, worker.proc.pid) > 0
+        dropped_in, websocket_text, sse = (reader.result(timeout=120) for reader in readers)
+
+    log = worker.output()
+    assert dropped_in == expected(prompts["drop-in"], TOKENS), log[-3000:]
+    assert websocket_text == expected(prompts["ws"], TOKENS), log[-3000:]
+    assert sse.status == 200 and sse.events[-1].data == "[DONE]"
+    ids = [int(e.id) for e in sse.events if e.id is not None]
+    assert ids == list(range(len(ids))), ids  # no start over: the reader skipped the replay
+    assert sse.content == expected(prompts["sse"], TOKENS)
+    asked = [
+        r for r in llm.stats()["last_requests"] if any(p in json.dumps(r) for p in prompts.values())
+    ]
+    assert len(asked) == len(prompts), "the LLM was asked again"
+    assert log.count("goes on after a lost connection") >= len(prompts), log[-3000:]
+    assert "Traceback" not in log
