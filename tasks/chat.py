@@ -111,9 +111,10 @@ class _Publisher:
     it again from the start.
     """
 
-    def __init__(self, lanes: Any, since: int, lease: Lease | None = None, keep: int = 0) -> None:
-        # ``lanes``: a Lanes (each Sender takes the next lane) or one Lane.
-        self._lanes = lanes
+    def __init__(
+        self, lanes: Lanes | Lane, since: int, lease: Lease | None = None, keep: int = 0
+    ) -> None:
+        self._lanes = lanes  # each Sender takes the next lane of Lanes
         self.since = since  # the count of losses its messages are written under
         self._sender = Sender(self._lane(), since)
         self.lease = lease
