@@ -290,13 +290,14 @@ class Running:
         deadline = time.monotonic() + wait
         with self._ended:
             self._prune()
-            if self._rid_of(uid) == rid and message is not None and (uid, rid) not in self._closed:
-                self._copies[(uid, rid)] = message
-                self._ended.notify_all()
-                return Verdict.ADOPT
             if self._rid_of(uid) == rid:
                 # A copy of this very incarnation still runs here, on a task
-                # message that came back: it is orphaned. Stop it, then take over.
+                # message that came back: it goes on under this one, or, closed
+                # to adoption (it waited in vain), it stops; then take over.
+                if message is not None and (uid, rid) not in self._closed:
+                    self._copies[(uid, rid)] = message
+                    self._ended.notify_all()
+                    return Verdict.ADOPT
                 self._superseded.add((uid, rid))
                 while self._rid_of(uid) == rid and time.monotonic() < deadline:
                     self._ended.wait(timeout=0.1)
