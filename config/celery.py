@@ -60,6 +60,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Flower: events from the worker, and task-sent from the consumer.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
+        # Celery's consumer without native delayed delivery (app/factory.py).
+        "worker_consumer": "app.factory:TaskConsumer",
         "worker_hijack_root_logger": True,
         "worker_redirect_stdouts": False,
     }
@@ -72,9 +74,9 @@ def quorum_config(settings: Settings) -> dict[str, Any]:
     consumer, not the global QoS quorum queues refuse
     (``worker_detect_quorum_queues``, on by default); Celery's own publishes
     wait for the broker's confirms, as its guide for quorum queues asks.
-    ETA and countdown tasks would need native delayed delivery (Celery
-    declares its exchanges and queues when it sees a quorum queue); chatqueue
-    sends none: its retries wait inside the task.
+    ETA and countdown tasks would need native delayed delivery, which Celery
+    sets up when it sees a quorum queue; chatqueue sends none (its retries
+    wait inside the task) and leaves it out (app.factory.TaskConsumer).
     """
     if settings.rabbitmq_queue_type != "quorum":
         return {}
