@@ -98,6 +98,17 @@ def response_queue_arguments(settings: Settings) -> dict[str, Any]:
     }
 
 
+def reply_queue_arguments(settings: Settings) -> dict[str, Any]:
+    """A web process's reply queue (web/publisher.py): the type of the response
+    queues, and gone ``2 x WEB_RECONNECT_TIMEOUT`` (one minute at least) after
+    its process stopped reading it."""
+    expires = max(60.0, 2 * settings.web_reconnect_timeout)
+    return {
+        "x-expires": int(expires * 1000),
+        **type_argument(settings.response_queue_type),
+    }
+
+
 def dead_letter(
     producer: Producer,
     settings: Settings,

@@ -111,15 +111,22 @@ class QueueNames(Protocol):
     def chatqueue_namespace(self) -> str: ...
     @property
     def response_queue_prefix(self) -> str: ...
+    @property
+    def reply_queue_prefix(self) -> str: ...
 
 
 def owned_queues(names: QueueNames) -> Callable[[str], bool]:
-    """Whether a queue is chatqueue's: the input, task and dead-letter queues,
-    any ``<namespace>.`` name, and any response queue."""
+    """Whether a queue is chatqueue's, where no answer may go: the input, task
+    and dead-letter queues, any ``<namespace>.`` name, and any response queue;
+    but a web process's reply queue (``<namespace>.replies.<token>``,
+    web/publisher.py), where the web front asks for its answers."""
     exact = frozenset({names.rabbitmq_queue, names.task_queue, names.dead_letter_queue})
     prefixes = (f"{names.chatqueue_namespace}.", names.response_queue_prefix)
+    replies = names.reply_queue_prefix
 
     def owned(queue: str) -> bool:
+        if queue.startswith(replies):
+            return False
         return queue in exact or queue.startswith(prefixes)
 
     return owned

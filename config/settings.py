@@ -296,6 +296,11 @@ class Settings:
         return f"{self.response_queue_prefix}{uid}"
 
     @property
+    def reply_queue_prefix(self) -> str:
+        """The names of the web processes' reply queues begin so (web/publisher.py)."""
+        return f"{self.chatqueue_namespace}.replies."
+
+    @property
     def lanes_confirm(self) -> bool:
         """Whether the streamed answers wait for the broker's confirm of each
         message: with ``CONFIRM_CHUNKS``, and always with quorum response queues.

@@ -79,6 +79,16 @@ def test_other_queues_are_the_clients(queue: str) -> None:
     check_reply_to(queue, owned=OWNED)
 
 
+def test_a_web_processs_reply_queue_is_a_reply_to() -> None:
+    """The web front's drop-in and WebSocket ask for their answers on their
+    process's reply queue (web/publisher.py), a name of the namespace."""
+    queue = SETTINGS.reply_queue_prefix + "0123456789abcdef0123456789abcdef"
+    assert queue.startswith("cq.replies.")
+    assert not OWNED(queue)
+    check_reply_to(queue, owned=OWNED)
+    assert OWNED("cq.replies")  # but the prefix alone, or another cq. name
+
+
 @pytest.mark.parametrize(
     "queue",
     [DIRECT_REPLY_TO, DIRECT_REPLY_TO + ".g1h2AA5yZXBseUAyNzIyNjM0OAAAEkQAAAAAAAAAAQ=="],

@@ -58,7 +58,7 @@ class AnswerTimeout(ChatqueueError):
 
 
 class AnswerCut(ChatqueueError):
-    """An answer read by direct reply-to (a drop-in stream, the WebSocket)
+    """An answer read from the reply queue (a drop-in stream, the WebSocket)
     ends here with this error; the reader's connection is still good."""
 
 

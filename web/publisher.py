@@ -15,22 +15,30 @@ So a thousand requests cost a thousand writes and a few confirm frames, and
 the broker writes their persistent messages to disk in batches.
 
 The routes that read an answer at once, in the process that submitted it
-(the OpenAI drop-in, the WebSocket), have it sent back through RabbitMQ's
-direct reply-to: the channel consumes ``amq.rabbitmq.reply-to``, the request
-carries ``reply_to='amq.rabbitmq.reply-to'``, and the reader greenlet hands
-each reply to its :class:`Replies` by correlation id (the uid). No queue is
-made or deleted for such a request: on this broker a durable queue cost
-4 to 7 ms of its CPU to make and 2 to 4 ms to delete. Replies are not
-acknowledged (direct reply-to has no acks and no prefetch: RabbitMQ pushes
-each reply as it is written), so what a client has not read waits in this
-process: up to ``WEB_REPLY_BUFFER`` bytes of answer. Past that the answer ends
-with ``reader_too_slow`` and its LLM call is cancelled (:class:`Replies`); a
-client that never read its socket had its web process hold the whole answer
-(one drop-in stream of 400,000 tokens took it from 45 to 283 MiB). Those
-routes have no resume either (the client's connection is the answer's).
+(the OpenAI drop-in, the WebSocket), have it sent back to the process's own
+reply queue, ``<namespace>.replies.<token>`` (:class:`ReplyBook`): one
+durable queue per process, made once, consumed by the publisher's channel;
+each request carries it in ``reply_to``, and the reader greenlet hands each
+reply to its :class:`Replies` by correlation id (the uid). No queue is made
+or deleted per request: on this broker a durable queue cost 4 to 7 ms of its
+CPU to make and 2 to 4 ms to delete. Unlike RabbitMQ's direct reply-to,
+which this replaced, the queue outlives the connection: when RabbitMQ
+restarts, the answers being read wait (up to ``WEB_RECONNECT_TIMEOUT``)
+while the process reconnects and consumes its queue again, and what the
+workers wrote meanwhile, or wrote again after their own reconnect
+(``replay``), is there. It costs the broker about 6 µs of CPU more per
+reply than direct reply-to (39 against 33 ms per 1,000 chunk-sized
+messages, ``python -m bench.reply_queue``). Replies are not acknowledged
+(no prefetch: RabbitMQ pushes each reply as it is written), so what a
+client has not read waits in this process: up to ``WEB_REPLY_BUFFER`` bytes
+of answer. Past that the answer ends with ``reader_too_slow`` and its LLM
+call is cancelled (:class:`Replies`); a client that never read its socket
+had its web process hold the whole answer (one drop-in stream of 400,000
+tokens took it from 45 to 283 MiB). Those routes have no resume (the
+client's connection is the answer's).
 
-A broken connection fails every waiting submission and every reply stream
-with :class:`BrokerUnavailable` (the route's retry takes a new connection);
+A broken connection fails every waiting submission with
+:class:`BrokerUnavailable` (the route's retry takes a new connection);
 nothing connects at import time.
 
 During a memory or disk alarm RabbitMQ stops reading from connections that
@@ -48,15 +56,16 @@ request may still be answered when the alarm clears.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
 import amqp
 import gevent
-from amqp.exceptions import NotFound
+from amqp.exceptions import ChannelError, NotFound
 from gevent.event import AsyncResult
 
-from app.broker import response_queue_arguments
+from app.broker import reply_queue_arguments, response_queue_arguments
 from app.errors import BrokerBlocked, BrokerUnavailable
 from config import Settings
 from web.errors import ReaderTooSlow
@@ -64,11 +73,42 @@ from web.router import LINK_ERRORS, Delivery, Inbox, SharedConnection
 
 logger = logging.getLogger(__name__)
 
-DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+class ReplyBook:
+    """A web process's reply queue, and the answers awaited on it: one
+    book for the process's successive publishers (connections)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.queue = ""
+        self.waiting: dict[str, Replies] = {}
+        self.renew()
+
+    def renew(self) -> None:
+        """A queue of a new name; the answers awaited on the old one fail.
+
+        RabbitMQ refuses to declare a durable classic queue whose node is
+        down (a cluster's): this process then asks for its answers on
+        another queue, and those that were coming to the old one are lost."""
+        self.queue = f"{self.settings.reply_queue_prefix}{secrets.token_hex(16)}"
+        self.fail(BrokerUnavailable("the reply queue of this web process was lost; ask again"))
+
+    def add(self, replies: Replies) -> None:
+        self.waiting[replies.uid] = replies
+
+    def forget(self, replies: Replies) -> None:
+        if self.waiting.get(replies.uid) is replies:
+            del self.waiting[replies.uid]
+
+    def fail(self, error: BaseException) -> None:
+        """End every answer awaited: they will not come."""
+        waiting, self.waiting = self.waiting, {}
+        for replies in waiting.values():
+            replies.interrupt(error)
 
 
 class Replies(Inbox):
-    """The answer of one request sent back by direct reply-to: what
+    """The answer of one request sent back to the process's reply queue: what
     :class:`web.responses.Answer` reads, as it reads a response queue.
 
     It takes a reply while at most ``limit`` bytes of answer bodies wait
@@ -79,9 +119,9 @@ class Replies(Inbox):
     answer's cancel) is called at once, while the reader may still be stuck
     writing to its client."""
 
-    def __init__(self, publisher: Publisher, uid: str, limit: int) -> None:
+    def __init__(self, book: ReplyBook, uid: str, limit: int) -> None:
         super().__init__()
-        self.publisher = publisher
+        self.book = book
         self.uid = uid
         self.limit = limit
         self.held = 0  # bytes of bodies put and not read yet
@@ -102,7 +142,7 @@ class Replies(Inbox):
         return delivery
 
     def _overflow(self) -> None:
-        self.publisher.forget(self)
+        self.book.forget(self)
         self.drop()
         self.held = 0
         logger.warning(
@@ -122,16 +162,23 @@ class Replies(Inbox):
             self.on_overflow()
 
     def close(self, *, delete: bool) -> None:
-        """Stop taking this uid's replies (there is no queue to delete)."""
-        self.publisher.forget(self)
+        """Stop taking this uid's replies (there is no queue of its own to delete)."""
+        self.book.forget(self)
 
 
 class Publisher(SharedConnection):
     """One connection publishing the requests of many greenlets (see the module)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        book: ReplyBook,
+        after_lost: Callable[[BaseException], None] | None = None,
+    ) -> None:
         super().__init__(settings, "publisher")
-        self.channel = self.amqp.channel()
+        self.book = book
+        self.after_lost = after_lost
+        self.channel = self._reply_channel()
         # Before any worker has: a message to a queue that does not exist is
         # dropped by the broker, and confirmed all the same.
         self.channel.queue_declare(
@@ -141,8 +188,7 @@ class Publisher(SharedConnection):
             arguments=settings.queue_arguments,
         )
         self.channel.confirm_select()
-        self._replies: dict[str, Replies] = {}
-        self.channel.basic_consume(DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply)
+        self.channel.basic_consume(book.queue, no_ack=True, callback=self._on_reply)
         self.channel.events["basic_ack"].add(self._on_ack)
         self.channel.events["basic_nack"].add(self._on_nack)
         self._next_tag = 1
@@ -153,19 +199,48 @@ class Publisher(SharedConnection):
         self.amqp.on_unblocked = self._on_unblocked
         self.start_reading()
 
+    def _reply_channel(self) -> Any:
+        """A channel, once the book's reply queue is declared (of a new name
+        if RabbitMQ refuses the old one: its node is down)."""
+        channel = self.amqp.channel()
+        try:
+            self._declare_replies(channel)
+        except ChannelError as exc:
+            logger.warning(
+                "publisher: reply queue %s cannot be declared (%s); a new one is used, "
+                "and the %d answers awaited on it end with an error",
+                self.book.queue,
+                exc,
+                len(self.book.waiting),
+            )
+            self.book.renew()
+            channel = self.amqp.channel()
+            self._declare_replies(channel)
+        return channel
+
+    def _declare_replies(self, channel: Any) -> None:
+        channel.queue_declare(
+            queue=self.book.queue,
+            durable=True,
+            auto_delete=False,
+            arguments=reply_queue_arguments(self.settings),
+        )
+
     def submit(
         self, uid: str, body: bytes, *, declare: bool = True, reply: bool = False
     ) -> Replies | None:
         """Declare ``response_<uid>`` (with ``declare``) and publish ``body`` to
         the input queue, persistent; return once the broker confirmed it. With
-        ``reply``, the answer comes back by direct reply-to: its :class:`Replies`."""
+        ``reply``, the answer comes back to the process's reply queue: its
+        :class:`Replies`."""
         settings = self.settings
         replies: Replies | None = None
         with self.lock:
             self._check_open()
             result: AsyncResult[bool] = AsyncResult()
             if reply:
-                replies = self._replies[uid] = Replies(self, uid, settings.web_reply_buffer)
+                replies = Replies(self.book, uid, settings.web_reply_buffer)
+                self.book.add(replies)
             try:
                 if declare:
                     self.channel.queue_declare(
@@ -175,7 +250,7 @@ class Publisher(SharedConnection):
                         arguments=response_queue_arguments(settings),
                         nowait=True,
                     )
-                properties: dict[str, Any] = {"reply_to": DIRECT_REPLY_TO} if reply else {}
+                properties: dict[str, Any] = {"reply_to": self.book.queue} if reply else {}
                 self.channel.basic_publish(
                     amqp.Message(
                         body,
@@ -208,18 +283,14 @@ class Publisher(SharedConnection):
             )
         except BaseException:
             if replies is not None:
-                self.forget(replies)
+                self.book.forget(replies)
             raise
 
     def _on_reply(self, message: Any) -> None:
         uid = (message.properties or {}).get("correlation_id")
-        replies = self._replies.get(uid) if isinstance(uid, str) else None
+        replies = self.book.waiting.get(uid) if isinstance(uid, str) else None
         if replies is not None:
             replies.put(Delivery.from_message(message))
-
-    def forget(self, replies: Replies) -> None:
-        if self._replies.get(replies.uid) is replies:
-            del self._replies[replies.uid]
 
     def queue_exists(self, name: str) -> bool:
         """Whether queue ``name`` exists (asked on a channel of its own: a missing
@@ -304,19 +375,21 @@ class Publisher(SharedConnection):
                 result.set(ok)
 
     def on_lost(self, error: BaseException) -> None:
+        """The submissions awaiting a confirm fail; the answers awaited wait
+        for the next publisher (``after_lost``: the process reconnects)."""
         logger.warning(
-            "publisher: connection to RabbitMQ lost (%r); %d submissions and %d answers fail",
+            "publisher: connection to RabbitMQ lost (%r); %d submissions fail, "
+            "%d answers wait for a new connection",
             error,
             len(self._waiting),
-            len(self._replies),
+            len(self.book.waiting),
         )
         lost = f"the connection to RabbitMQ was lost: {error}"
         waiting, self._waiting = self._waiting, {}
         for result in waiting.values():
             result.set_exception(BrokerUnavailable(lost))
-        replies, self._replies = self._replies, {}
-        for stream in replies.values():
-            stream.interrupt(BrokerUnavailable(f"{lost}; ask again"))
+        if self.after_lost is not None:
+            self.after_lost(error)
 
     @property
     def usable(self) -> bool:

@@ -6,9 +6,10 @@ the WebSocket) does with its answer: take the deliveries in order until
 
 - ``[DONE]`` was passed on to the client: the queue is deleted, its stream
   has been delivered;
-- the client left (:meth:`Answer.left`), or did not read its direct replies
-  (``WEB_REPLY_BUFFER``): an answer read by direct reply-to (drop-in,
-  WebSocket) cannot be read again, so its LLM call is cancelled at once.
+- the client left (:meth:`Answer.left`), or did not read its replies
+  (``WEB_REPLY_BUFFER``): an answer read from the web process's reply queue
+  (drop-in, WebSocket) cannot be read again by another client, so its LLM
+  call is cancelled at once.
   A response queue (SSE) waits ``WEB_RESUME_GRACE`` seconds for its reader
   to come back with ``Last-Event-ID``; if none has, the queue is deleted
   and the LLM call cancelled (the cooperative cancel, so no tokens are
@@ -20,7 +21,10 @@ the WebSocket) does with its answer: take the deliveries in order until
 
 A response queue whose connection breaks (RabbitMQ restarted) is read again
 on a new one, without the client seeing anything but a pause: the messages
-it already has are skipped (:class:`Resume`).
+it already has are skipped (:class:`Resume`). The reply queue is read
+again the same way (:class:`web.services.Services` reconnects), and what a
+worker that lost its own connection writes again is skipped
+(:meth:`Answer._repeats`).
 
 A client that reads again with ``Last-Event-ID`` often comes back before
 its old reader has noticed it left (a client on another network now, whose
@@ -124,7 +128,7 @@ class Answer:
         self.seq: int | None = None  # the seq of the last message handed out
         self.restarted = False  # whether that message had the restart mark
         self.shown = False  # a token has been handed out
-        # Its direct replies, or its response queue.
+        # Its replies (the process's reply queue), or its response queue.
         self.stream: Replies | Stream = (
             replies if replies is not None else self._open(wait, resuming=after is not None)
         )
@@ -159,7 +163,7 @@ class Answer:
         self.stream.interrupt(ClientGone())
 
     def _on_too_slow(self) -> None:
-        """The client does not read its direct replies (:class:`Replies`): the
+        """The client does not read its replies (:class:`Replies`): the
         LLM call stops now, not once the reader gets to the error."""
         gevent.spawn(self._cancel, "its client does not read its answer")
 
@@ -180,7 +184,7 @@ class Answer:
                 delivery = self.stream.get(left)
             except BrokerUnavailable:
                 if not isinstance(self.stream, Stream):
-                    raise  # direct replies went with their connection
+                    raise  # the process reconnected for them, and gave up
                 self._broken_since = time.monotonic()
                 logger.info("uid=%s: connection lost; reading again on a new one", self.uid)
                 continue
@@ -219,7 +223,7 @@ class Answer:
     def _check_not_restarted(self, delivery: Delivery) -> None:
         """Raise :class:`AnswerRestarted` for a run of the answer that a worker
         started again (its first worker died or handed it back) after a token
-        was handed out. A direct reply's reader (a drop-in stream, the
+        was handed out. A reply's reader (a drop-in stream, the
         WebSocket) cannot tell its client to drop what it had, as SSE's ``id``
         going back to 0 does: passed on, the new run would follow the old one's
         part as if it were the rest. A restart before any token repeats only
@@ -232,7 +236,7 @@ class Answer:
         ):
             logger.warning(
                 "uid=%s: a worker started the answer again after %d messages; it ends "
-                "with an error (a direct reply cannot show a restart)",
+                "with an error (a drop-in or WebSocket answer cannot show a restart)",
                 self.uid,
                 self.delivered,
             )
@@ -291,8 +295,9 @@ class Answer:
 
     def close(self) -> None:
         """Stop reading. A delivered answer's queue is deleted; an answer
-        that is not complete is left to be read again, but for direct
-        replies, which nobody can read again: their LLM call is cancelled.
+        that is not complete is left to be read again, but for replies
+        (drop-in, WebSocket), which nobody can read again: their LLM call is
+        cancelled.
 
         The SSE route closes an answer once its ``[DONE]`` is written, before
         the response ends: a client that read the response to its end finds
@@ -374,13 +379,15 @@ class Answer:
 
 
 class Resubmission:
-    """Whether a request read by direct reply-to (the drop-in, the WebSocket)
-    is submitted again after RabbitMQ went away before its answer began.
+    """Whether a request read from the reply queue (the drop-in, the WebSocket)
+    is submitted again when its answer was lost before it began.
 
-    A direct reply-to address dies with its connection, and nothing was sent
-    to the client yet: the request is cancelled and submitted again on a new
-    connection, as long as RabbitMQ comes back within ``WEB_RECONNECT_TIMEOUT``
-    of the first loss. The client gets its answer, later.
+    That is: at the submit, RabbitMQ was away (a 503 at the first try), or
+    the process's reply queue was lost (a cluster's node died with it, see
+    :class:`web.publisher.ReplyBook`). Nothing was sent to the client yet:
+    the request is cancelled and submitted again, as long as RabbitMQ takes
+    it within ``WEB_RECONNECT_TIMEOUT`` of the first loss. The client gets its
+    answer, later.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -418,8 +425,8 @@ def ask(
 ) -> tuple[ChatRequest, Answer, Delivery | None]:
     """Submit ``data`` and wait up to ``timeout`` seconds for its answer's first
     message (None if none came), for a reader in this process (the drop-in):
-    the answer comes by direct reply-to, and is asked again if RabbitMQ goes
-    away before it began (:class:`Resubmission`).
+    the answer comes to the process's reply queue, and is asked again if it
+    is lost before it began (:class:`Resubmission`).
     """
     again = Resubmission(services.settings)
     while True:

@@ -87,7 +87,8 @@ def events(
     except ChatqueueError as exc:
         # RabbitMQ stayed away, or the queue went: the answer is not the
         # client's doing, so it is neither cancelled nor deleted (but for a
-        # direct reply, which nobody can read again); reading again goes on.
+        # drop-in or WebSocket reply, which nobody can read again); reading
+        # again goes on.
         answer.close()
         yield error_event(exc)
     finally:

@@ -72,8 +72,8 @@ def submit_and_read(
     services: Services, data: dict[str, Any], key: str | None
 ) -> tuple[ChatRequest, Replies]:
     """As :func:`submit`, for a caller that reads the answer at once in this
-    process (the drop-in, the WebSocket): it comes back by direct reply-to,
-    and no response queue is made."""
+    process (the drop-in, the WebSocket): it comes back to the process's
+    reply queue (web/publisher.py), and no response queue is made."""
     accepted, replies = _submit(services, data, key, reading=True)
     assert replies is not None
     return accepted, replies

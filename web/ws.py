@@ -119,7 +119,7 @@ def forward(ws: Any, answer: Answer) -> BrokerUnavailable | None:
                 ws.send(DONE)
                 return None
             except ChatqueueError as exc:
-                answer.close()  # RabbitMQ went away: a direct reply cannot be read again
+                answer.close()  # RabbitMQ stayed away, or the reply queue was lost
                 if not sent and isinstance(exc, BrokerUnavailable):
                     return exc
                 ws.send(json.dumps(exc.to_error_object()))
