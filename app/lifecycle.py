@@ -183,6 +183,8 @@ class Cancels:
         self._limit = limit
         self._by_rid: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._by_uid: OrderedDict[str, float] = OrderedDict()
+        # Incarnations whose task message another process took (:meth:`take`).
+        self._taken: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._lock = threading.Lock()
 
     def add(self, uid: str, rid: str | None, at: float) -> None:
@@ -196,11 +198,25 @@ class Cancels:
                 self._by_uid.move_to_end(uid)
             self._prune(now)
 
+    def take(self, uid: str, rid: str) -> None:
+        """Another worker process took the task message of incarnation
+        (``uid``, ``rid``): it came back there after a lost connection, and is
+        answered there. A stream of it here waits for it no longer."""
+        now = time.monotonic()
+        with self._lock:
+            self._taken[(uid, rid)] = now
+            self._taken.move_to_end((uid, rid))
+            self._prune(now)
+
+    def taken(self, incarnation: Incarnation) -> bool:
+        return (incarnation.uid, incarnation.rid) in self._taken
+
     def _prune(self, now: float) -> None:
-        while self._by_rid and (
-            len(self._by_rid) > self._limit or next(iter(self._by_rid.values())) < now - self._keep
-        ):
-            self._by_rid.popitem(last=False)
+        for by_rid in (self._by_rid, self._taken):
+            while by_rid and (
+                len(by_rid) > self._limit or next(iter(by_rid.values())) < now - self._keep
+            ):
+                by_rid.popitem(last=False)
         wall = time.time()
         while self._by_uid and (
             len(self._by_uid) > self._limit or next(iter(self._by_uid.values())) < wall - self._keep
@@ -325,18 +341,23 @@ class Running:
         return self._copies.get((incarnation.uid, incarnation.rid)) not in (None, message)
 
     def copy_for(
-        self, incarnation: Incarnation, message: TaskMessage, wait: float
+        self,
+        incarnation: Incarnation,
+        message: TaskMessage,
+        wait: float,
+        elsewhere: Callable[[], bool] = lambda: False,
     ) -> TaskMessage | None:
         """The task message that came back for ``incarnation`` since ``message``
         (the stream's went with a lost connection), waiting ``wait`` seconds at
-        most; None if none came: then none is adopted any more (it went to
-        another worker, which answers it again)."""
+        most, or until ``elsewhere()`` says another worker took it; None if
+        none came: then none is adopted any more (it went to another worker,
+        which answers it again)."""
         key = (incarnation.uid, incarnation.rid)
         deadline = time.monotonic() + wait
         with self._ended:
             while (copy := self._copies.get(key)) in (None, message):
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or elsewhere():
                     self._closed.add(key)
                     return None
                 self._ended.wait(timeout=min(left, 1.0))

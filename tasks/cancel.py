@@ -6,6 +6,15 @@ consumer thread, or greenlet under gevent, per process, started with the
 process) into its :class:`~app.lifecycle.Cancels`, and a task looks there
 between chunks: when its incarnation is cancelled it closes the HTTP stream to
 the LLM, which is the only way to stop generation upstream.
+
+Workers say there, too, which task messages that came back after a lost
+connection they answer (:class:`TakenNotices`, ``{"taken_by", "taken",
+"at"}``): the process that lost one, whose stream waits up to
+``CARRY_ON_WAIT`` seconds for it to come back to it (tasks/chat.py), stops
+waiting, and holds its LLM call and its pool slot no longer. After a broker
+restart every listener's queue is made again when its process reconnects,
+and a notice sent before that is not heard: so each is said again every
+``NOTICE_EVERY`` seconds, for ``NOTICE_FOR`` seconds, many in one message.
 """
 
 from __future__ import annotations
@@ -13,20 +22,32 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
+import time
 from typing import Any
 
 from kombu.connection import Connection
 from kombu.entity import Queue
 from kombu.message import Message
-from kombu.messaging import Consumer
+from kombu.messaging import Consumer, Producer
 from kombu.mixins import ConsumerMixin
 
-from app.broker import cancel_exchange
-from app.lifecycle import Cancels
+from app.broker import BROKER_ERRORS, cancel_exchange
+from app.lifecycle import Cancels, Incarnation
 from config import Settings
 
 logger = logging.getLogger(__name__)
+
+# A taken task message is said every NOTICE_EVERY seconds, for NOTICE_FOR
+# seconds (tasks/chat.py's CARRY_ON_WAIT: no stream waits longer).
+NOTICE_EVERY = 2.0
+NOTICE_FOR = 30.0
+
+
+def this_process() -> str:
+    """How this process names itself in a ``taken_by`` notice."""
+    return f"{socket.gethostname()}/{os.getpid()}"
 
 
 class CancelListener(ConsumerMixin):
@@ -50,6 +71,9 @@ class CancelListener(ConsumerMixin):
     def on_message(self, message: Message) -> None:
         try:
             cancel = json.loads(message.body)
+            if isinstance(cancel, dict) and "taken_by" in cancel:
+                self._on_taken(cancel)
+                return
             uid, rid, at = cancel["uid"], cancel.get("rid"), float(cancel["at"])
             if not isinstance(uid, str) or not (rid is None or isinstance(rid, str)):
                 raise TypeError("uid and rid must be strings")
@@ -59,12 +83,84 @@ class CancelListener(ConsumerMixin):
         self.cancels.add(uid, rid, at)
         logger.info("uid=%s: cancel requested (rid %s)", uid, rid or "-")
 
+    def _on_taken(self, notice: dict[str, Any]) -> None:
+        """Another worker process answers these incarnations (:class:`TakenNotices`)."""
+        by, taken = notice.get("taken_by"), notice.get("taken")
+        if by == this_process() or not isinstance(taken, list):
+            return
+        for pair in taken:
+            if isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair):
+                self.cancels.take(pair[0], pair[1])
+
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
         logger.warning("cancels: RabbitMQ unreachable (%r); next try in %.1f s", exc, interval)
 
 
+class TakenNotices:
+    """Says which task messages that came back after a lost connection this
+    process answers (see the module): each is said every ``NOTICE_EVERY``
+    seconds for ``NOTICE_FOR`` seconds, all of them in one message, from a
+    daemon thread (a greenlet under gevent) and a connection of its own."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._taken: dict[tuple[str, str], float] = {}  # (uid, rid) -> when it came
+        self._lock = threading.Lock()
+
+    def add(self, incarnation: Incarnation) -> None:
+        with self._lock:
+            self._taken[(incarnation.uid, incarnation.rid)] = time.monotonic()
+
+    def due(self, now: float) -> list[tuple[str, str]]:
+        """Those to say now; the older ones are forgotten."""
+        with self._lock:
+            for key, came in list(self._taken.items()):
+                if now - came > NOTICE_FOR:
+                    del self._taken[key]
+            return list(self._taken)
+
+    def serve(self) -> None:
+        exchange = cancel_exchange(self.settings)
+        with Connection(self.settings.rabbitmq_url, heartbeat=0) as connection:
+            producer = Producer(connection, auto_declare=False)
+            while True:
+                time.sleep(NOTICE_EVERY)
+                taken = self.due(time.monotonic())
+                if not taken:
+                    continue
+                try:
+                    producer.publish(
+                        json.dumps({"taken_by": this_process(), "taken": taken, "at": time.time()}),
+                        exchange=exchange,
+                        routing_key="",
+                        declare=[exchange],
+                        content_type="application/json",
+                        content_encoding="utf-8",
+                        retry=True,
+                        retry_policy={"max_retries": 1},
+                    )
+                except BROKER_ERRORS as exc:
+                    logger.info("cancels: could not say which tasks run here (%r)", exc)
+                except Exception:  # the thread goes on: the notices are best effort
+                    logger.exception("cancels: could not say which tasks run here")
+
+
 _listeners: dict[int, CancelListener] = {}
+_notices: dict[int, TakenNotices] = {}
 _start_lock = threading.Lock()
+
+
+def notices(settings: Settings) -> TakenNotices:
+    """This process's :class:`TakenNotices`, started on first use."""
+    pid = os.getpid()
+    found = _notices.get(pid)
+    if found is None:
+        with _start_lock:
+            found = _notices.get(pid)
+            if found is None:
+                found = _notices[pid] = TakenNotices(settings)
+                threading.Thread(target=found.serve, name="chatqueue-taken", daemon=True).start()
+    return found
 
 
 def listener(settings: Settings) -> CancelListener:

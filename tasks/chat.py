@@ -25,6 +25,7 @@ from app import metrics
 from app.broker import Lane, Lanes, Sender, dead_letter
 from app.errors import DuplicateRequest
 from app.lifecycle import (
+    Cancels,
     Incarnation,
     Running,
     State,
@@ -75,12 +76,18 @@ class Lease:
     within ``wait`` seconds."""
 
     def __init__(
-        self, incarnation: Incarnation, runs: Running, message: TaskMessage, wait: float
+        self,
+        incarnation: Incarnation,
+        runs: Running,
+        message: TaskMessage,
+        wait: float,
+        cancels: Cancels | None = None,
     ) -> None:
         self.incarnation = incarnation
         self.runs = runs
         self.message = message
         self.wait = wait
+        self.cancels = cancels  # which tell when another worker took the task message
 
     def lost(self) -> bool:
         """Whether the task message is no longer this stream's to acknowledge."""
@@ -89,8 +96,15 @@ class Lease:
         )
 
     def renew(self) -> None:
-        """Take the task message that came back, or raise Orphaned."""
-        copy = self.runs.copy_for(self.incarnation, self.message, self.wait)
+        """Take the task message that came back, or raise Orphaned (none did,
+        or another worker said it took it)."""
+        cancels = self.cancels
+        copy = self.runs.copy_for(
+            self.incarnation,
+            self.message,
+            self.wait,
+            elsewhere=lambda: cancels is not None and cancels.taken(self.incarnation),
+        )
         if copy is None:
             raise Orphaned
         self.message = copy
@@ -260,7 +274,11 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         return
     state = check_transition(State.HANDED_OFF, State.STREAMING)
     finished = False
-    lease = Lease(incarnation, runs, message, CARRY_ON_WAIT)
+    cancels = cancel.listener(settings).cancels
+    if restart:
+        # Another worker's stream of it may wait for it: it is answered here.
+        cancel.notices(settings).add(incarnation)
+    lease = Lease(incarnation, runs, message, CARRY_ON_WAIT, cancels)
     publisher = _Publisher(task.app.pools.lanes, lost, lease, keep=CARRY_ON_KEEP)
     stream = ResponseStream(
         publisher,
@@ -287,11 +305,12 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         # Unacknowledged, the task message goes back to the queue, and another
         # worker answers it again from the start, marked restart.
         check_transition(state, State.HANDED_BACK)
-        why = (
-            "its connection to RabbitMQ was lost: the task message was given back"
-            if isinstance(exc, Orphaned)
-            else "warm shutdown, grace over"
-        )
+        if not isinstance(exc, Orphaned):
+            why = "warm shutdown, grace over"
+        elif cancels.taken(incarnation):
+            why = "its connection to RabbitMQ was lost: another worker answers its task message"
+        else:
+            why = "its connection to RabbitMQ was lost: the task message was given back"
         logger.warning("uid=%s: handed back after %d messages (%s)", uid, stream.seq, why)
         raise Reject(why, requeue=True) from exc
     finally:

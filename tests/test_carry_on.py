@@ -6,15 +6,20 @@ Its task messages come back to it (one worker), so its streams go on: each
 writes again what it had written, marked ``replay`` (tasks/chat.py), and the
 web front's readers skip what their clients have. A drop-in stream, a
 WebSocket answer and an SSE stream see their whole answer, once, with no
-error and no start over; the LLM is asked once.
+error and no start over; the LLM is asked once. With two workers, a stream
+whose task message went to the other stops waiting for it as soon as that
+one says it answers it.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any
 
 import psutil
 import websocket
@@ -23,8 +28,16 @@ from openai import OpenAI
 from bench.harness import EventStream
 from bench.rabbitnode import RabbitNode
 from devllm.testing import DevLLM
+from tasks.chat import CARRY_ON_WAIT
 from tests.conftest import new_uid
-from tests.support import PrivateStack, Web
+from tests.support import (
+    Broker,
+    PrivateStack,
+    Web,
+    collect,
+    declare_response_queues,
+    wait_until,
+)
 from tests.test_web import chat, expected, stream, submit
 
 pytest_plugins = ["tests.brokers"]
@@ -132,3 +145,55 @@ def test_a_worker_that_loses_its_connections_goes_on_and_no_reader_sees_it(
     assert len(asked) == len(prompts), "the LLM was asked again"
     assert log.count("goes on after a lost connection") >= len(prompts), log[-3000:]
     assert "Traceback" not in log
+
+
+def test_a_stream_whose_task_message_another_worker_took_stops_waiting_for_it(
+    rabbit_node: RabbitNode,
+    private_stack: Callable[..., PrivateStack],
+    start_worker: Any,
+) -> None:
+    """Two workers; one loses its connections mid-stream, and its task messages
+    come back to the other (connected, it takes them first), which answers
+    them again and says so (tasks/cancel.py, TakenNotices). The first
+    worker's streams stop waiting for their messages within seconds, not
+    after CARRY_ON_WAIT (30 s): they hold their LLM calls no longer."""
+    stack = private_stack("taken", web=False)
+    a, env = stack.worker, stack.env
+    b = start_worker("taken-b", env=env)
+    client = Broker(env["RABBITMQ_URL"], env)
+    try:
+        uids = [new_uid() for _ in range(10)]
+        declare_response_queues(client, uids, int(env["RESPONSE_QUEUE_TTL"]))
+        for i, uid in enumerate(uids):
+            client.publish(
+                {"uid": uid, "model": "m;delay=0.15;tokens=100", "message": f"taken {i}"}
+            )
+        assert wait_until(lambda: a.output().count("] received") > 0, timeout=30)
+        time.sleep(2)  # every answer has begun; each lasts 15 s
+        assert close_connections_of(rabbit_node, a.proc.pid) > 0
+
+        def stopped() -> bool:
+            moved = b.output().count("redelivered; the answer starts again")
+            return moved > 0 and a.output().count("handed back after") >= moved
+
+        assert wait_until(stopped, timeout=25), (a.output()[-3000:], b.output()[-3000:])
+        answers = collect(client, uids, timeout=60)
+    finally:
+        client.close()
+    log = a.output()
+    assert "another worker answers its task message" in log, log[-3000:]
+    assert "the task message was given back" not in log  # the 30 s wait, in vain
+    assert all(answers[u].done for u in uids), [u for u in uids if not answers[u].done]
+    lost = logged_at(log, "connection to RabbitMQ lost")[0]
+    held = logged_at(log, "handed back after")[-1] - lost
+    assert held < CARRY_ON_WAIT, held
+    print(f"\nthe streams whose task message went to the other worker stopped {held:.1f} s after")
+
+
+def logged_at(log: str, text: str) -> list[float]:
+    """When the worker logged each line with ``text`` (seconds, its clock)."""
+    return [
+        datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        for line in log.splitlines()
+        if text in line and line.startswith("[")
+    ]

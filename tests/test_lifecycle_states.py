@@ -9,6 +9,7 @@ import pytest
 
 from app.lifecycle import (
     TRANSITIONS,
+    Cancels,
     IllegalTransition,
     Incarnation,
     Running,
@@ -126,6 +127,26 @@ def test_a_stream_whose_message_did_not_come_back_in_time_is_not_adopted_after()
     assert runs.superseded(first)
     runs.end(first, finished=False)
     assert runs.begin(late, message=TaskMessage()) is Verdict.ANSWER
+
+
+def test_a_stream_stops_waiting_for_its_message_once_another_worker_took_it() -> None:
+    """Another worker said it answers the task message (tasks/cancel.py,
+    TakenNotices): the stream waiting for it stops at once, not after its
+    whole wait, and is closed to adoption as after a wait in vain."""
+    runs = Running(keep=60)
+    cancels = Cancels(keep=60)
+    first = Incarnation("u1", "r1", 0.0)
+    mine = TaskMessage()
+    assert runs.begin(first, message=mine) is Verdict.ANSWER
+    threading.Timer(0.2, cancels.take, ("u1", "r1")).start()
+    began = time.monotonic()
+    assert runs.copy_for(first, mine, wait=30, elsewhere=lambda: cancels.taken(first)) is None
+    assert time.monotonic() - began < 5
+    assert runs.begin(Incarnation("u1", "r1", 0.0), message=TaskMessage(), wait=0.1) is (
+        Verdict.BUSY
+    )
+    assert not cancels.taken(Incarnation("u1", "r2", 0.0))  # another incarnation of the uid
+    assert not cancels.cancelled(first)  # taken elsewhere is no cancel
 
 
 def test_a_copy_that_does_not_stop_gives_the_task_back_instead_of_dropping_it() -> None:
