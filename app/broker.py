@@ -171,16 +171,26 @@ def request_cancel(
     ``rid`` is the incarnation the reader saw (None if it saw no message);
     ``at`` the wall-clock time of the cancel (see :class:`app.lifecycle.Cancels`).
     """
+    to_cancels(producer, settings, {"uid": uid, "rid": rid, "at": at})
+
+
+def to_cancels(
+    producer: Producer,
+    settings: Settings,
+    body: dict[str, Any],
+    retry_policy: dict[str, float] = RETRY_POLICY,
+) -> None:
+    """Publish ``body`` on the cancel exchange, which every worker process hears."""
     exchange = cancel_exchange(settings)
     producer.publish(
-        json.dumps({"uid": uid, "rid": rid, "at": at}),
+        json.dumps(body),
         exchange=exchange,
         routing_key="",
         declare=[exchange],
         content_type="application/json",
         content_encoding="utf-8",
         retry=True,
-        retry_policy=RETRY_POLICY,
+        retry_policy=retry_policy,
     )
 
 

@@ -25,7 +25,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from kombu.connection import Connection
 from kombu.entity import Queue
@@ -33,11 +34,13 @@ from kombu.message import Message
 from kombu.messaging import Consumer, Producer
 from kombu.mixins import ConsumerMixin
 
-from app.broker import BROKER_ERRORS, cancel_exchange
+from app.broker import BROKER_ERRORS, RETRY_POLICY, cancel_exchange, to_cancels
 from app.lifecycle import Cancels, Incarnation
 from config import Settings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A taken task message is said every NOTICE_EVERY seconds, for NOTICE_FOR
 # seconds (tasks/chat.py's CARRY_ON_WAIT: no stream waits longer).
@@ -120,7 +123,6 @@ class TakenNotices:
             return list(self._taken)
 
     def serve(self) -> None:
-        exchange = cancel_exchange(self.settings)
         with Connection(self.settings.rabbitmq_url, heartbeat=0) as connection:
             producer = Producer(connection, auto_declare=False)
             while True:
@@ -129,15 +131,11 @@ class TakenNotices:
                 if not taken:
                     continue
                 try:
-                    producer.publish(
-                        json.dumps({"taken_by": this_process(), "taken": taken, "at": time.time()}),
-                        exchange=exchange,
-                        routing_key="",
-                        declare=[exchange],
-                        content_type="application/json",
-                        content_encoding="utf-8",
-                        retry=True,
-                        retry_policy={"max_retries": 1},
+                    to_cancels(
+                        producer,
+                        self.settings,
+                        {"taken_by": this_process(), "taken": taken, "at": time.time()},
+                        {**RETRY_POLICY, "max_retries": 1},
                     )
                 except BROKER_ERRORS as exc:
                     logger.info("cancels: could not say which tasks run here (%r)", exc)
@@ -150,27 +148,31 @@ _notices: dict[int, TakenNotices] = {}
 _start_lock = threading.Lock()
 
 
-def notices(settings: Settings) -> TakenNotices:
-    """This process's :class:`TakenNotices`, started on first use."""
+def _of_this_process(
+    made: dict[int, T], make: Callable[[], T], run: Callable[[T], Callable[[], None]], name: str
+) -> T:
+    """The one ``make()`` of this process (made after a fork, never shared
+    across one), ``run`` in a daemon thread of its own from its making."""
     pid = os.getpid()
-    found = _notices.get(pid)
+    found = made.get(pid)
     if found is None:
         with _start_lock:
-            found = _notices.get(pid)
+            found = made.get(pid)
             if found is None:
-                found = _notices[pid] = TakenNotices(settings)
-                threading.Thread(target=found.serve, name="chatqueue-taken", daemon=True).start()
+                found = made[pid] = make()
+                threading.Thread(target=run(found), name=name, daemon=True).start()
     return found
+
+
+def notices(settings: Settings) -> TakenNotices:
+    """This process's :class:`TakenNotices`, started on first use."""
+    return _of_this_process(
+        _notices, lambda: TakenNotices(settings), lambda n: n.serve, "chatqueue-taken"
+    )
 
 
 def listener(settings: Settings) -> CancelListener:
     """This process's listener, started on first use."""
-    pid = os.getpid()
-    found = _listeners.get(pid)
-    if found is None:
-        with _start_lock:
-            found = _listeners.get(pid)
-            if found is None:
-                found = _listeners[pid] = CancelListener(settings)
-                threading.Thread(target=found.run, name="chatqueue-cancel", daemon=True).start()
-    return found
+    return _of_this_process(
+        _listeners, lambda: CancelListener(settings), lambda c: c.run, "chatqueue-cancel"
+    )
