@@ -1,7 +1,8 @@
 """A drop-in stream or WebSocket answer whose client stops reading.
 
-Their answers come by direct reply-to, which has no acknowledgements and no
-prefetch: RabbitMQ pushes every message to the web process as it is written.
+Their answers come to the web process's reply queue, consumed with no
+acknowledgements and no prefetch: RabbitMQ pushes every message to the web
+process as it is written.
 What the client does not read waits in the web process, up to
 ``WEB_REPLY_BUFFER`` bytes of answer; past that the answer ends with an error
 object (``reader_too_slow``) and its LLM call is cancelled, instead of the
@@ -24,10 +25,14 @@ import pytest
 import websocket
 from openai import OpenAI
 
+from config import load_settings
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
 from tests.conftest import WebFactory
 from tests.support import Web
+from web.errors import ReaderTooSlow
+from web.publisher import Replies, ReplyBook
+from web.router import Delivery
 from web.ws_limits import WholeWrites
 
 BUFFER = 65536  # WEB_REPLY_BUFFER of the web front below
@@ -197,3 +202,24 @@ def test_a_callers_own_timeout_passes_through_a_whole_write() -> None:
     finally:
         server.close()
         client.close()
+
+
+def test_what_a_worker_writes_again_does_not_count_against_the_buffer() -> None:
+    """A worker that lost its connection and went on writes again what it
+    had written (``replay``, up to CARRY_ON_KEEP bytes at once), which the
+    reader skips: a long answer's replay does not end it as reader_too_slow.
+    What is new to the client counts as before."""
+    settings = load_settings({"WEB_REPLY_BUFFER": "100"})
+    replies = Replies(ReplyBook(settings), "u1", limit=100)
+    chunk = "x" * 50
+    for seq in range(10):
+        replies.put(Delivery(chunk, "chunk", seq, replay=True))
+    for seq in range(10, 13):  # 150 bytes unread: past the limit
+        replies.put(Delivery(chunk, "chunk", seq))
+    got = [replies.get(0) for _ in range(13)]
+    assert [d.seq for d in got if d is not None] == list(range(13))
+    for seq in range(13, 16):
+        replies.put(Delivery(chunk, "chunk", seq))
+    replies.put(Delivery(chunk, "chunk", 16))  # 150 bytes unread: past the limit
+    with pytest.raises(ReaderTooSlow):  # what it held is dropped
+        replies.get(0)

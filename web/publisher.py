@@ -128,7 +128,12 @@ class Replies(Inbox):
         self.on_overflow: Callable[[], None] | None = None
 
     def put(self, item: Delivery | BaseException) -> None:
-        if isinstance(item, Delivery):
+        # What a worker writes again after it lost its connection (``replay``,
+        # up to CARRY_ON_KEEP bytes at once) is mostly what the client has,
+        # which its reader skips: it is not the client's to read, and does not
+        # count (counted, the replay of a long answer would end it as
+        # reader_too_slow while its reader skips it).
+        if isinstance(item, Delivery) and not item.replay:
             if self.held > self.limit and not item.final:
                 self._overflow()
                 return
@@ -137,7 +142,7 @@ class Replies(Inbox):
 
     def get(self, timeout: float | None) -> Delivery | None:
         delivery = super().get(timeout)
-        if delivery is not None:
+        if delivery is not None and not delivery.replay:
             self.held -= len(delivery.body)
         return delivery
 
