@@ -183,8 +183,17 @@ class Cancels:
         self._limit = limit
         self._by_rid: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._by_uid: OrderedDict[str, float] = OrderedDict()
-        # Incarnations whose task message another process took (:meth:`take`).
+        # What other worker processes said of incarnations whose task message
+        # went with a lost connection (tasks/cancel.py, Notices), each when
+        # it was heard: the task message came back there and is answered
+        # there (:meth:`take`); a stream of it goes on there and waits for
+        # its task message (:meth:`heard_holding`); the task message came
+        # back there and waits for that stream (:meth:`heard_following`);
+        # that stream ended so (:meth:`heard_ended`).
         self._taken: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._holding: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._following: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._ended: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
         self._lock = threading.Lock()
 
     def add(self, uid: str, rid: str | None, at: float) -> None:
@@ -202,21 +211,54 @@ class Cancels:
         """Another worker process took the task message of incarnation
         (``uid``, ``rid``): it came back there after a lost connection, and is
         answered there. A stream of it here waits for it no longer."""
-        now = time.monotonic()
-        with self._lock:
-            self._taken[(uid, rid)] = now
-            self._taken.move_to_end((uid, rid))
-            self._prune(now)
+        self._heard(self._taken, uid, rid, time.monotonic())
 
     def taken(self, incarnation: Incarnation) -> bool:
         return (incarnation.uid, incarnation.rid) in self._taken
 
+    def heard_holding(self, uid: str, rid: str) -> None:
+        """Another worker process streams (``uid``, ``rid``) on, its task message lost."""
+        self._heard(self._holding, uid, rid, time.monotonic())
+
+    def holding_heard_at(self, incarnation: Incarnation) -> float | None:
+        """When another process last said it streams ``incarnation`` on (monotonic)."""
+        return self._holding.get((incarnation.uid, incarnation.rid))
+
+    def heard_following(self, uid: str, rid: str) -> None:
+        """The task message of (``uid``, ``rid``) came back to another worker
+        process, which waits for this process's stream of it to end."""
+        self._heard(self._following, uid, rid, time.monotonic())
+
+    def followed(self, incarnation: Incarnation) -> bool:
+        return (incarnation.uid, incarnation.rid) in self._following
+
+    def heard_ended(self, uid: str, rid: str, outcome: str) -> None:
+        """The stream another process went on with ended so (``answered``,
+        ``cancelled`` or ``handed_back``)."""
+        self._heard(self._ended, uid, rid, (time.monotonic(), outcome))
+
+    def ended(self, incarnation: Incarnation) -> str | None:
+        found = self._ended.get((incarnation.uid, incarnation.rid))
+        return None if found is None else found[1]
+
+    def _heard(
+        self, heard: OrderedDict[tuple[str, str], Any], uid: str, rid: str, what: Any
+    ) -> None:
+        with self._lock:
+            heard[(uid, rid)] = what
+            heard.move_to_end((uid, rid))
+            self._prune(time.monotonic())
+
     def _prune(self, now: float) -> None:
-        for by_rid in (self._by_rid, self._taken):
+        for by_rid in (self._by_rid, self._taken, self._holding, self._following):
             while by_rid and (
                 len(by_rid) > self._limit or next(iter(by_rid.values())) < now - self._keep
             ):
                 by_rid.popitem(last=False)
+        while self._ended and (
+            len(self._ended) > self._limit or next(iter(self._ended.values()))[0] < now - self._keep
+        ):
+            self._ended.popitem(last=False)
         wall = time.time()
         while self._by_uid and (
             len(self._by_uid) > self._limit or next(iter(self._by_uid.values())) < wall - self._keep
@@ -331,6 +373,10 @@ class Running:
                 return Verdict.DUPLICATE
             self._streaming[uid] = incarnation
             return Verdict.ANSWER
+
+    def streams(self, incarnation: Incarnation) -> bool:
+        """Whether ``incarnation`` streams in this process."""
+        return self._rid_of(incarnation.uid) == incarnation.rid
 
     def superseded(self, incarnation: Incarnation) -> bool:
         """Whether a copy of ``incarnation`` that came back waits for this one to stop."""

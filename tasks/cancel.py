@@ -7,14 +7,26 @@ process) into its :class:`~app.lifecycle.Cancels`, and a task looks there
 between chunks: when its incarnation is cancelled it closes the HTTP stream to
 the LLM, which is the only way to stop generation upstream.
 
-Workers say there, too, which task messages that came back after a lost
-connection they answer (:class:`TakenNotices`, ``{"taken_by", "taken",
-"at"}``): the process that lost one, whose stream waits up to
-``CARRY_ON_WAIT`` seconds for it to come back to it (tasks/chat.py), stops
-waiting, and holds its LLM call and its pool slot no longer. After a broker
-restart every listener's queue is made again when its process reconnects,
-and a notice sent before that is not heard: so each is said again every
-``NOTICE_EVERY`` seconds, for ``NOTICE_FOR`` seconds, many in one message.
+Workers say there, too, what became of the task messages that went with a
+lost connection (:class:`Notices`, ``{"by", "taken", "holding",
+"following", "ended", "at"}``, many of each in one message):
+
+- ``holding``: a stream here lost its task message and goes on, waiting for
+  it to come back (tasks/chat.py, ``Lease``); said every ``NOTICE_EVERY``
+  seconds while it lasts;
+- ``following``: a task message that came back here is another worker's
+  ``holding`` stream's: this worker waits for that stream's end instead of
+  asking the LLM again, and the stream goes on there;
+- ``ended``: a ``holding`` stream ended (``answered``, ``cancelled``,
+  ``handed_back``): its follower acknowledges its task message, or answers
+  it itself;
+- ``taken``: a task message that came back here is answered here again
+  (nobody said ``holding`` for it): the stream that lost it stops waiting,
+  and holds its LLM call and its pool slot no longer.
+
+After a broker restart every listener's queue is made again when its
+process reconnects, and a notice sent before that is not heard: so each is
+said again every ``NOTICE_EVERY`` seconds, for ``NOTICE_FOR`` seconds.
 """
 
 from __future__ import annotations
@@ -42,9 +54,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# A taken task message is said every NOTICE_EVERY seconds, for NOTICE_FOR
-# seconds (tasks/chat.py's CARRY_ON_WAIT: no stream waits longer).
-NOTICE_EVERY = 2.0
+# A notice is said every NOTICE_EVERY seconds, for NOTICE_FOR seconds
+# (tasks/chat.py's CARRY_ON_WAIT: no stream waits longer), ``holding`` as
+# long as it lasts.
+NOTICE_EVERY = 1.0
 NOTICE_FOR = 30.0
 
 
@@ -74,8 +87,8 @@ class CancelListener(ConsumerMixin):
     def on_message(self, message: Message) -> None:
         try:
             cancel = json.loads(message.body)
-            if isinstance(cancel, dict) and "taken_by" in cancel:
-                self._on_taken(cancel)
+            if isinstance(cancel, dict) and "by" in cancel:
+                self._on_notice(cancel)
                 return
             uid, rid, at = cancel["uid"], cancel.get("rid"), float(cancel["at"])
             if not isinstance(uid, str) or not (rid is None or isinstance(rid, str)):
@@ -86,65 +99,100 @@ class CancelListener(ConsumerMixin):
         self.cancels.add(uid, rid, at)
         logger.info("uid=%s: cancel requested (rid %s)", uid, rid or "-")
 
-    def _on_taken(self, notice: dict[str, Any]) -> None:
-        """Another worker process answers these incarnations (:class:`TakenNotices`)."""
-        by, taken = notice.get("taken_by"), notice.get("taken")
-        if by == this_process() or not isinstance(taken, list):
+    def _on_notice(self, notice: dict[str, Any]) -> None:
+        """What another worker process says (:class:`Notices`)."""
+        if notice.get("by") == this_process():
             return
-        for pair in taken:
-            if isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair):
-                self.cancels.take(pair[0], pair[1])
+        cancels = self.cancels
+        heard: dict[str, Callable[[str, str], None]] = {
+            "taken": cancels.take,
+            "holding": cancels.heard_holding,
+            "following": cancels.heard_following,
+        }
+        for kind, hear in heard.items():
+            for pair in _listed(notice.get(kind), 2):
+                hear(pair[0], pair[1])
+        for uid, rid, outcome in _listed(notice.get("ended"), 3):
+            cancels.heard_ended(uid, rid, outcome)
 
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
         logger.warning("cancels: RabbitMQ unreachable (%r); next try in %.1f s", exc, interval)
 
 
-class TakenNotices:
-    """Says which task messages that came back after a lost connection this
-    process answers (see the module): each is said every ``NOTICE_EVERY``
-    seconds for ``NOTICE_FOR`` seconds, all of them in one message, from a
-    daemon thread (a greenlet under gevent) and a connection of its own."""
+def _listed(items: Any, width: int) -> list[list[str]]:
+    """The lists of ``width`` strings in ``items`` (a notice's field)."""
+    if not isinstance(items, list):
+        return []
+    return [
+        item
+        for item in items
+        if isinstance(item, list) and len(item) == width and all(isinstance(i, str) for i in item)
+    ]
+
+
+class Notices:
+    """What this process says of task messages that went with a lost
+    connection (see the module), from a daemon thread (a greenlet under
+    gevent) and a connection of its own: every ``NOTICE_EVERY`` seconds, and
+    at once when there is something new."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._taken: dict[tuple[str, str], float] = {}  # (uid, rid) -> when it came
+        # (uid, rid) -> when it was first said; ``holding`` lasts until released.
+        self._said: dict[str, dict[tuple[str, ...], float]] = {
+            "taken": {},
+            "following": {},
+            "ended": {},
+            "holding": {},
+        }
         self._lock = threading.Lock()
+        self._new = threading.Event()
 
-    def add(self, incarnation: Incarnation) -> None:
+    def say(self, kind: str, *fields: str) -> None:
         with self._lock:
-            self._taken[(incarnation.uid, incarnation.rid)] = time.monotonic()
+            self._said[kind][fields] = time.monotonic()
+        self._new.set()
 
-    def due(self, now: float) -> list[tuple[str, str]]:
-        """Those to say now; the older ones are forgotten."""
+    def release(self, incarnation: Incarnation, outcome: str) -> None:
+        """A ``holding`` stream ended so: ``ended`` is said instead."""
         with self._lock:
-            for key, came in list(self._taken.items()):
-                if now - came > NOTICE_FOR:
-                    del self._taken[key]
-            return list(self._taken)
+            self._said["holding"].pop((incarnation.uid, incarnation.rid), None)
+        self.say("ended", incarnation.uid, incarnation.rid, outcome)
+
+    def due(self, now: float) -> dict[str, list[tuple[str, ...]]]:
+        """What to say now, by kind; what was said for NOTICE_FOR is forgotten."""
+        with self._lock:
+            for kind, said in self._said.items():
+                if kind != "holding":
+                    for key in [k for k, at in said.items() if now - at > NOTICE_FOR]:
+                        del said[key]
+            return {kind: list(said) for kind, said in self._said.items() if said}
 
     def serve(self) -> None:
         with Connection(self.settings.rabbitmq_url, heartbeat=0) as connection:
             producer = Producer(connection, auto_declare=False)
             while True:
-                time.sleep(NOTICE_EVERY)
-                taken = self.due(time.monotonic())
-                if not taken:
+                self._new.wait(NOTICE_EVERY)
+                self._new.clear()
+                due = self.due(time.monotonic())
+                if not due:
                     continue
                 try:
                     to_cancels(
                         producer,
                         self.settings,
-                        {"taken_by": this_process(), "taken": taken, "at": time.time()},
+                        {"by": this_process(), **due, "at": time.time()},
                         {**RETRY_POLICY, "max_retries": 1},
                     )
                 except BROKER_ERRORS as exc:
                     logger.info("cancels: could not say which tasks run here (%r)", exc)
+                    time.sleep(NOTICE_EVERY)  # not at once again: RabbitMQ may be away
                 except Exception:  # the thread goes on: the notices are best effort
                     logger.exception("cancels: could not say which tasks run here")
 
 
 _listeners: dict[int, CancelListener] = {}
-_notices: dict[int, TakenNotices] = {}
+_notices: dict[int, Notices] = {}
 _start_lock = threading.Lock()
 
 
@@ -164,10 +212,10 @@ def _of_this_process(
     return found
 
 
-def notices(settings: Settings) -> TakenNotices:
-    """This process's :class:`TakenNotices`, started on first use."""
+def notices(settings: Settings) -> Notices:
+    """This process's :class:`Notices`, started on first use."""
     return _of_this_process(
-        _notices, lambda: TakenNotices(settings), lambda n: n.serve, "chatqueue-taken"
+        _notices, lambda: Notices(settings), lambda n: n.serve, "chatqueue-notices"
     )
 
 

@@ -53,6 +53,17 @@ YIELD_EVERY = 64
 CARRY_ON_WAIT = 30.0
 CARRY_ON_KEEP = 1 << 20
 
+# A task message that comes back (redelivered) to this process waits up to
+# HOLDER_GRACE seconds to hear whether another worker's stream of it goes on
+# (tasks/cancel.py, ``holding``); it then follows that stream while it hears
+# of it at least every FOLLOW_SILENCE seconds, instead of asking the LLM again.
+HOLDER_GRACE = 4.0
+FOLLOW_SILENCE = 15.0
+
+# The link of a task message that came back to another worker, which follows
+# the stream here (:class:`Lease`): nothing here can acknowledge it.
+REMOTE = "remote"
+
 # The incarnations this process streams, and those it finished in the last
 # RESPONSE_QUEUE_TTL (made with the first task, from its settings).
 _running: Running | None = None
@@ -81,33 +92,71 @@ class Lease:
         runs: Running,
         message: TaskMessage,
         wait: float,
+        *,
         cancels: Cancels | None = None,
+        notices: cancel.Notices | None = None,
     ) -> None:
         self.incarnation = incarnation
         self.runs = runs
         self.message = message
         self.wait = wait
-        self.cancels = cancels  # which tell when another worker took the task message
+        self.cancels = cancels  # what other workers said of the task message
+        self.notices = notices  # what this one says of it
+        self.holding = False  # said: this stream goes on, its task message lost
 
     def lost(self) -> bool:
-        """Whether the task message is no longer this stream's to acknowledge."""
+        """Whether the task message is no longer this stream's to acknowledge
+        (one another worker follows this stream with stays so)."""
+        if self.message.link == REMOTE:
+            return self.runs.newer(self.incarnation, self.message)
         return not task_link.alive(self.message.link) or self.runs.newer(
             self.incarnation, self.message
         )
 
+    def end(self, outcome: str, *, whole: bool) -> None:
+        """The stream ended (``outcome`` as stream_chat counts it). If it said
+        ``holding``, it says how it ended, for a worker that follows it: an
+        answer that ended before a loss (not ``whole``) may have lost its
+        last messages with it, and is answered again, as
+        :meth:`~app.lifecycle.Running.end` does for a task message adopted here."""
+        if self.holding and self.notices is not None:
+            ended = "answered" if whole else "handed_back"
+            self.notices.release(self.incarnation, "cancelled" if outcome == "cancelled" else ended)
+
+    def taken(self) -> bool:
+        """Whether another worker answers the task message again itself."""
+        return self.cancels is not None and self.cancels.taken(self.incarnation)
+
     def renew(self) -> None:
-        """Take the task message that came back, or raise Orphaned (none did,
-        or another worker said it took it)."""
-        cancels = self.cancels
+        """Take the task message that came back to this process; or go on
+        while another worker that it came back to follows this stream
+        (``following``); or raise Orphaned (none came, or another worker
+        answers it again)."""
+        incarnation, cancels = self.incarnation, self.cancels
+        if self.notices is not None:
+            self.notices.say("holding", incarnation.uid, incarnation.rid)
+            self.holding = True
         copy = self.runs.copy_for(
-            self.incarnation,
+            incarnation,
             self.message,
             self.wait,
-            elsewhere=lambda: cancels is not None and cancels.taken(self.incarnation),
+            elsewhere=lambda: (
+                cancels is not None
+                and (cancels.taken(incarnation) or cancels.followed(incarnation))
+            ),
         )
-        if copy is None:
-            raise Orphaned
-        self.message = copy
+        if copy is not None:
+            self.message = copy
+            return
+        if cancels is not None and cancels.followed(incarnation) and not self.taken():
+            logger.warning(
+                "uid=%s: its task message came back to another worker, which follows "
+                "this stream: it goes on here",
+                incarnation.uid,
+            )
+            self.message = TaskMessage(REMOTE)
+            return
+        raise Orphaned
 
 
 class _Publisher:
@@ -171,6 +220,8 @@ class _Publisher:
         lease = self.lease
         if lease is not None and lease.runs.superseded(lease.incarnation):
             raise Orphaned  # it could not go on before, and a copy waits for it to stop
+        if lease is not None and lease.message.link == REMOTE and lease.taken():
+            raise Orphaned  # its follower gave up on it, and answers it again
         if losses.since(self.since) or (lease is not None and lease.lost()):
             self.carry_on()
 
@@ -274,11 +325,18 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         return
     state = check_transition(State.HANDED_OFF, State.STREAMING)
     finished = False
-    cancels = cancel.listener(settings).cancels
+    notices = cancel.notices(settings)
     if restart:
         # Another worker's stream of it may wait for it: it is answered here.
-        cancel.notices(settings).add(incarnation)
-    lease = Lease(incarnation, runs, message, CARRY_ON_WAIT, cancels)
+        notices.say("taken", incarnation.uid, incarnation.rid)
+    lease = Lease(
+        incarnation,
+        runs,
+        message,
+        CARRY_ON_WAIT,
+        cancels=cancel.listener(settings).cancels,
+        notices=notices,
+    )
     publisher = _Publisher(task.app.pools.lanes, lost, lease, keep=CARRY_ON_KEEP)
     stream = ResponseStream(
         publisher,
@@ -307,7 +365,7 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         check_transition(state, State.HANDED_BACK)
         if not isinstance(exc, Orphaned):
             why = "warm shutdown, grace over"
-        elif cancels.taken(incarnation):
+        elif lease.taken():
             why = "its connection to RabbitMQ was lost: another worker answers its task message"
         else:
             why = "its connection to RabbitMQ was lost: the task message was given back"
@@ -323,6 +381,7 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
             lost=publisher.since,
             outcome="cancelled" if outcome == "cancelled" else "",
         )
+        lease.end(outcome, whole=finished and publisher.since == losses.count)
         figures.end(outcome, stream)
 
 
@@ -333,7 +392,13 @@ def _to_stream(
     the others end here."""
     uid, rid = incarnation.uid, incarnation.rid
     state = State.HANDED_OFF
-    verdict = runs.begin(incarnation, cancel.listener(task.app.settings).cancels, message=message)
+    cancels = cancel.listener(task.app.settings).cancels
+    if (task.request.delivery_info or {}).get("redelivered") and not runs.streams(incarnation):
+        followed = _follow_elsewhere(task, incarnation, cancels, message)
+        if followed in ("answered", "cancelled", "gone"):
+            check_transition(state, State.ADOPTED)
+            return False
+    verdict = runs.begin(incarnation, cancels, message=message)
     if verdict is Verdict.ADOPT:
         check_transition(state, State.ADOPTED)
         _follow(incarnation, runs, message)
@@ -365,6 +430,43 @@ def _follow(incarnation: Incarnation, runs: Running, message: TaskMessage) -> No
     if outcome == "handed_back":
         raise Reject("the stream it carried was handed back", requeue=True)
     logger.info("uid=%s: the task message that came back ends (%s)", uid, outcome)
+
+
+def _follow_elsewhere(
+    task: Task, incarnation: Incarnation, cancels: Cancels, message: TaskMessage
+) -> str | None:
+    """A task message that came back here: if another worker's stream of it
+    goes on (it says ``holding``, within HOLDER_GRACE), wait for that
+    stream's end instead of asking the LLM again, and say ``following`` so
+    that it goes on. Its outcome (``answered``, ``cancelled``: the task
+    message is acknowledged; ``handed_back``: it is answered here), ``lost``
+    when that worker fell silent for FOLLOW_SILENCE (answered here), ``gone``
+    when this copy went with a lost connection too; None if no stream of it
+    goes on elsewhere."""
+    uid, rid = incarnation.uid, incarnation.rid
+    deadline = time.monotonic() + HOLDER_GRACE
+    while cancels.holding_heard_at(incarnation) is None:
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+    notices = cancel.notices(task.app.settings)
+    notices.say("following", uid, rid)
+    logger.warning("uid=%s: came back while its answer streams in another worker; follows it", uid)
+    while (outcome := cancels.ended(incarnation)) is None:
+        heard = cancels.holding_heard_at(incarnation) or 0.0
+        if time.monotonic() - heard > FOLLOW_SILENCE:
+            outcome = "lost"
+            break
+        if not task_link.alive(message.link):
+            outcome = "gone"
+            break
+        time.sleep(0.5)
+    if outcome in ("handed_back", "lost"):
+        notices.say("taken", uid, rid)  # that stream stops, if it still runs
+        logger.warning("uid=%s: the stream it followed %s; answered here again", uid, outcome)
+    else:
+        logger.info("uid=%s: the stream it followed ended (%s)", uid, outcome)
+    return outcome
 
 
 def _stop_if_due(publisher: _Publisher) -> None:
