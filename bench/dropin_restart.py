@@ -10,10 +10,11 @@ own (``bench/rabbitnode.py``: the shared broker is never restarted), opens
 ``start_app``) once every stream has begun, and reads them all to their end.
 
 It prints how many streams got their whole text, how many ended with an
-error (by code), and how many times the LLM was asked beyond once a stream
-(a task message that came back to another worker than the one streaming it
-is answered again from the start: the drop-in stream then ends with
-``answer_restarted``).
+error (by code), how many times the LLM was asked beyond once a stream, and
+from the workers' logs how many streams went on in their worker, how many
+task messages that came back to the other worker followed them there, and
+how many were answered again from the start (the drop-in stream then ends
+with ``answer_restarted``).
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def main() -> None:
         ["no error, text wrong", wrong],
         ["LLM asked beyond once a stream", asked - len(streams)],
         ["went on in their worker (log)", logs.count("goes on after a lost connection")],
+        ["their task message followed them from the other worker (log)", logs.count("follows it")],
         ["started again elsewhere (log)", logs.count("redelivered; the answer starts again")],
     ]
     print(f"the broker restart took {restart:.1f} s")

@@ -356,7 +356,8 @@ class Soak:
         )
         say(
             "(a worker whose Celery consumer is back first takes what the queue gives back; "
-            "a stream whose task message came back to its own process went on)"
+            "a stream went on whichever worker its task message came back to, and one that "
+            "came back to the other worker followed it there)"
         )
 
         say("\n== RSS (MiB) ==")
@@ -398,6 +399,7 @@ _CUT = {
     "handed back": ": handed back after ",
     "started again (redelivered)": ": redelivered; the answer starts again",
     "went on, written again": ": goes on after a lost connection",
+    "came back, followed the other's": ": came back while its answer streams in another worker",
 }
 
 
