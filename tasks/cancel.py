@@ -31,6 +31,7 @@ said again every ``NOTICE_EVERY`` seconds, for ``NOTICE_FOR`` seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ from kombu.message import Message
 from kombu.messaging import Consumer, Producer
 from kombu.mixins import ConsumerMixin
 
-from app.broker import BROKER_ERRORS, RETRY_POLICY, cancel_exchange, to_cancels
+from app.broker import RETRY_POLICY, cancel_exchange, to_cancels
 from app.lifecycle import Cancels, Incarnation
 from config import Settings
 
@@ -169,26 +170,37 @@ class Notices:
             return {kind: list(said) for kind, said in self._said.items() if said}
 
     def serve(self) -> None:
-        with Connection(self.settings.rabbitmq_url, heartbeat=0) as connection:
-            producer = Producer(connection, auto_declare=False)
-            while True:
-                self._new.wait(NOTICE_EVERY)
-                self._new.clear()
-                due = self.due(time.monotonic())
-                if not due:
-                    continue
-                try:
-                    to_cancels(
-                        producer,
-                        self.settings,
-                        {"by": this_process(), **due, "at": time.time()},
-                        {**RETRY_POLICY, "max_retries": 1},
+        """Say what is due, each time on a connection that works: one that
+        failed is dropped, and the next try (NOTICE_EVERY later) makes a new
+        one, given NOTICE_EVERY to connect. kombu's own retries on the old
+        one took 15 s after a broker restart (soak run 40), when the other
+        worker had long stopped waiting to hear of the streams here."""
+        connection: Any = None
+        while True:
+            self._new.wait(NOTICE_EVERY)
+            self._new.clear()
+            due = self.due(time.monotonic())
+            if not due:
+                continue
+            try:
+                if connection is None:
+                    factory: Any = Connection
+                    connection = factory(
+                        self.settings.rabbitmq_url, heartbeat=0, connect_timeout=NOTICE_EVERY
                     )
-                except BROKER_ERRORS as exc:
-                    logger.info("cancels: could not say which tasks run here (%r)", exc)
-                    time.sleep(NOTICE_EVERY)  # not at once again: RabbitMQ may be away
-                except Exception:  # the thread goes on: the notices are best effort
-                    logger.exception("cancels: could not say which tasks run here")
+                to_cancels(
+                    Producer(connection, auto_declare=False),
+                    self.settings,
+                    {"by": this_process(), **due, "at": time.time()},
+                    {**RETRY_POLICY, "max_retries": 0},
+                )
+            except Exception as exc:  # the thread goes on: the notices are best effort
+                logger.info("cancels: could not say which tasks run here (%r)", exc)
+                if connection is not None:
+                    with contextlib.suppress(Exception):  # it failed already
+                        connection.release()
+                    connection = None
+                time.sleep(NOTICE_EVERY)  # not at once again: RabbitMQ may be away
 
 
 _listeners: dict[int, CancelListener] = {}

@@ -57,7 +57,7 @@ CARRY_ON_KEEP = 1 << 20
 # HOLDER_GRACE seconds to hear whether another worker's stream of it goes on
 # (tasks/cancel.py, ``holding``); it then follows that stream while it hears
 # of it at least every FOLLOW_SILENCE seconds, instead of asking the LLM again.
-HOLDER_GRACE = 4.0
+HOLDER_GRACE = 5.0
 FOLLOW_SILENCE = 15.0
 
 # The link of a task message that came back to another worker, which follows

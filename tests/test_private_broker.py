@@ -75,6 +75,28 @@ def test_a_drop_in_stream_goes_on_across_a_broker_restart(
     assert "submitting it again" not in log
 
 
+def test_a_websocket_answer_goes_on_across_a_broker_restart(
+    rabbit_node: RabbitNode,
+    private_stack: Callable[..., PrivateStack],
+    llm: DevLLM,
+) -> None:
+    """The same for a WebSocket answer under way: the whole answer, no error
+    frame, on the same socket, and the LLM asked once."""
+    stack = private_stack("private-ws-on")
+    prompt = f"a WebSocket stream across a broker restart {new_uid()}"
+    ws = websocket.create_connection(ws_url(stack.web), timeout=120)
+    try:
+        ws.send(request(prompt, model="m;tokens=60;delay=0.15"))
+        frames = [ws.recv() for _ in range(5)]  # the answer has begun
+        rabbit_node.restart_app()
+        frames += receive_all(ws)
+        assert not [f for f in frames if '"error"' in f], frames[-3:]
+        assert content_of([f for f in frames if isinstance(f, str)]) == expected(prompt, 60)
+    finally:
+        ws.close()
+    assert times_asked(llm, prompt) == 1
+
+
 def test_a_drop_in_answer_not_begun_survives_a_broker_restart(
     rabbit_node: RabbitNode,
     private_stack: Callable[..., PrivateStack],
