@@ -38,7 +38,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from kombu.connection import Connection
@@ -47,7 +48,7 @@ from kombu.message import Message
 from kombu.messaging import Consumer, Producer
 from kombu.mixins import ConsumerMixin
 
-from app.broker import RETRY_POLICY, cancel_exchange, to_cancels
+from app.broker import cancel_exchange, to_cancels
 from app.lifecycle import Cancels, Incarnation
 from config import Settings
 
@@ -60,6 +61,8 @@ T = TypeVar("T")
 # long as it lasts.
 NOTICE_EVERY = 1.0
 NOTICE_FOR = 30.0
+# Seconds between two tries of the listener to reach RabbitMQ again.
+RECONNECT_EVERY = 0.5
 
 
 def this_process() -> str:
@@ -75,6 +78,29 @@ class CancelListener(ConsumerMixin):
         self.connection = Connection(settings.rabbitmq_url, heartbeat=0)
         self.cancels = Cancels(keep=settings.response_queue_ttl)
         self.ready = threading.Event()
+        # Since when it hears the exchange (monotonic), None while it does not.
+        self.connected_at: float | None = None
+
+    @contextmanager
+    def establish_connection(self) -> Iterator[Any]:
+        """As kombu's, but tried again every RECONNECT_EVERY seconds (kombu
+        waits 2, 4, 6 ... s): after a broker restart a worker that does not
+        hear the others soon answers again what they go on with."""
+        with self.create_connection() as connection:  # type: ignore[no-untyped-call]
+            connection.ensure_connection(
+                self.on_connection_error,
+                self.connect_max_retries,
+                interval_start=RECONNECT_EVERY,
+                interval_step=0,
+                interval_max=RECONNECT_EVERY,
+            )
+            yield connection
+
+    def consume(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        try:
+            yield from super().consume(*args, **kwargs)  # type: ignore[no-untyped-call]
+        finally:
+            self.connected_at = None
 
     def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Consumer]:
         queue = Queue(
@@ -83,6 +109,7 @@ class CancelListener(ConsumerMixin):
         return [consumer_cls(queues=[queue], on_message=self.on_message, no_ack=True)]
 
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **_: Any) -> None:
+        self.connected_at = time.monotonic()
         self.ready.set()
 
     def on_message(self, message: Message) -> None:
@@ -192,7 +219,9 @@ class Notices:
                     Producer(connection, auto_declare=False),
                     self.settings,
                     {"by": this_process(), **due, "at": time.time()},
-                    {**RETRY_POLICY, "max_retries": 0},
+                    # Once round the nodes of RABBITMQ_URL (kombu moves to the
+                    # next at each retry), without pauses.
+                    {"max_retries": len(connection.alt), "interval_start": 0, "interval_step": 0},
                 )
             except Exception as exc:  # the thread goes on: the notices are best effort
                 logger.info("cancels: could not say which tasks run here (%r)", exc)

@@ -53,11 +53,14 @@ YIELD_EVERY = 64
 CARRY_ON_WAIT = 30.0
 CARRY_ON_KEEP = 1 << 20
 
-# A task message that comes back (redelivered) to this process waits up to
-# HOLDER_GRACE seconds to hear whether another worker's stream of it goes on
-# (tasks/cancel.py, ``holding``); it then follows that stream while it hears
-# of it at least every FOLLOW_SILENCE seconds, instead of asking the LLM again.
-HOLDER_GRACE = 5.0
+# A task message that comes back (redelivered) to this process waits to hear
+# whether another worker's stream of it goes on (tasks/cancel.py,
+# ``holding``): for HOLDER_GRACE seconds of this process hearing the others
+# (its listener may be reconnecting), HOLDER_WAIT at most. It then follows
+# that stream while it hears of it at least every FOLLOW_SILENCE seconds,
+# instead of asking the LLM again.
+HOLDER_GRACE = 3.0
+HOLDER_WAIT = 20.0
 FOLLOW_SILENCE = 15.0
 
 # The link of a task message that came back to another worker, which follows
@@ -123,6 +126,15 @@ class Lease:
             ended = "answered" if whole else "handed_back"
             self.notices.release(self.incarnation, "cancelled" if outcome == "cancelled" else ended)
 
+    def hold(self) -> None:
+        """Say that this stream goes on after a loss (``holding``): its task
+        message may have gone with it, and come back to another worker,
+        which then follows this stream. Said at once, so that it is heard as
+        soon as RabbitMQ is back."""
+        if self.notices is not None and not self.holding:
+            self.notices.say("holding", self.incarnation.uid, self.incarnation.rid)
+            self.holding = True
+
     def taken(self) -> bool:
         """Whether another worker answers the task message again itself."""
         return self.cancels is not None and self.cancels.taken(self.incarnation)
@@ -133,9 +145,7 @@ class Lease:
         (``following``); or raise Orphaned (none came, or another worker
         answers it again)."""
         incarnation, cancels = self.incarnation, self.cancels
-        if self.notices is not None:
-            self.notices.say("holding", incarnation.uid, incarnation.rid)
-            self.holding = True
+        self.hold()
         copy = self.runs.copy_for(
             incarnation,
             self.message,
@@ -233,6 +243,7 @@ class _Publisher:
         lease = self.lease
         if lease is None or self._kept is None:
             raise Orphaned
+        lease.hold()
         while True:
             if lease.lost():
                 lease.renew()  # or Orphaned
@@ -453,9 +464,15 @@ def _follow_elsewhere(
     when this copy went with a lost connection too; None if no stream of it
     goes on elsewhere."""
     uid, rid = incarnation.uid, incarnation.rid
-    deadline = time.monotonic() + HOLDER_GRACE
+    listener = cancel.listener(task.app.settings)
+    came = time.monotonic()
     while cancels.holding_heard_at(incarnation) is None:
-        if time.monotonic() >= deadline:
+        # HOLDER_GRACE of hearing the others (its listener may be reconnecting
+        # too), HOLDER_WAIT at most.
+        now, since = time.monotonic(), listener.connected_at
+        if now - came >= HOLDER_WAIT or (
+            since is not None and now - max(since, came) >= HOLDER_GRACE
+        ):
             return None
         time.sleep(0.1)
     notices = cancel.notices(task.app.settings)
