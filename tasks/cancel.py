@@ -66,7 +66,7 @@ RECONNECT_EVERY = 0.5
 
 
 def this_process() -> str:
-    """How this process names itself in a ``taken_by`` notice."""
+    """How this process names itself in its notices (``by``)."""
     return f"{socket.gethostname()}/{os.getpid()}"
 
 

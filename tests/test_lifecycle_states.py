@@ -131,7 +131,7 @@ def test_a_stream_whose_message_did_not_come_back_in_time_is_not_adopted_after()
 
 def test_a_stream_stops_waiting_for_its_message_once_another_worker_took_it() -> None:
     """Another worker said it answers the task message (tasks/cancel.py,
-    TakenNotices): the stream waiting for it stops at once, not after its
+    Notices, ``taken``): the stream waiting for it stops at once, not after its
     whole wait, and is closed to adoption as after a wait in vain."""
     runs = Running(keep=60)
     cancels = Cancels(keep=60)
