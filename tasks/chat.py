@@ -145,7 +145,6 @@ class Lease:
         (``following``); or raise Orphaned (none came, or another worker
         answers it again)."""
         incarnation, cancels = self.incarnation, self.cancels
-        self.hold()
         copy = self.runs.copy_for(
             incarnation,
             self.message,
@@ -412,9 +411,10 @@ def _to_stream(
     the others end here."""
     uid, rid = incarnation.uid, incarnation.rid
     state = State.HANDED_OFF
-    cancels = cancel.listener(task.app.settings).cancels
+    listener = cancel.listener(task.app.settings)
+    cancels = listener.cancels
     if (task.request.delivery_info or {}).get("redelivered") and not runs.streams(incarnation):
-        followed = _follow_elsewhere(task, incarnation, cancels, message)
+        followed = _follow_elsewhere(task, incarnation, listener, message)
         if followed in ("answered", "cancelled", "gone"):
             check_transition(state, State.ADOPTED)
             return False
@@ -453,7 +453,7 @@ def _follow(incarnation: Incarnation, runs: Running, message: TaskMessage) -> No
 
 
 def _follow_elsewhere(
-    task: Task, incarnation: Incarnation, cancels: Cancels, message: TaskMessage
+    task: Task, incarnation: Incarnation, listener: cancel.CancelListener, message: TaskMessage
 ) -> str | None:
     """A task message that came back here: if another worker's stream of it
     goes on (it says ``holding``, within HOLDER_GRACE), wait for that
@@ -464,7 +464,7 @@ def _follow_elsewhere(
     when this copy went with a lost connection too; None if no stream of it
     goes on elsewhere."""
     uid, rid = incarnation.uid, incarnation.rid
-    listener = cancel.listener(task.app.settings)
+    cancels = listener.cancels
     came = time.monotonic()
     while cancels.holding_heard_at(incarnation) is None:
         # HOLDER_GRACE of hearing the others (its listener may be reconnecting
