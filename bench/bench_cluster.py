@@ -1,7 +1,7 @@
 """What a response queue costs on a three-node cluster, classic beside quorum.
 
 ``python -m bench.bench_cluster [--queues N] [--messages M]`` starts a private
-cluster (:class:`bench.rabbitnode.RabbitCluster`, stopped and removed at the
+cluster (:class:`chatqueue_testing.rabbitnode.RabbitCluster`, stopped and removed at the
 end), and for each queue type makes N durable queues with ``x-expires`` on
 node 1, as the intake declares response queues (over 8 channels, waiting for
 the last of each), publishes M persistent messages to each through node 2, as
@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 
 import amqp
 
-from bench.harness import CpuMeter, format_table
-from bench.rabbitnode import RabbitCluster
+from bench.tools import CpuMeter, format_table
+from chatqueue_testing.rabbitnode import RabbitCluster
 
 CHANNELS = 8
 

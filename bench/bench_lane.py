@@ -29,7 +29,7 @@ import gevent  # noqa: E402
 from kombu import Connection  # noqa: E402
 
 from app.broker import Lane, Sender  # noqa: E402
-from bench.harness import cpu_seconds  # noqa: E402
+from bench.tools import cpu_seconds  # noqa: E402
 from config import load_settings  # noqa: E402
 
 BODY = '{"choices":[{"index":0,"delta":{"content":" token"}}],"seq":1}'

@@ -23,7 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.harness import Event, SseParser, fetch, open_stream, read_sse
+from bench.tools import open_stream
+from chatqueue_testing.harness import Event, SseParser, fetch, read_sse
 from devllm.answers import reply_tokens
 
 

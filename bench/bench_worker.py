@@ -24,7 +24,7 @@ import openai
 import pika
 
 from app.broker import response_queue_arguments
-from bench.harness import Process
+from chatqueue_testing.harness import Process
 from config import Settings
 from devllm.answers import reply_tokens
 

@@ -4,7 +4,7 @@ times the LLM was asked.
 ``python -m bench.dropin_restart [--streams 200] [--workers 2]`` runs the
 Procfile's worker line (``--workers`` processes) and web line
 (``WEB_CONCURRENCY=2``) against the development LLM and a RabbitMQ node of its
-own (``bench/rabbitnode.py``: the shared broker is never restarted), opens
+own (``chatqueue_testing/rabbitnode.py``: the shared broker is never restarted), opens
 ``--streams`` OpenAI drop-in streams at once with the real openai SDK
 (``AsyncOpenAI``, ``stream=True``), restarts the broker (``stop_app``,
 ``start_app``) once every stream has begun, and reads them all to their end.
@@ -29,17 +29,16 @@ from dataclasses import dataclass
 import openai
 
 from bench.bench_web import expected
-from bench.harness import (
+from bench.tools import format_table, say
+from chatqueue_testing.harness import (
     Process,
     environ,
-    format_table,
     free_port,
     procfile_command,
-    say,
     wait_for_consumer,
     wait_for_http,
 )
-from bench.rabbitnode import RabbitNode
+from chatqueue_testing.rabbitnode import RabbitNode
 from devllm.testing import DevLLM
 
 TOKENS = 60

@@ -30,19 +30,15 @@ from datetime import datetime
 import openai
 
 from bench.bench_worker import AmqpClient, Reading, direct_ttft
-from bench.harness import (
+from bench.run import FULL
+from bench.tools import format_table, median, ms, p99, say
+from chatqueue_testing.harness import (
     Process,
     delete_queues,
     environ,
-    format_table,
-    median,
-    ms,
-    p99,
     procfile_command,
-    say,
     wait_for_consumer,
 )
-from bench.run import FULL
 from config import load_settings
 from devllm.testing import DevLLM
 

@@ -22,7 +22,7 @@ import venv
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.harness import Process, free_port, wait_for_http
+from chatqueue_testing.harness import Process, free_port, wait_for_http
 
 CACHE = Path(os.environ.get("CHATQUEUE_BENCH_CACHE") or Path.home() / ".cache" / "chatqueue-bench")
 VENV = CACHE / "litellm-venv"

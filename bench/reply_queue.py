@@ -27,7 +27,7 @@ from typing import Any
 
 import amqp
 
-from bench.harness import cpu_seconds, find_pid, format_table, median
+from bench.tools import cpu_seconds, find_pid, format_table, median
 
 DIRECT = "amq.rabbitmq.reply-to"
 URL_HOST = "localhost:5672"

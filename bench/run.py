@@ -56,30 +56,32 @@ import pika.exceptions
 from bench import bench_web, bench_worker
 from bench.bench_web import Endpoint
 from bench.bench_worker import AmqpClient, Reading
-from bench.harness import (
+from bench.peer import LiteLLM, PeerUnavailable, install_litellm, litellm_version
+from bench.tools import (
     CpuMeter,
-    Process,
     RunVhost,
-    delete_queues,
-    environ,
     find_pid,
     format_table,
-    free_port,
     log_kinds,
     median,
     ms,
     p99,
-    procfile_command,
     rss_mib,
     say,
     secs,
     sigterm_as_interrupt,
     source_state,
     uninterrupted,
+)
+from chatqueue_testing.harness import (
+    Process,
+    delete_queues,
+    environ,
+    free_port,
+    procfile_command,
     wait_for_consumer,
     wait_for_http,
 )
-from bench.peer import LiteLLM, PeerUnavailable, install_litellm, litellm_version
 from config import Settings, load_settings
 from devllm.testing import DevLLM
 

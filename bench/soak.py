@@ -2,7 +2,7 @@
 
 ``python -m bench.soak [--streams 1000] [--minutes 10]`` runs the Procfile's
 worker line (two processes) and web line (``WEB_CONCURRENCY=2``) against the
-development LLM and a RabbitMQ node of its own (``bench/rabbitnode.py``: the
+development LLM and a RabbitMQ node of its own (``chatqueue_testing/rabbitnode.py``: the
 shared broker is never restarted). ``--streams`` clients each submit a
 request (``POST /v1/chat/completions``), read its answer
 (``GET /v1/chat/response``) to ``[DONE]``, and start the next one, until the
@@ -39,23 +39,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from bench.bench_web import chat_body, expected
-from bench.harness import (
+from bench.tools import format_table, log_kinds, median, open_stream, rss_mib, say
+from chatqueue_testing.harness import (
     Event,
     Process,
     SseParser,
     environ,
-    format_table,
     free_port,
-    log_kinds,
-    median,
-    open_stream,
     procfile_command,
-    rss_mib,
-    say,
     wait_for_consumer,
     wait_for_http,
 )
-from bench.rabbitnode import RabbitNode
+from chatqueue_testing.rabbitnode import RabbitNode
 from config import load_settings
 from devllm.testing import DevLLM
 

@@ -62,7 +62,7 @@ from types import TracebackType
 
 import psutil
 
-from bench.harness import free_port
+from chatqueue_testing.harness import free_port
 
 DEFAULT_NOFILE = 65536
 SERVER_USER = "rabbitmq"
@@ -270,7 +270,7 @@ class RabbitNode:
         self.config_file.write_text(
             "\n".join(
                 [
-                    "# Written by bench/rabbitnode.py: a private node, never the shared one.",
+                    "# A private node of chatqueue_testing/rabbitnode.py, not the shared one.",
                     f"listeners.tcp.default = 127.0.0.1:{self.port}",
                     "loopback_users.guest = true",
                     "log.file.level = info",
