@@ -3,7 +3,7 @@
 A pytest plugin module: enable it with ``pytest_plugins = ["tests.brokers"]``.
 Nothing here starts a node until a test asks for one:
 
-- ``rabbit_node``: a private node (:class:`bench.rabbitnode.RabbitNode`) of
+- ``rabbit_node``: a private node (:class:`chatqueue_testing.rabbitnode.RabbitNode`) of
   its own name, port, config and data, shared by the session and started by
   the first test that uses it (about 6 s). After each test it is put back as
   it was: started again if the test killed it, its app started if the test
@@ -11,7 +11,7 @@ Nothing here starts a node until a test asks for one:
 - ``private_stack``: ``private_stack(name, web=True, **env)`` starts a
   worker (and a web front) of queue names of their own on ``rabbit_node``;
 - ``rabbit_cluster``: three private nodes joined into one cluster
-  (:class:`bench.rabbitnode.RabbitCluster`), the same way; its
+  (:class:`chatqueue_testing.rabbitnode.RabbitCluster`), the same way; its
   ``failover_url`` is the nodes' URLs joined by ``;`` as kombu takes them.
 
 Both skip the test when ``rabbitmq-server`` is not installed, and are
@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from bench.rabbitnode import RabbitCluster, RabbitNode, available
+from chatqueue_testing.rabbitnode import RabbitCluster, RabbitNode, available
 from tests.support import PrivateStack
 from tests.test_durability import isolated
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from bench.harness import stop_all
+from chatqueue_testing.harness import stop_all
 from config import load_settings
 from devllm.testing import DevLLM
 from tests.support import (

@@ -1,7 +1,7 @@
 """Test helpers: a pika client of the response protocol, and a real web front.
 
 The process runner, the SSE client, the port finder and the broker clean-up
-are the benchmarks' too: they live in :mod:`bench.harness` and are
+are the benchmarks' too: they live in :mod:`chatqueue_testing.harness` and are
 re-exported here, so tests import everything from ``tests.support``.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-from bench.harness import (
+from chatqueue_testing.harness import (
     BIN,
     ROOT,
     Event,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bench.rabbitnode import RabbitNode
+from chatqueue_testing.rabbitnode import RabbitNode
 from tests.conftest import new_uid
 from tests.support import PrivateStack, Web, fetch
 from tests.test_web import chat, error_of, expected, stream, submit

@@ -24,8 +24,8 @@ import psutil
 import websocket
 from openai import OpenAI
 
-from bench.harness import EventStream
-from bench.rabbitnode import RabbitNode
+from chatqueue_testing.harness import EventStream
+from chatqueue_testing.rabbitnode import RabbitNode
 from devllm.testing import DevLLM
 from tests.conftest import new_uid
 from tests.support import (

@@ -20,7 +20,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-from bench.rabbitnode import RabbitCluster
+from chatqueue_testing.rabbitnode import RabbitCluster
 from config import load_settings
 from devllm.answers import reply_tokens
 from tests.conftest import WebFactory, new_uid

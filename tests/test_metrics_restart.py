@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bench.rabbitnode import RabbitNode
+from chatqueue_testing.rabbitnode import RabbitNode
 from tests.support import PrivateStack
 from tests.test_metrics import chat, processes, scrape, stream, submit, value, wait_for
 

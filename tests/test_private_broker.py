@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import websocket
 
-from bench.rabbitnode import RabbitNode
+from chatqueue_testing.rabbitnode import RabbitNode
 from devllm.testing import DevLLM
 from tests.conftest import new_uid
 from tests.support import PrivateStack

@@ -16,7 +16,7 @@ import pika.exceptions
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-from bench.rabbitnode import DEFAULT_NOFILE, RabbitCluster, RabbitNode, amqp_answers
+from chatqueue_testing.rabbitnode import DEFAULT_NOFILE, RabbitCluster, RabbitNode, amqp_answers
 
 pytest_plugins = ["tests.brokers"]
 

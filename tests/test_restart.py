@@ -15,7 +15,7 @@ import pytest
 from celery.worker.consumer import consumer as celery_consumer
 
 from app import logs
-from bench.rabbitnode import RabbitNode
+from chatqueue_testing.rabbitnode import RabbitNode
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
 from tests.conftest import new_uid

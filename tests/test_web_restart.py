@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from bench.rabbitnode import RabbitNode
+from chatqueue_testing.rabbitnode import RabbitNode
 from tests.support import Broker, EventStream, PrivateStack
 from tests.test_resume import read_in_background
 from tests.test_web import chat, expected, stream, submit
