@@ -138,7 +138,10 @@ class Line:
             ahead += sum(sizes)
 
     def by_tier(self) -> dict[str, int]:
-        return {name: sum(len(q) for q in t.values()) for name, t in zip(TIERS, self._tiers)}
+        return {
+            name: sum(len(q) for q in t.values())
+            for name, t in zip(TIERS, self._tiers, strict=True)
+        }
 
     def by_tenant(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -175,7 +175,8 @@ def _upstream(path: str, index: int, table: Any, environ: Mapping[str, str]) -> 
     else:
         raise bad(
             "api_key",
-            'required: the key sent to this server (api_key = "none" if it takes none), or api_key_env',
+            'required: the key sent to this server (api_key = "none" if it takes none), '
+            "or api_key_env",
         )
     models = table.get("models")
     if (
