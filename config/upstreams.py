@@ -199,10 +199,10 @@ def _upstream(path: str, index: int, table: Any, environ: Mapping[str, str]) -> 
         raise bad("forward_service_tier", "must be true or false")
     return Upstream(
         name=name,
-        url=url,
+        url=str(url),
         api_key=api_key,
         models=tuple(models),
-        max_in_flight=limit,
+        max_in_flight=int(limit),
         rpm=rpm,
         fallback=tuple(fallback),
         forward_service_tier=forward,
