@@ -27,7 +27,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 DEFAULT = "default"
@@ -202,12 +202,12 @@ def _upstream(path: str, index: int, table: Any, environ: Mapping[str, str]) -> 
         url=str(url),
         api_key=api_key,
         models=tuple(models),
-        max_in_flight=int(limit),
+        max_in_flight=limit,
         rpm=rpm,
         fallback=tuple(fallback),
         forward_service_tier=forward,
     )
 
 
-def _whole(value: Any, least: int) -> bool:
+def _whole(value: Any, least: int) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
