@@ -120,9 +120,11 @@ def load_upstreams(path: str, environ: Mapping[str, str]) -> Upstreams:
     upstreams = [_upstream(path, i, table, environ) for i, table in enumerate(tables, 1)]
     names = [u.name for u in upstreams]
     for i, u in enumerate(upstreams, 1):
-        where = _where(path, i, u.name)
         if u.name in names[: i - 1]:
+            where = _where(path, i, u.name)
             raise UpstreamsError(f"{where}, key 'name': {u.name!r} is used by an earlier table")
+    for i, u in enumerate(upstreams, 1):
+        where = _where(path, i, u.name)
         for other in u.fallback:
             if other == u.name:
                 raise UpstreamsError(
