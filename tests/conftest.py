@@ -1,36 +1,62 @@
 """Fixtures: a real RabbitMQ (queue names of this run only), the development
-LLM over a real socket, and real ``celery -A app worker`` processes started
-from the Procfile line."""
+LLM over a real socket, real ``celery -A app worker`` processes and real web
+fronts started from the Procfile lines, and private RabbitMQ nodes for the
+tests that restart, kill or alarm a broker.
+
+Nothing here starts a process or a node until a test asks for it:
+
+- ``rabbit_node``: a private node (:class:`chatqueue_testing.rabbitnode.RabbitNode`)
+  of its own name, port, config and data, shared by the session and started by
+  the first test that uses it (about 6 s). After each test it is put back as
+  it was: started again if the test killed it, its app started if the test
+  stopped it, the alarms the test raised cleared.
+- ``private_stack``: ``private_stack(name, web=True, **env)`` starts a
+  worker (and a web front) of queue names of their own on ``rabbit_node``;
+- ``rabbit_cluster``: three private nodes joined into one cluster
+  (:class:`chatqueue_testing.rabbitnode.RabbitCluster`), the same way; its
+  ``failover_url`` is the nodes' URLs joined by ``;`` as kombu takes them.
+
+The private nodes skip the test when ``rabbitmq-server`` is not installed, and
+are stopped and removed at the end of the session.
+"""
 
 from __future__ import annotations
 
 import os
-import uuid
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from chatqueue_testing.harness import stop_all
+from chatqueue_testing.rabbitnode import RabbitCluster, RabbitNode, available
 from config import load_settings
 from devllm.testing import DevLLM
 from tests.support import (
+    RABBITMQ_URL,
+    RUN,
+    TOKENS,
     Broker,
+    PrivateStack,
     Process,
     Web,
+    WebFactory,
+    WorkerFactory,
     delete_queues,
     environ,
+    isolated,
     procfile_command,
     stop_webs,
     wait_for_consumer,
 )
 
-RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/")
-RUN = uuid.uuid4().hex[:8]
+NOT_INSTALLED = "rabbitmq-server is not installed (apt-get install rabbitmq-server)"
 
 
 @pytest.fixture(scope="session")
 def llm() -> Iterator[DevLLM]:
-    with DevLLM(token_delay=0.002, tokens=12) as server:
+    with DevLLM(token_delay=0.002, tokens=TOKENS) as server:
         yield server
 
 
@@ -59,9 +85,6 @@ def worker_env(names: dict[str, str], llm: DevLLM) -> dict[str, str]:
         # soon (tests/test_shutdown.py sets its own grace).
         WORKER_SHUTDOWN_GRACE="2",
     )
-
-
-WorkerFactory = Callable[..., Process]
 
 
 @pytest.fixture(scope="session")
@@ -121,13 +144,7 @@ def _delete_run_queues(names: dict[str, str]) -> Iterator[None]:
     _delete_queues({names["RABBITMQ_QUEUE"], tasks, f"{ns}.dead-letter"})
 
 
-def new_uid() -> str:
-    return str(uuid.uuid4())
-
-
-# --- the web front (issue 3) ---------------------------------------------------------------
-
-WebFactory = Callable[..., Web]
+# --- the web front ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -174,3 +191,61 @@ def down_web(start_web: WebFactory) -> Web:
 def keyed_web(start_web: WebFactory, worker: Process) -> Web:
     """A web front with ``API_KEYS``."""
     return start_web("keyed", API_KEYS="key-alice,key-bob")
+
+
+# --- private RabbitMQ nodes ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rabbit_node_session() -> Iterator[RabbitNode]:
+    if not available():
+        pytest.skip(NOT_INSTALLED)
+    with RabbitNode("test") as node:
+        yield node
+
+
+@pytest.fixture
+def rabbit_node(rabbit_node_session: RabbitNode) -> Iterator[RabbitNode]:
+    """The session's private node, put back as it was after the test."""
+    rabbit_node_session.reset()
+    yield rabbit_node_session
+    rabbit_node_session.reset()
+
+
+@pytest.fixture
+def private_stack(
+    rabbit_node: RabbitNode,
+    start_worker: WorkerFactory,
+    start_web: WebFactory,
+    worker_env: dict[str, str],
+    names: dict[str, str],
+) -> Callable[..., PrivateStack]:
+    """``private_stack(name, web=True, **env)``: a worker, and a web front
+    unless ``web`` is false, on the private node, with an input queue and a
+    namespace of their own (``name``) and the settings ``env`` on top."""
+
+    def start(name: str, web: bool = True, **env: str) -> PrivateStack:
+        settings = {**isolated(worker_env, names, name), "RABBITMQ_URL": rabbit_node.url, **env}
+        worker = start_worker(name, env=settings)
+        front = start_web(name, env=settings) if web else None
+        return PrivateStack(settings, worker, front)
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster_session() -> Iterator[RabbitCluster]:
+    if not available():
+        pytest.skip(NOT_INSTALLED)
+    directory = Path(tempfile.mkdtemp(prefix="cq-rabbit-cluster-"))
+    # Names of this run (a node name is machine-wide); down() removes the directory.
+    with RabbitCluster(directory, name=f"test{os.getpid()}") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def rabbit_cluster(rabbit_cluster_session: RabbitCluster) -> Iterator[RabbitCluster]:
+    """The session's private three-node cluster, its nodes all up after the test."""
+    rabbit_cluster_session.reset()
+    yield rabbit_cluster_session
+    rabbit_cluster_session.reset()

@@ -1,21 +1,33 @@
-"""Test helpers: a pika client of the response protocol, and a real web front.
+"""What the tests share: waiting for a condition, a pika client of the
+response protocol, requests and the answers they expect, a real web front,
+its WebSocket and its metrics.
 
 The process runner, the SSE client, the port finder and the broker clean-up
-are the benchmarks' too: they live in :mod:`chatqueue_testing.harness` and are
-re-exported here, so tests import everything from ``tests.support``.
+are the scripts' and the benchmarks' too: they live in
+:mod:`chatqueue_testing.harness` and are re-exported here, so tests import
+everything from ``tests.support``. Fixtures are in ``tests/conftest.py``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pika
+import websocket
 from pika.adapters.blocking_connection import BlockingChannel
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
 from chatqueue_testing.harness import (
     BIN,
@@ -29,33 +41,175 @@ from chatqueue_testing.harness import (
     fetch,
     free_port,
     procfile_command,
+    rabbitmqctl,
     read_sse,
     wait_for_consumer,
     wait_for_http,
 )
+from devllm.answers import reply_tokens
+from devllm.testing import DevLLM
 
 __all__ = [
     "BIN",
+    "PROMPT",
+    "RABBITMQ_URL",
     "ROOT",
+    "RUN",
+    "TOKENS",
     "Answer",
     "Broker",
     "Event",
     "EventStream",
+    "PrivateStack",
     "Process",
     "Received",
+    "Samples",
     "SseParser",
     "Web",
+    "WebFactory",
+    "WorkerFactory",
+    "about",
+    "ask",
+    "assert_broken_after",
+    "assert_protocol",
+    "chat",
+    "client_of",
     "collect",
+    "content_of",
     "declare_response_queues",
     "delete_queues",
     "environ",
+    "error_of",
+    "expected",
     "fetch",
     "free_port",
+    "holds_for",
+    "isolated",
+    "new_uid",
+    "processes",
     "procfile_command",
+    "queue_names",
+    "read_in_background",
     "read_sse",
+    "receive_all",
+    "requests_for",
+    "scrape",
+    "stop_webs",
+    "stream",
+    "submit",
+    "tag",
     "task_events",
+    "value",
+    "wait_dead_letter",
     "wait_for_consumer",
+    "wait_for_http",
+    "wait_until",
+    "ws_request",
+    "ws_url",
 ]
+
+T = TypeVar("T")
+
+RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/")
+# This test run's tag: its queue names and worker host names carry it, so runs
+# never see each other's messages.
+RUN = uuid.uuid4().hex[:8]
+# The development LLM's answer length in the tests (the ``llm`` fixture).
+TOKENS = 12
+# The prompt of the tests that make the LLM misbehave.
+PROMPT = "Tell me a joke."
+
+
+def new_uid() -> str:
+    return str(uuid.uuid4())
+
+
+def tag() -> str:
+    """A short random tag, to tell this test's requests in the LLM's log."""
+    return uuid.uuid4().hex[:8]
+
+
+# --- waiting ------------------------------------------------------------------------------
+
+
+def wait_until(
+    condition: Callable[[], T],
+    timeout: float = 10,
+    message: str | Callable[[], str] = "",
+    *,
+    interval: float = 0.05,
+) -> T:
+    """Call ``condition()`` every ``interval`` seconds until it returns
+    something true, and return that. After ``timeout`` seconds, raise
+    AssertionError naming the condition (its source), its last value and
+    ``message`` (called first when it is a function: a process's log, say)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    raise AssertionError(
+        f"not within {timeout:g} s: {_source_of(condition)} (last: {result!r})" + _detail(message)
+    )
+
+
+def holds_for(
+    condition: Callable[[], object],
+    seconds: float,
+    message: str | Callable[[], str] = "",
+    *,
+    interval: float = 0.05,
+) -> None:
+    """Check ``condition()`` every ``interval`` seconds for ``seconds``
+    seconds, and raise AssertionError as soon as it is false. For what must
+    not happen within a time the behaviour under test sets (a wait that must
+    not end before its timeout, a retry that must not come before its pause):
+    a failure shows at once, a pass takes ``seconds``."""
+    began = time.monotonic()
+    while True:
+        if not condition():
+            took = time.monotonic() - began
+            raise AssertionError(
+                f"false after {took:.2f} s of {seconds:g}: {_source_of(condition)}"
+                + _detail(message)
+            )
+        if time.monotonic() - began >= seconds:
+            return
+        time.sleep(interval)
+
+
+def about(what: str, *sources: Process | Web) -> Callable[[], str]:
+    """A message for :func:`wait_until`: what the wait was for, and the end of
+    the logs of ``sources`` (processes or web fronts), read when it fails."""
+
+    def message() -> str:
+        logs = [
+            f"--- {source.process.name if isinstance(source, Web) else source.name}:\n"
+            f"{source.output()[-3000:]}"
+            for source in sources
+        ]
+        return "\n".join([what, *logs])
+
+    return message
+
+
+def _source_of(condition: Callable[..., object]) -> str:
+    try:
+        source = inspect.getsource(condition).strip()
+    except (OSError, TypeError):
+        return repr(condition)
+    return source if len(source) <= 300 else source[:300] + "..."
+
+
+def _detail(message: str | Callable[[], str]) -> str:
+    text = message() if callable(message) else message
+    return f"\n{text}" if text else ""
+
+
+# --- the response protocol over pika ------------------------------------------------------
 
 
 @dataclass
@@ -163,11 +317,7 @@ class Broker:
         return True
 
     def wait_for_queue(self, name: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.queue_exists(name):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"queue {name} was never declared")
-            time.sleep(0.05)
+        wait_until(lambda: self.queue_exists(name), timeout, f"queue {name} was never declared")
 
     def read(self, queue: str, timeout: float = 30, until_done: bool = True) -> Answer:
         """Read ``queue`` until ``[DONE]`` (or ``timeout``)."""
@@ -194,6 +344,12 @@ class Broker:
         ok = channel.queue_declare(queue=name, passive=True)
         channel.close()
         return int(ok.method.message_count)
+
+    def consumer_count(self, name: str) -> int:
+        channel = self.connection.channel()
+        ok = channel.queue_declare(queue=name, passive=True)
+        channel.close()
+        return int(ok.method.consumer_count)
 
     def get_all(self, name: str) -> list[Received]:
         out = []
@@ -235,6 +391,118 @@ def declare_response_queues(broker: Broker, uids: list[str], ttl: int) -> None:
         broker.channel.queue_declare(
             broker.response_queue(uid), durable=True, arguments={"x-expires": ttl * 1000}
         )
+
+
+def expected(prompt: str, n: int = TOKENS) -> str:
+    """The development LLM's answer to one user message ``prompt``, ``n`` tokens long."""
+    return "".join(reply_tokens([{"role": "user", "content": prompt}], n))
+
+
+def chat(prompt: str, **fields: Any) -> dict[str, Any]:
+    """A request body of one user message, with ``fields`` (model, uid, ...)."""
+    return {"messages": [{"role": "user", "content": prompt}], **fields}
+
+
+def requests_for(llm: DevLLM, model: str) -> int:
+    """How many times the LLM was asked for ``model`` (of its last requests)."""
+    return sum(1 for r in llm.stats()["last_requests"] if r.get("model") == model)
+
+
+def assert_protocol(answer: Answer, uid: str) -> None:
+    """Order, seq, properties, ids and the closing [DONE] of a streamed answer."""
+    messages = answer.messages
+    assert messages, "no answer"
+    assert [m.seq for m in messages] == list(range(len(messages)))
+    assert messages[-1].body == b"[DONE]"
+    assert messages[-1].kind == "done"
+    assert messages[-1].properties.content_type == "text/plain"
+    for m in messages:
+        assert m.properties.correlation_id == uid
+    chunks = messages[:-1]
+    assert all(m.kind == "chunk" for m in chunks), [m.kind for m in chunks]
+    assert all(m.properties.content_type == "application/json" for m in chunks)
+    payloads = [m.json for m in chunks]
+    assert {p["object"] for p in payloads} == {"chat.completion.chunk"}
+    assert len({p["id"] for p in payloads}) == 1
+    assert len({p["created"] for p in payloads}) == 1
+    assert payloads[0]["choices"][0]["delta"]["role"] == "assistant"
+    finishes = [p["choices"][0]["finish_reason"] for p in payloads if p["choices"]]
+    assert finishes[-1] in ("stop", "length")
+    assert all(f is None for f in finishes[:-1])
+
+
+def ask(broker: Broker, model: str, **extra: Any) -> tuple[str, Answer]:
+    """Publish :data:`PROMPT` for ``model``; its uid and its answer."""
+    uid = new_uid()
+    broker.publish({"uid": uid, "model": model, **chat(PROMPT), **extra})
+    return uid, broker.answer(uid, timeout=40)
+
+
+def assert_broken_after(answer: Answer, tokens: int, code: str, status: int) -> None:
+    """``answer`` is the first ``tokens`` tokens of :data:`PROMPT`'s answer,
+    then an error ``code`` (``status``) and ``[DONE]``."""
+    kinds = [m.kind for m in answer.messages]
+    assert kinds[-2:] == ["error", "done"]
+    assert set(kinds[:-2]) == {"chunk"}
+    assert [m.seq for m in answer.messages] == list(range(len(answer.messages)))
+    full = reply_tokens([{"role": "user", "content": PROMPT}], TOKENS)
+    assert answer.content == "".join(full[:tokens])
+    error = answer.messages[-2]
+    assert error.json["error"]["code"] == code
+    assert error.properties.headers["status"] == status
+
+
+def wait_dead_letter(
+    broker: Broker, match: Callable[[Received], bool], timeout: float = 20
+) -> Received:
+    """The dead-lettered message that ``match`` picks (others are left alone)."""
+    queue = broker.env["CHATQUEUE_NAMESPACE"] + ".dead-letter"
+
+    def find() -> Received | None:
+        channel = broker.connection.channel()
+        try:
+            while True:
+                method, properties, body = channel.basic_get(queue, auto_ack=False)
+                if method is None:
+                    return None
+                message = Received(body, properties)
+                if match(message):
+                    channel.basic_ack(method.delivery_tag)
+                    return message
+        finally:
+            channel.close()  # unacked messages go back for other tests
+
+    return wait_until(find, timeout, f"no such dead letter in {queue}", interval=0.1)
+
+
+def isolated(
+    worker_env: Mapping[str, str], names: Mapping[str, str], suffix: str
+) -> dict[str, str]:
+    """An input queue and namespace of their own: no other worker takes these."""
+    return {
+        **worker_env,
+        "RABBITMQ_QUEUE": f"{names['RABBITMQ_QUEUE']}-{suffix}",
+        "CHATQUEUE_NAMESPACE": f"{names['CHATQUEUE_NAMESPACE']}-{suffix}",
+    }
+
+
+@contextmanager
+def client_of(env: dict[str, str]) -> Iterator[Broker]:
+    """A pika client on ``env``'s names; its input queue is deleted afterwards."""
+    client = Broker(env["RABBITMQ_URL"], env)
+    try:
+        yield client
+    finally:
+        client.channel.queue_delete(env["RABBITMQ_QUEUE"])
+        client.close()
+
+
+def queue_names(prefix: str) -> list[str]:
+    """The queues of the shared broker whose names begin with ``prefix``,
+    listed by ``rabbitmqctl`` (a passive declare would count as a use of the
+    queue, and put off its ``x-expires``)."""
+    listed = rabbitmqctl("list_queues", "name", "--no-table-headers", timeout=60).split()
+    return [q for q in listed if q.startswith(prefix)]
 
 
 # --- the web front ------------------------------------------------------------------------
@@ -293,9 +561,113 @@ def task_events(url: str, uid: str, send: Callable[[], object], timeout: float =
     return [e for e in events if e.get("uuid") == uid]
 
 
+def submit(web: Web, body: dict[str, Any], headers: dict[str, str] | None = None) -> str:
+    """``POST /v1/chat/completions``: 202 and ``queued``; the uid."""
+    status, _, raw = fetch("POST", web.url + "/v1/chat/completions", body, headers)
+    assert status == 202, raw
+    answer = json.loads(raw)
+    assert answer["status"] == "queued"
+    return str(answer["uid"])
+
+
+def stream(web: Web, uid: str, **kwargs: Any) -> EventStream:
+    """``GET /v1/chat/response?uid=`` as Server-Sent Events (see :func:`read_sse`)."""
+    return read_sse(f"{web.url}/v1/chat/response?uid={urllib.parse.quote(uid)}", **kwargs)
+
+
+def error_of(raw: bytes) -> dict[str, Any]:
+    """The error object of an error answer's body, checked for its shape."""
+    body = json.loads(raw)
+    assert set(body) == {"error"}, body
+    assert {"message", "type", "code", "param"} <= set(body["error"]), body
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+def read_in_background(
+    web: Web, uid: str
+) -> tuple[threading.Event, list[EventStream], threading.Thread]:
+    """Read ``uid`` in a thread; the event is set once three events came."""
+    started = threading.Event()
+    first: list[EventStream] = []
+
+    def seen_three(sse: EventStream) -> bool:
+        if len(sse.events) >= 3:
+            started.set()
+        return False
+
+    reader = threading.Thread(
+        target=lambda: first.append(stream(web, uid, until=seen_three, timeout=60))
+    )
+    reader.start()
+    return started, first, reader
+
+
+# --- the WebSocket ------------------------------------------------------------------------
+
+
+def ws_url(web: Web, query: str = "") -> str:
+    return web.url.replace("http://", "ws://") + "/v1/chat/ws" + query
+
+
+def ws_request(prompt: str, **fields: Any) -> str:
+    """A WebSocket frame asking ``prompt``, with ``fields``."""
+    return json.dumps(chat(prompt, **fields))
+
+
+def receive_all(ws: websocket.WebSocket) -> list[str]:
+    """The frames up to and with ``[DONE]``."""
+    frames = []
+    while True:
+        frame = ws.recv()
+        assert isinstance(frame, str)
+        frames.append(frame)
+        if frame == "[DONE]":
+            return frames
+
+
+def content_of(frames: list[str]) -> str:
+    """The text of the chunks in ``frames`` (the last frame is ``[DONE]``)."""
+    chunks = [json.loads(f) for f in frames[:-1]]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+# --- the metrics ----------------------------------------------------------------------------
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(web: Web, headers: dict[str, str] | None = None) -> Samples:
+    """``GET /metrics``, parsed with prometheus_client's parser."""
+    status, got, raw = fetch("GET", web.url + "/metrics", headers=headers)
+    assert status == 200, raw
+    assert got["Content-Type"] == CONTENT_TYPE_LATEST, got
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(raw.decode())
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, metric: str, /, **labels: str) -> float:
+    return samples.get((metric, tuple(sorted(labels.items()))), 0.0)
+
+
+def processes(samples: Samples) -> dict[str, int]:
+    """``chatqueue_processes`` by role: the processes that report."""
+    return {
+        dict(labels)["role"]: int(v)
+        for (name, labels), v in samples.items()
+        if name == "chatqueue_processes"
+    }
+
+
+# --- private brokers ----------------------------------------------------------------------
+
+
 @dataclass
 class PrivateStack:
-    """What :func:`private_stack` started: its settings, worker and web front."""
+    """What the ``private_stack`` fixture started: its settings, worker and web front."""
 
     env: dict[str, str]
     worker: Process
@@ -307,11 +679,7 @@ class PrivateStack:
         return self.front
 
 
-def wait_until(predicate: Any, timeout: float = 10) -> bool:
-    """Whether ``predicate()`` came true within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+# Fixtures that start processes (tests/conftest.py): ``start_worker(name, env, **extra)``
+# and ``start_web(name, env, **extra)``.
+WorkerFactory = Callable[..., Process]
+WebFactory = Callable[..., Web]

@@ -1,5 +1,5 @@
 """A broker resource alarm (memory or disk) on a RabbitMQ node of the tests' own
-(tests/brokers.py): RabbitMQ blocks publishing connections, and the web front
+(tests/conftest.py): RabbitMQ blocks publishing connections, and the web front
 answers its submissions 503 with ``Retry-After`` at once instead of hanging;
 the worker waits it out, losing nothing; when the alarm clears, everything
 goes on."""
@@ -15,11 +15,17 @@ from typing import Any
 import pytest
 
 from chatqueue_testing.rabbitnode import RabbitNode
-from tests.conftest import new_uid
-from tests.support import PrivateStack, Web, fetch
-from tests.test_web import chat, error_of, expected, stream, submit
-
-pytest_plugins = ["tests.brokers"]
+from tests.support import (
+    PrivateStack,
+    Web,
+    chat,
+    error_of,
+    expected,
+    fetch,
+    new_uid,
+    stream,
+    submit,
+)
 
 # Seconds a refused submission may take.
 PROMPT_REFUSAL = 3.0

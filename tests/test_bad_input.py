@@ -10,9 +10,7 @@ from typing import Any
 import pika
 import pytest
 
-from tests.conftest import new_uid
-from tests.support import Broker, Process
-from tests.test_worker import assert_protocol, wait_dead_letter
+from tests.support import Broker, Process, assert_protocol, new_uid, wait_dead_letter
 
 pytestmark = pytest.mark.usefixtures("worker")
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RABBITMQ_URL
-from tests.support import ROOT, free_port
+from tests.support import RABBITMQ_URL, ROOT, free_port
 
 # The machine's own Python, which a user other than root can run (the tests' may be
 # under root's home), and which has no package of chatqueue's: the bootstrap runs

@@ -26,8 +26,7 @@ from kombu import Queue as KombuQueue
 
 from app.broker import Lane, Sender, frames_waiting, one_write
 from app.shutdown import Orphaned, TaskLink, losses, peer_gone
-from tests.conftest import RABBITMQ_URL
-from tests.support import Broker, free_port, wait_until
+from tests.support import RABBITMQ_URL, Broker, free_port, wait_until
 from web.router import connect
 
 

@@ -1,6 +1,6 @@
 """A worker that loses its connections to RabbitMQ mid-stream, the web front's
 staying up (a worker on a node that died, a network blip between the worker
-and the broker), on a RabbitMQ node of the tests' own (tests/brokers.py).
+and the broker), on a RabbitMQ node of the tests' own (tests/conftest.py).
 
 Its task messages come back to it (one worker), so its streams go on: each
 writes again what it had written, marked ``replay`` (tasks/chat.py), and the
@@ -27,19 +27,20 @@ from openai import OpenAI
 from chatqueue_testing.harness import EventStream
 from chatqueue_testing.rabbitnode import RabbitNode
 from devllm.testing import DevLLM
-from tests.conftest import new_uid
 from tests.support import (
     Answer,
     Broker,
     PrivateStack,
     Web,
+    chat,
     collect,
     declare_response_queues,
+    expected,
+    new_uid,
+    stream,
+    submit,
     wait_until,
 )
-from tests.test_web import chat, expected, stream, submit
-
-pytest_plugins = ["tests.brokers"]
 
 TOKENS = 60
 MODEL = f"m;delay=0.1;tokens={TOKENS}"

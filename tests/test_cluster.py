@@ -1,4 +1,4 @@
-"""Scale-out on a three-node RabbitMQ cluster (tests/brokers.py): quorum queues,
+"""Scale-out on a three-node RabbitMQ cluster (tests/conftest.py): quorum queues,
 two workers on different nodes, and one node killed (``kill -9`` of its
 ``beam.smp``) while 200 answers stream.
 
@@ -23,12 +23,18 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from chatqueue_testing.rabbitnode import RabbitCluster
 from config import load_settings
 from devllm.answers import reply_tokens
-from tests.conftest import WebFactory, new_uid
-from tests.support import Answer, Received, wait_for_consumer
-from tests.test_durability import isolated
-from tests.test_web import chat, expected, stream, submit
-
-pytest_plugins = ["tests.brokers"]
+from tests.support import (
+    Answer,
+    Received,
+    WebFactory,
+    chat,
+    expected,
+    isolated,
+    new_uid,
+    stream,
+    submit,
+    wait_for_consumer,
+)
 
 STREAMS = 200
 TOKENS = 24

@@ -7,9 +7,7 @@ from typing import Any
 
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
-from tests.conftest import new_uid
-from tests.support import Broker, collect, declare_response_queues
-from tests.test_durability import isolated
+from tests.support import Broker, collect, declare_response_queues, isolated, new_uid
 
 
 def test_one_worker_process_holds_1000_streams(

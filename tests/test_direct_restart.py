@@ -15,11 +15,16 @@ from openai import OpenAI
 
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
-from tests.conftest import WebFactory, new_uid
-from tests.support import Web, wait_until
-from tests.test_durability import isolated
-from tests.test_llm_errors import requests_for
-from tests.test_web_ws import request, ws_url
+from tests.support import (
+    Web,
+    WebFactory,
+    isolated,
+    new_uid,
+    requests_for,
+    wait_until,
+    ws_request,
+    ws_url,
+)
 
 TOKENS = 40
 MODEL = f"m;delay=0.2;tokens={TOKENS}"  # 8 s an answer: the kill comes mid-way
@@ -50,7 +55,7 @@ def test_a_worker_death_mid_answer_ends_direct_replies_with_an_error(
 
     ws_prompt = [{"role": "user", "content": "a WebSocket answer cut by a dead worker"}]
     ws = websocket.create_connection(ws_url(web), timeout=30)
-    ws.send(request(ws_prompt[0]["content"], model=MODEL))
+    ws.send(ws_request(ws_prompt[0]["content"], model=MODEL))
 
     sdk_prompt = [{"role": "user", "content": "a drop-in stream cut by a dead worker"}]
     client = OpenAI(base_url=web.url + "/openai/v1", api_key="unused", max_retries=0, timeout=60)

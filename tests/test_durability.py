@@ -4,8 +4,6 @@ it streams loses nothing; another worker answers each request again."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from app.factory import create_app
@@ -13,28 +11,7 @@ from app.request import parse_request
 from app.tasknames import STREAM_CHAT
 from config import load_settings
 from devllm.answers import reply_tokens
-from tests.conftest import new_uid
-from tests.support import Broker, collect, declare_response_queues
-
-
-def isolated(worker_env: dict[str, str], names: dict[str, str], suffix: str) -> dict[str, str]:
-    """An input queue and namespace of their own: no other worker takes these."""
-    return {
-        **worker_env,
-        "RABBITMQ_QUEUE": f"{names['RABBITMQ_QUEUE']}-{suffix}",
-        "CHATQUEUE_NAMESPACE": f"{names['CHATQUEUE_NAMESPACE']}-{suffix}",
-    }
-
-
-@contextmanager
-def client_of(env: dict[str, str]) -> Iterator[Broker]:
-    """A pika client on ``env``'s names; its input queue is deleted afterwards."""
-    client = Broker(env["RABBITMQ_URL"], env)
-    try:
-        yield client
-    finally:
-        client.channel.queue_delete(env["RABBITMQ_QUEUE"])
-        client.close()
+from tests.support import client_of, collect, declare_response_queues, isolated, new_uid
 
 
 def test_sigkill_mid_stream_loses_no_request(

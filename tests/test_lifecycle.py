@@ -19,10 +19,22 @@ from app.lifecycle import new_uid as owned_uid
 from app.lifecycle import owned_by
 from config import load_settings
 from devllm.testing import DevLLM
-from tests.conftest import WebFactory, new_uid
-from tests.support import Web, collect, declare_response_queues, fetch, read_sse, wait_until
-from tests.test_durability import client_of, isolated
-from tests.test_web import chat, expected, stream, submit
+from tests.support import (
+    Web,
+    WebFactory,
+    chat,
+    client_of,
+    collect,
+    declare_response_queues,
+    expected,
+    fetch,
+    isolated,
+    new_uid,
+    read_sse,
+    stream,
+    submit,
+    wait_until,
+)
 from web.accepted import Accepted
 from web.errors import UnknownStream
 

@@ -4,35 +4,25 @@ the model string (see devllm/server.py)."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import pytest
 
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
-from tests.conftest import new_uid
-from tests.support import Answer, Broker
-from tests.test_worker import TOKENS, assert_protocol
+from tests.support import (
+    PROMPT,
+    TOKENS,
+    Broker,
+    ask,
+    assert_broken_after,
+    assert_protocol,
+    new_uid,
+    requests_for,
+    tag,
+)
 
 pytestmark = pytest.mark.usefixtures("worker")
-PROMPT = "Tell me a joke."
-
-
-def ask(broker: Broker, model: str, **extra: Any) -> tuple[str, Answer]:
-    uid = new_uid()
-    broker.publish(
-        {"uid": uid, "model": model, "messages": [{"role": "user", "content": PROMPT}], **extra}
-    )
-    return uid, broker.answer(uid, timeout=40)
-
-
-def tag() -> str:
-    return uuid.uuid4().hex[:8]
-
-
-def requests_for(llm: DevLLM, model: str) -> int:
-    return sum(1 for r in llm.stats()["last_requests"] if r.get("model") == model)
 
 
 @pytest.mark.parametrize(
@@ -90,18 +80,6 @@ def test_a_stream_broken_before_its_first_token_is_retried(broker: Broker, llm: 
     assert_protocol(again, uid)
     assert again.content == "".join(reply_tokens([{"role": "user", "content": PROMPT}], TOKENS))
     assert requests_for(llm, model) == 2
-
-
-def assert_broken_after(answer: Answer, tokens: int, code: str, status: int) -> None:
-    kinds = [m.kind for m in answer.messages]
-    assert kinds[-2:] == ["error", "done"]
-    assert set(kinds[:-2]) == {"chunk"}
-    assert [m.seq for m in answer.messages] == list(range(len(answer.messages)))
-    full = reply_tokens([{"role": "user", "content": PROMPT}], TOKENS)
-    assert answer.content == "".join(full[:tokens])
-    error = answer.messages[-2]
-    assert error.json["error"]["code"] == code
-    assert error.properties.headers["status"] == status
 
 
 def test_a_disconnect_mid_stream_ends_with_an_error(broker: Broker, llm: DevLLM) -> None:

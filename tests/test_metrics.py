@@ -9,22 +9,73 @@ from __future__ import annotations
 
 import json
 import re
-import time
-import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RABBITMQ_URL, WebFactory, WorkerFactory
-from tests.support import ROOT, Broker, EventStream, Process, Web, delete_queues, fetch, read_sse
+from tests.support import (
+    RABBITMQ_URL,
+    ROOT,
+    Broker,
+    EventStream,
+    Process,
+    Web,
+    WebFactory,
+    WorkerFactory,
+    about,
+    chat,
+    delete_queues,
+    fetch,
+    processes,
+    scrape,
+    stream,
+    submit,
+    value,
+    wait_until,
+)
 
 DASHBOARD = ROOT / "docs" / "grafana" / "chatqueue.json"
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+def counting(model: str = "devllm", **fields: Any) -> dict[str, Any]:
+    """A request for ``model`` (the development LLM's misbehaviours ride on it)."""
+    return chat("Count.", model=model, **fields)
+
+
+class Reports:
+    """The snapshots the processes publish on ``<ns>.metrics``, heard on a
+    queue of the test's own from the moment it is made."""
+
+    def __init__(self, client: Broker) -> None:
+        self.channel = client.connection.channel()
+        self.queue = self.channel.queue_declare("", exclusive=True).method.queue
+        self.channel.queue_bind(self.queue, client.env["CHATQUEUE_NAMESPACE"] + ".metrics")
+        self.latest: dict[str, dict[str, Any]] = {}  # by process
+        self.heard: Counter[int] = Counter()  # snapshots by pid
+
+    def hear(self) -> None:
+        while (got := self.channel.basic_get(self.queue, auto_ack=True))[0] is not None:
+            snapshot = json.loads(got[2])
+            self.latest[snapshot["process"]] = snapshot
+            self.heard[int(snapshot["process"].split(":")[1])] += 1  # host:pid:tag
+
+    def wait(self, pids: list[int], rounds: int = 2, timeout: float = 10) -> None:
+        """Until each process of ``pids`` has published ``rounds`` snapshots
+        since this was made: every listener has heard each one's counts of
+        before it, and at least once since."""
+
+        def all_heard() -> bool:
+            self.hear()
+            return all(self.heard[pid] >= rounds for pid in pids)
+
+        wait_until(all_heard, timeout, lambda: f"snapshots heard {dict(self.heard)} of {pids}")
+
+    def close(self) -> None:
+        self.channel.close()
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +102,10 @@ def workers(start_worker: WorkerFactory, metrics_env: dict[str, str]) -> list[Pr
 @pytest.fixture(scope="module")
 def front(start_web: WebFactory, metrics_env: dict[str, str], workers: list[Process]) -> Web:
     web = start_web("metrics", metrics_env)
-    wait_for(
+    wait_until(
         lambda: processes(scrape(web)) == {"worker": 2, "web": 1},
-        "two workers and one web process report their metrics",
-        web,
+        30,
+        about("two workers and one web process report their metrics", web),
     )
     return web
 
@@ -64,29 +115,6 @@ def client(metrics_env: dict[str, str]) -> Iterator[Broker]:
     broker = Broker(RABBITMQ_URL, metrics_env)
     yield broker
     broker.close()
-
-
-def scrape(web: Web, headers: dict[str, str] | None = None) -> Samples:
-    status, got, raw = fetch("GET", web.url + "/metrics", headers=headers)
-    assert status == 200, raw
-    assert got["Content-Type"] == CONTENT_TYPE_LATEST, got
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(raw.decode())
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, metric: str, /, **labels: str) -> float:
-    return samples.get((metric, tuple(sorted(labels.items()))), 0.0)
-
-
-def processes(samples: Samples) -> dict[str, int]:
-    return {
-        dict(labels)["role"]: int(v)
-        for (name, labels), v in samples.items()
-        if name == "chatqueue_processes"
-    }
 
 
 class Delta:
@@ -105,40 +133,20 @@ class Delta:
         return value(self.after, metric, **labels) - value(self.before, metric, **labels)
 
 
-def wait_for(check: Callable[[], bool], what: str, web: Web, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never: {what}\n{web.output()[-3000:]}")
-        time.sleep(0.1)
-
-
-def chat(model: str = "devllm", **fields: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "Count."}], **fields}
-
-
-def submit(web: Web, body: dict[str, Any]) -> str:
-    status, _, raw = fetch("POST", web.url + "/v1/chat/completions", body)
-    assert status == 202, raw
-    return str(json.loads(raw)["uid"])
-
-
-def stream(web: Web, uid: str, **kwargs: Any) -> EventStream:
-    return read_sse(f"{web.url}/v1/chat/response?uid={urllib.parse.quote(uid)}", **kwargs)
-
-
 def tokens(events: EventStream) -> int:
     return sum(1 for e in events.events if e.content)
 
 
-def test_counts_after_real_requests(front: Web, client: Broker) -> None:
+def test_counts_after_real_requests(front: Web, client: Broker, workers: list[Process]) -> None:
     delta = Delta(front)
     # Two answers read as SSE, an LLM error, one the SDK retries (429 once).
-    answered = [stream(front, submit(front, chat())) for _ in range(2)]
-    failed = stream(front, submit(front, chat("devllm;status=400")))
-    retried = stream(front, submit(front, chat(f"devllm;status=429;times=1;tag={uuid.uuid4()}")))
+    answered = [stream(front, submit(front, counting())) for _ in range(2)]
+    failed = stream(front, submit(front, counting("devllm;status=400")))
+    retried = stream(
+        front, submit(front, counting(f"devllm;status=429;times=1;tag={uuid.uuid4()}"))
+    )
     # One non-streaming answer through the drop-in, and a request that is no JSON.
-    status, _, raw = fetch("POST", front.url + "/openai/v1/chat/completions", chat())
+    status, _, raw = fetch("POST", front.url + "/openai/v1/chat/completions", counting())
     assert status == 200, raw
     client.publish(b"{not json")
 
@@ -156,8 +164,11 @@ def test_counts_after_real_requests(front: Web, client: Broker) -> None:
             == 1
         )
 
-    wait_for(counted, "the requests are counted", front)
-    time.sleep(0.9)  # three more intervals: nothing more comes
+    wait_until(counted, 30, about("the requests are counted", front))
+    # Every process reports twice more: a count that comes late would be in.
+    reports = Reports(client)
+    reports.wait([w.pid for w in workers] + front.worker_pids())
+    reports.close()
     d = delta.refresh()
     assert d("chatqueue_requests_accepted_total") == 5
     assert d("chatqueue_requests_total", outcome="answered", code="") == 4
@@ -192,7 +203,7 @@ def test_counts_after_real_requests(front: Web, client: Broker) -> None:
         after = scrape(front)
         return value(after, "chatqueue_queue_messages", queue="dead_letter", name=dead_letter) == 1
 
-    wait_for(depths_read, "the dead letter in the queue's depth", front, timeout=10)
+    wait_until(depths_read, 10, about("the dead letter in the queue's depth", front))
     after = scrape(front)
     assert value(after, "chatqueue_queue_messages", queue="input", name=client.input_queue) == 0
     assert value(after, "chatqueue_queue_consumers", queue="input", name=client.input_queue) == 2
@@ -204,14 +215,14 @@ def test_a_stream_broken_before_its_first_token_is_a_retry_and_a_restart(
     delta = Delta(front)
     uid = str(uuid.uuid4())
     # The opening chunk goes out, then the LLM drops the connection, once.
-    client.publish(chat(f"devllm;fault=disconnect;at=0;times=1;tag={uid}", uid=uid))
+    client.publish(counting(f"devllm;fault=disconnect;at=0;times=1;tag={uid}", uid=uid))
     first, again = client.answer(uid).split()
     assert first.messages and again.done
 
     def counted() -> bool:
         return delta.refresh()("chatqueue_requests_total", outcome="answered", code="") == 1
 
-    wait_for(counted, "the answer is counted", front)
+    wait_until(counted, 30, about("the answer is counted", front))
     assert delta("chatqueue_llm_retries_total", kind="stream") == 1
     assert delta("chatqueue_restarts_total", reason="llm_retry") == 1
     assert delta("chatqueue_llm_responses_total", status="200") == 2
@@ -221,46 +232,44 @@ def test_a_stream_broken_before_its_first_token_is_a_retry_and_a_restart(
 def test_a_client_that_leaves_is_counted_as_cancelled(front: Web) -> None:
     delta = Delta(front)
     # About 10 s of answer: only the cancel ends it sooner.
-    uid = submit(front, chat("devllm;delay=0.1;tokens=100"))
+    uid = submit(front, counting("devllm;delay=0.1;tokens=100"))
     cut = stream(front, uid, until=lambda s: len(s.events) >= 3)
     assert len(cut.events) == 3
 
     def cancelled() -> bool:
         return delta.refresh()("chatqueue_requests_total", outcome="cancelled", code="") == 1
 
-    wait_for(cancelled, "the cancel is counted", front, timeout=15)
+    wait_until(cancelled, 15, about("the cancel is counted", front))
     assert delta("chatqueue_requests_total", outcome="answered", code="") == 0
     assert delta("chatqueue_stream_duration_seconds_count") == 1
-    wait_for(
+    wait_until(
         lambda: value(scrape(front), "chatqueue_streams_in_flight") == 0,
-        "no stream is in flight",
-        front,
+        30,
+        about("no stream is in flight", front),
     )
 
 
 def test_streams_in_flight_while_answers_stream(front: Web, client: Broker) -> None:
     uids = [str(uuid.uuid4()) for _ in range(3)]
     for uid in uids:  # about 3 s of answer each
-        client.publish(chat("devllm;delay=0.1;tokens=30", uid=uid))
-    wait_for(
+        client.publish(counting("devllm;delay=0.1;tokens=30", uid=uid))
+    wait_until(
         lambda: value(scrape(front), "chatqueue_streams_in_flight") == 3,
-        "three streams in flight",
-        front,
+        30,
+        about("three streams in flight", front),
     )
     for uid in uids:
         assert client.answer(uid).done
-    wait_for(
+    wait_until(
         lambda: value(scrape(front), "chatqueue_streams_in_flight") == 0,
-        "the streams leave the gauge when they end",
-        front,
+        30,
+        about("the streams leave the gauge when they end", front),
     )
 
 
-def test_the_sum_is_over_every_process(front: Web, client: Broker, metrics_env: Any) -> None:
+def test_the_sum_is_over_every_process(front: Web, client: Broker, workers: list[Process]) -> None:
     """The scrape is the sum of the snapshots each process publishes."""
-    channel = client.connection.channel()
-    queue = channel.queue_declare("", exclusive=True).method.queue
-    channel.queue_bind(queue, metrics_env["CHATQUEUE_NAMESPACE"] + ".metrics")
+    reports = Reports(client)
     for _ in range(6):
         client.publish(b"\xff\xfe")  # not UTF-8: dead-lettered as invalid_encoding
 
@@ -272,21 +281,11 @@ def test_the_sum_is_over_every_process(front: Web, client: Broker, metrics_env: 
             code="invalid_encoding",
         )
 
-    wait_for(lambda: dead_lettered() == 6, "six dead letters", front)
-    latest: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and len(latest) < 3:
-        method, _, body = channel.basic_get(queue, auto_ack=True)
-        if method is None:
-            time.sleep(0.05)
-            continue
-        snapshot = json.loads(body)
-        latest[snapshot["process"]] = snapshot
-    time.sleep(0.7)  # every process once more, with the same counts
-    while (got := channel.basic_get(queue, auto_ack=True))[0] is not None:
-        snapshot = json.loads(got[2])
-        latest[snapshot["process"]] = snapshot
-    channel.close()
+    wait_until(lambda: dead_lettered() == 6, 30, about("six dead letters", front))
+    # Every process once more, with the same counts.
+    reports.wait([w.pid for w in workers] + front.worker_pids())
+    reports.close()
+    latest = reports.latest
 
     def dead_letters(snapshot: dict[str, Any]) -> float:
         return sum(
@@ -308,30 +307,44 @@ def test_metrics_stay_open_with_api_keys_unless_asked(
 ) -> None:
     open_web = start_web("metrics-open", metrics_env, API_KEYS="k1")
     assert fetch("GET", open_web.url + "/metrics")[0] == 200
-    assert fetch("POST", open_web.url + "/v1/chat/completions", chat())[0] == 401
+    assert fetch("POST", open_web.url + "/v1/chat/completions", counting())[0] == 401
     keyed = start_web("metrics-keyed", metrics_env, API_KEYS="k1", METRICS_REQUIRE_KEY="true")
     assert fetch("GET", keyed.url + "/metrics")[0] == 401
     assert scrape(keyed, {"Authorization": "Bearer k1"})
 
 
 def test_every_web_process_answers_for_the_whole_deployment(
-    start_web: WebFactory, front: Web, metrics_env: dict[str, str]
+    start_web: WebFactory,
+    front: Web,
+    client: Broker,
+    workers: list[Process],
+    metrics_env: dict[str, str],
 ) -> None:
     webs = processes(scrape(front))["web"]
     two = start_web("metrics-two", metrics_env, WEB_CONCURRENCY="2")
     assert len(two.worker_pids()) == 2
-    wait_for(lambda: processes(scrape(front))["web"] == webs + 2, "two more web processes", front)
-    uid = submit(two, chat())
+    wait_until(
+        lambda: processes(scrape(front))["web"] == webs + 2,
+        30,
+        about("two more web processes", front),
+    )
+    uid = submit(two, counting())
     assert stream(two, uid).events[-1].data == "[DONE]"
-    wait_for(
-        lambda: value(scrape(front), "chatqueue_web_requests_total", endpoint="sse.response",
-                      status="200")
-        == value(scrape(two), "chatqueue_web_requests_total", endpoint="sse.response",
-                 status="200"),
-        "the same totals from both fronts",
-        front,
-    )  # fmt: skip
-    time.sleep(1.0)  # three intervals: every listener has every last snapshot
+
+    def streams_served(web: Web) -> float:
+        return value(
+            scrape(web), "chatqueue_web_requests_total", endpoint="sse.response", status="200"
+        )
+
+    wait_until(
+        lambda: streams_served(front) == streams_served(two),
+        30,
+        about("the same totals from both fronts", front),
+    )
+    # Every worker reports twice more: every listener has its last snapshot.
+    reports = Reports(client)
+    reports.wait([w.pid for w in workers])
+    reports.close()
     # Each scrape is a new connection, taken by either process of the second front.
     answers = {
         (processes(got)["worker"], value(got, "chatqueue_requests_accepted_total"))
@@ -364,7 +377,11 @@ def test_the_dashboard_asks_only_for_metrics_that_exist(front: Web) -> None:
 
 
 def test_a_stopped_worker_keeps_its_counts(
-    start_worker: WorkerFactory, front: Web, client: Broker, metrics_env: dict[str, str]
+    start_worker: WorkerFactory,
+    front: Web,
+    client: Broker,
+    workers: list[Process],
+    metrics_env: dict[str, str],
 ) -> None:
     """A worker that stops sends its last snapshot: its counts stay in the totals,
     and it leaves the process count (and its gauges) at once."""
@@ -372,7 +389,9 @@ def test_a_stopped_worker_keeps_its_counts(
     # its last snapshot brings its counts, and takes it out of the count long
     # before three of its intervals.
     extra = start_worker("metrics-c", metrics_env, METRICS_INTERVAL="600")
-    wait_for(lambda: processes(scrape(front)).get("worker") == 3, "a third worker", front)
+    wait_until(
+        lambda: processes(scrape(front)).get("worker") == 3, 30, about("a third worker", front)
+    )
     dead_letter = client.env["CHATQUEUE_NAMESPACE"] + ".dead-letter"
 
     def dead_lettered() -> float:
@@ -383,9 +402,20 @@ def test_a_stopped_worker_keeps_its_counts(
     before, waiting = dead_lettered(), client.queue_length(dead_letter)
     for _ in range(9):  # the three intakes take them in turn
         client.publish(b"{broken")
-    wait_for(lambda: client.queue_length(dead_letter) == waiting + 9, "nine dead letters", front)
-    time.sleep(1.0)  # three intervals of the two others: their counts are in
-    assert dead_lettered() - before < 9  # the third's are not
+    wait_until(
+        lambda: client.queue_length(dead_letter) == waiting + 9,
+        30,
+        about("nine dead letters", front),
+    )
+    # The two others report twice more: their counts are in; the third's are not.
+    reports = Reports(client)
+    reports.wait([w.pid for w in workers])
+    reports.close()
+    third = extra.output().count("rejected (invalid_json)")
+    assert 0 < third < 9, extra.output()[-3000:]
+    assert dead_lettered() - before == 9 - third
     extra.stop()
-    wait_for(lambda: processes(scrape(front)).get("worker") == 2, "back to two workers", front)
+    wait_until(
+        lambda: processes(scrape(front)).get("worker") == 2, 30, about("back to two workers", front)
+    )
     assert dead_lettered() - before == 9

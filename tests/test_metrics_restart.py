@@ -1,5 +1,5 @@
 """Metrics across a broker restart, on a RabbitMQ node of the tests' own
-(tests/brokers.py): the exchange of the snapshots is not durable, and every
+(tests/conftest.py): the exchange of the snapshots is not durable, and every
 process finds it again, so the counts go on."""
 
 from __future__ import annotations
@@ -7,10 +7,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from chatqueue_testing.rabbitnode import RabbitNode
-from tests.support import PrivateStack
-from tests.test_metrics import chat, processes, scrape, stream, submit, value, wait_for
-
-pytest_plugins = ["tests.brokers"]
+from tests.support import (
+    PrivateStack,
+    about,
+    chat,
+    processes,
+    scrape,
+    stream,
+    submit,
+    value,
+    wait_until,
+)
 
 
 def test_counts_go_on_after_a_broker_restart(
@@ -26,15 +33,20 @@ def test_counts_go_on_after_a_broker_restart(
     def answered() -> float:
         return value(scrape(web), "chatqueue_requests_total", outcome="answered", code="")
 
-    assert stream(web, submit(web, chat())).events[-1].data == "[DONE]"
-    wait_for(lambda: accepted() == 1, "one request counted", web)
+    assert stream(web, submit(web, chat("Count.", model="devllm"))).events[-1].data == "[DONE]"
+    wait_until(lambda: accepted() == 1, 30, about("one request counted", web))
 
     rabbit_node.restart_app()
 
-    wait_for(lambda: processes(scrape(web)) == {"worker": 1, "web": 1}, "both report", web, 90)
-    assert stream(web, submit(web, chat()), timeout=60).events[-1].data == "[DONE]"
-    wait_for(lambda: accepted() == 2, "two requests accepted", web, 60)
+    wait_until(
+        lambda: processes(scrape(web)) == {"worker": 1, "web": 1}, 90, about("both report", web)
+    )
+    assert (
+        stream(web, submit(web, chat("Count.", model="devllm")), timeout=60).events[-1].data
+        == "[DONE]"
+    )
+    wait_until(lambda: accepted() == 2, 60, about("two requests accepted", web))
     # The worker counts an answer after its [DONE] is out, and reports it in
     # its next snapshot: the client can read the [DONE] first.
-    wait_for(lambda: answered() == 2, "two answers counted", web, 10)
+    wait_until(lambda: answered() == 2, 10, about("two answers counted", web))
     assert accepted() == 2

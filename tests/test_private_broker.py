@@ -1,5 +1,5 @@
 """The web front and the worker across a broker restart, on a RabbitMQ node of
-the tests' own (tests/brokers.py): the shared broker is never disturbed."""
+the tests' own (tests/conftest.py): the shared broker is never disturbed."""
 
 from __future__ import annotations
 
@@ -14,12 +14,18 @@ import websocket
 
 from chatqueue_testing.rabbitnode import RabbitNode
 from devllm.testing import DevLLM
-from tests.conftest import new_uid
-from tests.support import PrivateStack
-from tests.test_web import chat, expected, stream, submit
-from tests.test_web_ws import content_of, receive_all, request, ws_url
-
-pytest_plugins = ["tests.brokers"]
+from tests.support import (
+    PrivateStack,
+    chat,
+    content_of,
+    expected,
+    new_uid,
+    receive_all,
+    stream,
+    submit,
+    ws_request,
+    ws_url,
+)
 
 
 def test_submissions_go_on_after_a_broker_restart(
@@ -86,7 +92,7 @@ def test_a_websocket_answer_goes_on_across_a_broker_restart(
     prompt = f"a WebSocket stream across a broker restart {new_uid()}"
     ws = websocket.create_connection(ws_url(stack.web), timeout=120)
     try:
-        ws.send(request(prompt, model="m;tokens=60;delay=0.15"))
+        ws.send(ws_request(prompt, model="m;tokens=60;delay=0.15"))
         frames = [ws.recv() for _ in range(5)]  # the answer has begun
         rabbit_node.restart_app()
         frames += receive_all(ws)
@@ -138,7 +144,7 @@ def test_a_websocket_answer_not_begun_survives_a_broker_restart(
     ws = websocket.create_connection(ws_url(stack.web), timeout=120)
     try:
         ws.send(
-            request(prompt, model="m;tokens=30;delay=0.2", stream=False)
+            ws_request(prompt, model="m;tokens=30;delay=0.2", stream=False)
         )  # 6 s, whole at the end
         time.sleep(2)
         rabbit_node.restart_app()
@@ -147,7 +153,7 @@ def test_a_websocket_answer_not_begun_survives_a_broker_restart(
         completion = json.loads(frames[0])
         assert completion["choices"][0]["message"]["content"] == expected(prompt, 30)
         # The socket goes on: the next request is answered.
-        ws.send(request("and after it", model="m;tokens=3"))
+        ws.send(ws_request("and after it", model="m;tokens=3"))
         assert content_of(receive_all(ws)) == expected("and after it", 3)
     finally:
         ws.close()

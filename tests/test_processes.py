@@ -7,17 +7,18 @@ import time
 import urllib.request
 from typing import Any
 
-from tests.conftest import RUN, new_uid
 from tests.support import (
     BIN,
+    RUN,
     Broker,
     Process,
+    assert_protocol,
     free_port,
+    isolated,
+    new_uid,
     procfile_command,
     wait_for_consumer,
 )
-from tests.test_durability import isolated
-from tests.test_worker import assert_protocol
 
 
 def test_the_bare_worker_command_starts_a_correct_worker(

@@ -1,4 +1,4 @@
-"""The private RabbitMQ nodes of tests/brokers.py: a node of its own that starts,
+"""The private RabbitMQ nodes of tests/conftest.py: a node of its own that starts,
 answers AMQP, survives a broker restart and ``kill -9`` with its durable
 messages, and blocks publishers under a resource alarm; a three-node cluster
 whose quorum queue survives ``kill -9`` of a node."""
@@ -17,8 +17,6 @@ import pytest
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 from chatqueue_testing.rabbitnode import DEFAULT_NOFILE, RabbitCluster, RabbitNode, amqp_answers
-
-pytest_plugins = ["tests.brokers"]
 
 SHARED_PORT = 5672
 

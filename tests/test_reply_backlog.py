@@ -28,8 +28,7 @@ from openai import OpenAI
 from config import load_settings
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
-from tests.conftest import WebFactory
-from tests.support import Web
+from tests.support import Web, WebFactory
 from web.errors import ReaderTooSlow
 from web.publisher import Replies, ReplyBook
 from web.router import Delivery

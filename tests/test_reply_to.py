@@ -22,10 +22,16 @@ from app.request import (
 )
 from config import load_settings
 from devllm.testing import DevLLM
-from tests.conftest import new_uid
-from tests.support import Answer, Broker, Received
-from tests.test_llm_errors import requests_for
-from tests.test_worker import assert_protocol, expected, wait_dead_letter
+from tests.support import (
+    Answer,
+    Broker,
+    Received,
+    assert_protocol,
+    expected,
+    new_uid,
+    requests_for,
+    wait_dead_letter,
+)
 
 SETTINGS = load_settings(
     {

@@ -1,5 +1,5 @@
 """A broker restart mid-stream, on a RabbitMQ node of the tests' own
-(tests/brokers.py): the worker reconnects by itself, every request that was
+(tests/conftest.py): the worker reconnects by itself, every request that was
 accepted is answered in full, and the connections it lost are a line each in
 its log, not tracebacks."""
 
@@ -18,10 +18,7 @@ from app import logs
 from chatqueue_testing.rabbitnode import RabbitNode
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
-from tests.conftest import new_uid
-from tests.support import Broker, PrivateStack, collect, declare_response_queues
-
-pytest_plugins = ["tests.brokers"]
+from tests.support import Broker, PrivateStack, collect, declare_response_queues, new_uid
 
 
 def connect(env: dict[str, str], timeout: float = 60) -> Broker:

@@ -11,9 +11,17 @@ import time
 from typing import Any
 
 from devllm.testing import DevLLM
-from tests.conftest import WebFactory
-from tests.support import EventStream, Web, wait_until
-from tests.test_web import chat, expected, stream, submit
+from tests.support import (
+    EventStream,
+    Web,
+    WebFactory,
+    chat,
+    expected,
+    read_in_background,
+    stream,
+    submit,
+    wait_until,
+)
 from web.responses import Resume
 from web.router import Delivery
 
@@ -29,25 +37,6 @@ def resumed(web: Web, uid: str, first: EventStream, **kwargs: Any) -> EventStrea
     last = first.events[-1].id
     assert last is not None
     return stream(web, uid, headers={"Last-Event-ID": last}, timeout=60, **kwargs)
-
-
-def read_in_background(
-    web: Web, uid: str
-) -> tuple[threading.Event, list[EventStream], threading.Thread]:
-    """Read ``uid`` in a thread; the event is set once three events came."""
-    started = threading.Event()
-    first: list[EventStream] = []
-
-    def seen_three(sse: EventStream) -> bool:
-        if len(sse.events) >= 3:
-            started.set()
-        return False
-
-    reader = threading.Thread(
-        target=lambda: first.append(stream(web, uid, until=seen_three, timeout=60))
-    )
-    reader.start()
-    return started, first, reader
 
 
 def assert_whole(prompt: str, first: EventStream, rest: EventStream) -> None:

@@ -12,9 +12,7 @@ import pika
 
 from config import load_settings
 from devllm.answers import reply_tokens
-from tests.conftest import new_uid
-from tests.support import collect, declare_response_queues
-from tests.test_durability import client_of, isolated
+from tests.support import client_of, collect, declare_response_queues, isolated, new_uid
 
 GRACE = 8.0
 

@@ -9,9 +9,16 @@ import pytest
 
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
-from tests.support import Broker
-from tests.test_llm_errors import PROMPT, ask, assert_broken_after, requests_for, tag
-from tests.test_worker import TOKENS, assert_protocol
+from tests.support import (
+    PROMPT,
+    TOKENS,
+    Broker,
+    ask,
+    assert_broken_after,
+    assert_protocol,
+    requests_for,
+    tag,
+)
 
 pytestmark = pytest.mark.usefixtures("worker")
 FAULTS = ["truncate", "truncate_eof"]

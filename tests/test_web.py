@@ -8,47 +8,28 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 
-from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
-from tests.conftest import WebFactory, new_uid
-from tests.support import Broker, EventStream, Web, fetch, read_sse, task_events, wait_until
+from tests.support import (
+    Broker,
+    EventStream,
+    Web,
+    WebFactory,
+    chat,
+    error_of,
+    expected,
+    fetch,
+    new_uid,
+    stream,
+    submit,
+    task_events,
+    wait_until,
+)
 
 KNIGHT = "Tell me a short story about a brave knight."
-TOKENS = 12  # the development LLM's default answer length in the tests
-
-
-def expected(prompt: str, n: int = TOKENS) -> str:
-    return "".join(reply_tokens([{"role": "user", "content": prompt}], n))
-
-
-def chat(prompt: str, **fields: Any) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": prompt}], **fields}
-
-
-def submit(web: Web, body: dict[str, Any], headers: dict[str, str] | None = None) -> str:
-    status, _, raw = fetch("POST", web.url + "/v1/chat/completions", body, headers)
-    assert status == 202, raw
-    answer = json.loads(raw)
-    assert answer["status"] == "queued"
-    return str(answer["uid"])
-
-
-def stream(web: Web, uid: str, **kwargs: Any) -> EventStream:
-    return read_sse(f"{web.url}/v1/chat/response?uid={urllib.parse.quote(uid)}", **kwargs)
-
-
-def error_of(raw: bytes) -> dict[str, Any]:
-    body = json.loads(raw)
-    assert set(body) == {"error"}, body
-    assert {"message", "type", "code", "param"} <= set(body["error"]), body
-    error: dict[str, Any] = body["error"]
-    return error
 
 
 def test_the_two_curl_steps_of_the_issue(web: Web, broker: Broker) -> None:

@@ -9,8 +9,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import new_uid
-from tests.support import Web, fetch, read_sse
+from tests.support import Web, fetch, new_uid, read_sse
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"Authorization": "Bearer key-bob"}

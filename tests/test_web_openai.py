@@ -14,8 +14,7 @@ from openai import OpenAI
 
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
-from tests.conftest import WebFactory, new_uid
-from tests.support import Broker, Web, fetch
+from tests.support import Broker, Web, WebFactory, fetch, new_uid
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -17,8 +17,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from devllm.answers import reply_tokens
-from tests.conftest import WebFactory
-from tests.support import Web
+from tests.support import Web, WebFactory
 
 PACKAGES = ("chromium", "chromium-driver")
 

@@ -1,5 +1,5 @@
 """A broker restart under the web front, on a RabbitMQ node of the tests' own
-(tests/brokers.py): SSE streams being read pause and go on over a new
+(tests/conftest.py): SSE streams being read pause and go on over a new
 connection to ``[DONE]``, without an error, and the same web process serves
 new requests."""
 
@@ -9,11 +9,16 @@ import time
 from collections.abc import Callable
 
 from chatqueue_testing.rabbitnode import RabbitNode
-from tests.support import Broker, EventStream, PrivateStack
-from tests.test_resume import read_in_background
-from tests.test_web import chat, expected, stream, submit
-
-pytest_plugins = ["tests.brokers"]
+from tests.support import (
+    Broker,
+    EventStream,
+    PrivateStack,
+    chat,
+    expected,
+    read_in_background,
+    stream,
+    submit,
+)
 
 TOKENS = 40
 STREAMS = 5

@@ -5,19 +5,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import websocket
 
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
-from tests.conftest import new_uid
-from tests.support import Broker, Web
-
-
-def ws_url(web: Web, query: str = "") -> str:
-    return web.url.replace("http://", "ws://") + "/v1/chat/ws" + query
+from tests.support import Broker, Web, content_of, new_uid, receive_all, ws_request, ws_url
 
 
 @pytest.fixture
@@ -27,28 +21,9 @@ def ws(web: Web) -> Iterator[websocket.WebSocket]:
     connection.close()
 
 
-def request(prompt: str, **fields: Any) -> str:
-    return json.dumps({"messages": [{"role": "user", "content": prompt}], **fields})
-
-
-def receive_all(ws: websocket.WebSocket) -> list[str]:
-    frames = []
-    while True:
-        frame = ws.recv()
-        assert isinstance(frame, str)
-        frames.append(frame)
-        if frame == "[DONE]":
-            return frames
-
-
-def content_of(frames: list[str]) -> str:
-    chunks = [json.loads(f) for f in frames[:-1]]
-    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-
-
 def test_a_request_streams_back_frame_by_frame(ws: websocket.WebSocket, broker: Broker) -> None:
     uid = new_uid()
-    ws.send(request("What is the capital of France?", uid=uid, model="gpt-4o"))
+    ws.send(ws_request("What is the capital of France?", uid=uid, model="gpt-4o"))
     frames = receive_all(ws)
     assert frames[-1] == "[DONE]"
     assert {json.loads(f)["object"] for f in frames[:-1]} == {"chat.completion.chunk"}
@@ -58,10 +33,10 @@ def test_a_request_streams_back_frame_by_frame(ws: websocket.WebSocket, broker: 
 
 def test_several_requests_on_one_socket(ws: websocket.WebSocket) -> None:
     for prompt in ("Tell me a joke.", "Say hello.", "a filler prompt"):
-        ws.send(request(prompt))
+        ws.send(ws_request(prompt))
         expected = "".join(reply_tokens([{"role": "user", "content": prompt}], 12))
         assert content_of(receive_all(ws)) == expected
-    ws.send(request("What is the capital of France?", stream=False))
+    ws.send(ws_request("What is the capital of France?", stream=False))
     frames = receive_all(ws)
     assert len(frames) == 2
     completion = json.loads(frames[0])
@@ -77,12 +52,12 @@ def test_a_bad_request_gets_an_error_object_and_done(ws: websocket.WebSocket) ->
     ws.send(json.dumps({"messages": "nope"}))
     assert json.loads(ws.recv())["error"]["param"] == "messages"
     assert ws.recv() == "[DONE]"
-    ws.send(request("still usable after errors"))
+    ws.send(ws_request("still usable after errors"))
     assert receive_all(ws)[-1] == "[DONE]"
 
 
 def test_an_llm_error_comes_as_an_error_frame(ws: websocket.WebSocket) -> None:
-    ws.send(request("hi", model="m;status=404"))
+    ws.send(ws_request("hi", model="m;status=404"))
     frames = receive_all(ws)
     assert len(frames) == 2
     assert json.loads(frames[0])["error"]["code"] == "model_not_found"
@@ -92,7 +67,7 @@ def test_closing_mid_answer_cancels_the_llm_call(web: Web, llm: DevLLM, broker: 
     before = llm.stats()["streams_cancelled"]
     uid = new_uid()
     ws = websocket.create_connection(ws_url(web), timeout=30)
-    ws.send(request("a long answer", uid=uid, model="m;delay=0.2;tokens=50"))
+    ws.send(ws_request("a long answer", uid=uid, model="m;delay=0.2;tokens=50"))
     for _ in range(3):
         assert ws.recv() != "[DONE]"
     ws.close()
@@ -120,7 +95,7 @@ def test_api_keys_on_the_websocket(keyed_web: Web) -> None:
         (ws_url(keyed_web, "?api_key=key-bob"), []),
     ):
         ws = websocket.create_connection(url, timeout=30, header=header)
-        ws.send(request("Say hello."))
+        ws.send(ws_request("Say hello."))
         assert content_of(receive_all(ws)) == "Hello!"
         ws.close()
 
@@ -144,16 +119,16 @@ def test_frames_sent_ahead_of_their_answers_are_bounded_1008(web: Web) -> None:
     """A client that sends while its answer streams may be a few frames ahead;
     beyond, the web process does not hold more of them: it closes the socket."""
     ws = websocket.create_connection(ws_url(web), timeout=30)
-    ws.send(request("a long answer", model="m;delay=0.2;tokens=50"))
+    ws.send(ws_request("a long answer", model="m;delay=0.2;tokens=50"))
     assert ws.recv() != "[DONE]"  # the answer streams...
     for i in range(12):  # ...and the client sends more than 8 frames meanwhile
-        ws.send(request(f"ahead {i}"))
+        ws.send(ws_request(f"ahead {i}"))
     code, reason = close_code(ws)
     assert code == 1008, reason
     assert "frames" in reason
     ws.shutdown()
     # The process goes on serving others.
     other = websocket.create_connection(ws_url(web), timeout=30)
-    other.send(request("Say hello."))
+    other.send(ws_request("Say hello."))
     assert content_of(receive_all(other)) == "Hello!"
     other.close()

@@ -12,39 +12,20 @@ import pytest
 from config import load_settings
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
-from tests.conftest import new_uid
-from tests.support import Answer, Broker, Process, Received, procfile_command, task_events
-from tests.test_durability import isolated
+from tests.support import (
+    TOKENS,
+    Broker,
+    Process,
+    assert_protocol,
+    expected,
+    isolated,
+    new_uid,
+    procfile_command,
+    task_events,
+    wait_dead_letter,
+)
 
 pytestmark = pytest.mark.usefixtures("worker")
-TOKENS = 12  # the development LLM's answer length in these tests
-
-
-def expected(prompt: str, n: int = TOKENS) -> str:
-    return "".join(reply_tokens([{"role": "user", "content": prompt}], n))
-
-
-def assert_protocol(answer: Answer, uid: str) -> None:
-    """Order, seq, properties, ids and the closing [DONE] of a streamed answer."""
-    messages = answer.messages
-    assert messages, "no answer"
-    assert [m.seq for m in messages] == list(range(len(messages)))
-    assert messages[-1].body == b"[DONE]"
-    assert messages[-1].kind == "done"
-    assert messages[-1].properties.content_type == "text/plain"
-    for m in messages:
-        assert m.properties.correlation_id == uid
-    chunks = messages[:-1]
-    assert all(m.kind == "chunk" for m in chunks), [m.kind for m in chunks]
-    assert all(m.properties.content_type == "application/json" for m in chunks)
-    payloads = [m.json for m in chunks]
-    assert {p["object"] for p in payloads} == {"chat.completion.chunk"}
-    assert len({p["id"] for p in payloads}) == 1
-    assert len({p["created"] for p in payloads}) == 1
-    assert payloads[0]["choices"][0]["delta"]["role"] == "assistant"
-    finishes = [p["choices"][0]["finish_reason"] for p in payloads if p["choices"]]
-    assert finishes[-1] in ("stop", "length")
-    assert all(f is None for f in finishes[:-1])
 
 
 def test_simple_shape_as_in_the_readme(broker: Broker) -> None:
@@ -206,27 +187,6 @@ def test_flower_sees_each_request_as_a_task_named_by_its_uid(
     # The request is summed up, its content is not shown.
     received = next(e for e in events if e.get("uuid") == uid and e["type"] == "task-received")
     assert "messages=1" in received["args"] and "joke" not in received["args"]
-
-
-def wait_dead_letter(broker: Broker, match: Any, timeout: float = 20) -> Any:
-    """The dead-lettered message that ``match`` picks (others are left alone)."""
-    queue = broker.env["CHATQUEUE_NAMESPACE"] + ".dead-letter"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        channel = broker.connection.channel()
-        while True:
-            method, properties, body = channel.basic_get(queue, auto_ack=False)
-            if method is None:
-                break
-
-            message = Received(body, properties)
-            if match(message):
-                channel.basic_ack(method.delivery_tag)
-                channel.close()
-                return message
-        channel.close()  # unacked messages go back for other tests
-        time.sleep(0.1)
-    raise AssertionError("no such dead letter")
 
 
 def test_response_queue_expires_when_nobody_reads_it(
