@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from app.broker import dead_letter_queue, input_queue, response_queue_arguments, task_queue
-from config import ConfigError, Settings, load_settings
+from config import ConfigError, load_settings
 from config.celery import celery_config
 from tests.support import ROOT, environ
 
@@ -71,14 +71,6 @@ def test_secrets_are_not_echoed() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings({"RABBITMQ_URL": "http://user:secret@host"})
     assert "secret" not in str(info.value)
-
-
-def test_every_setting_is_documented_in_the_readme() -> None:
-    readme = (ROOT / "README.md").read_text()
-    for var, default, _doc in Settings.documented():
-        assert f"`{var}`" in readme, f"{var} is missing from the README's table"
-        if default:
-            assert default in readme, f"the default of {var} ({default}) is not in the README"
 
 
 def test_the_worker_refuses_to_start_on_a_bad_value() -> None:
