@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -44,6 +43,7 @@ from kombu.exceptions import OperationalError
 from kombu.pools import ProducerPool
 
 from app.errors import RequestError
+from app.process import per_process
 from app.shutdown import Orphaned, losses
 from config import Settings
 from config.settings import type_argument
@@ -492,29 +492,21 @@ class Pools:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._lock = threading.Lock()
-        self._pid = -1
-        self._confirmed: ProducerPool | None = None
-        self._lanes: Lanes | None = None
-
-    def _ensure(self) -> None:
-        if self._pid != os.getpid():
-            with self._lock:
-                if self._pid != os.getpid():
-                    limit = self.settings.publish_pool_size
-                    connection = _connection(self.settings, confirm=True)
-                    self._confirmed = ProducerPool(connection.Pool(limit=limit), limit=limit)
-                    self._lanes = Lanes(self.settings, confirm=self.settings.lanes_confirm)
-                    self._pid = os.getpid()
+        # Not a method of self: the fork hook would keep every Pools alive.
+        self._made = per_process(lambda: _publishing(settings))
 
     @property
     def confirmed(self) -> ProducerPool:
-        self._ensure()
-        assert self._confirmed is not None
-        return self._confirmed
+        return self._made()[0]
 
     @property
     def lanes(self) -> Lanes:
-        self._ensure()
-        assert self._lanes is not None
-        return self._lanes
+        return self._made()[1]
+
+
+def _publishing(settings: Settings) -> tuple[ProducerPool, Lanes]:
+    """A process's publishing connections (see :class:`Pools`)."""
+    limit = settings.publish_pool_size
+    connection = _connection(settings, confirm=True)
+    confirmed = ProducerPool(connection.Pool(limit=limit), limit=limit)
+    return confirmed, Lanes(settings, confirm=settings.lanes_confirm)

@@ -25,19 +25,17 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from kombu import Connection, Exchange, Producer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from app.broker import BROKER_ERRORS
+from app.process import per_process
 from app.protocol import ResponseStream
 from config import Settings
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 SNAPSHOT_VERSION = 1
 # Seconds for the first token: chatqueue's own share is milliseconds, the LLM's up to a minute.
@@ -55,30 +53,6 @@ def metrics_exchange(settings: Settings) -> Exchange:
     return Exchange(
         f"{settings.chatqueue_namespace}.metrics", "fanout", durable=False, auto_delete=False
     )
-
-
-class PerProcess(Generic[T]):
-    """One ``T`` per process, made on first use; a forked child makes its own
-    (what it inherited belongs to its parent)."""
-
-    def __init__(self, make: Callable[[], T]) -> None:
-        self._make = make
-        self._value: T | None = None
-        self._lock = threading.Lock()
-        os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        self._value = None
-        self._lock = threading.Lock()
-
-    def get(self) -> T:
-        value = self._value
-        if value is None:
-            with self._lock:
-                value = self._value
-                if value is None:
-                    value = self._value = self._make()
-        return value
 
 
 class Recorder:
@@ -203,12 +177,12 @@ class Recorder:
         }
 
 
-_recorder = PerProcess(Recorder)
+_recorder = per_process(Recorder)
 
 
 def recorder() -> Recorder:
     """This process's metrics."""
-    return _recorder.get()
+    return _recorder()
 
 
 # --- what the code records ---------------------------------------------------------------------

@@ -20,9 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import ssl
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,11 +31,9 @@ from openai._streaming import SSEDecoder  # the SDK's own SSE parser
 
 from app.errors import UpstreamError, error_object
 from app.metrics import on_llm_request, on_llm_response
+from app.process import per_process
 from app.request import ChatRequest
 from config import Settings
-
-_lock = threading.Lock()
-_clients: dict[int, Clients] = {}
 
 CHAT_COMPLETIONS = "/chat/completions"
 
@@ -95,17 +91,13 @@ def _new_client(settings: Settings, connections: int, tls: ssl.SSLContext) -> op
     )
 
 
+_clients = per_process(Clients)
+
+
 def client(settings: Settings) -> openai.OpenAI:
     """A client of this process (made after a fork, so never shared across one),
     the next in turn."""
-    pid = os.getpid()
-    found = _clients.get(pid)
-    if found is None:
-        with _lock:
-            found = _clients.get(pid)
-            if found is None:
-                found = _clients[pid] = Clients(settings)
-    return found.next()
+    return _clients(settings).next()
 
 
 class MalformedPayload(UpstreamError):
