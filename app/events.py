@@ -4,9 +4,9 @@ Celery publishes every task event (``task-received``, ``task-started``,
 ``task-succeeded``) the moment it happens, except with its own event loop,
 where it buffers them ("XXX This excludes eventlet/gevent, which should
 actually buffer", ``celery/worker/consumer/events.py``). Under the gevent
-pool two of those publishes came between a task's arrival and its call to
-the LLM, and all of them cost a publish each: about a millisecond of time to
-first token in the benchmark.
+pool two of those publishes come between a task's arrival and its call to
+the LLM, and each event costs a publish: about a millisecond of time to
+first token.
 
 This step turns Celery's own buffering on for the ``task`` group under the
 gevent pool: events are kept, and a greenlet publishes them as one

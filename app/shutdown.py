@@ -117,18 +117,18 @@ class TaskLink:
     it came on. A stream notes that connection when it begins
     (:meth:`current`) and stops, :class:`Orphaned`, once it is gone
     (:meth:`alive`): replaced by Celery after a loss, or broken (a write to
-    it failed) while Celery has not noticed yet. The soak saw both: a
-    worker's Celery consumer that went on with a dead connection for minutes
-    after a broker restart, and a copy it started from a message taken just
-    before, which ran to its end beside the copy another worker answered.
+    it failed) while Celery has not noticed yet. After a broker restart
+    Celery's consumer can go on with a dead connection for minutes, and
+    start tasks from messages it took just before the loss: their messages
+    are back in the queue, another worker answers them, and a stream that
+    went on here would write a second answer into the same response queue.
 
     The connection is noted when the message comes (:meth:`received`, on
     Celery's ``task_received``), not when its task begins: a task can begin
     a second after its message came, and Celery may have replaced a lost
-    connection by then. Noted at the task's start, the new connection looked
-    alive, and the copy ran to its end beside the one another worker took
-    from the queue, both in one response queue (soak run 14: 132 answers
-    with a gap at the broker restart).
+    connection by then. Noted at the task's start, the new connection would
+    look alive, and the stream would run to its end beside the copy another
+    worker took from the queue, both in one response queue.
 
     Only where the consumer runs in the process of the tasks (the Procfile's
     gevent pool); elsewhere nothing is noted and nothing is checked.
@@ -184,10 +184,10 @@ class TaskLink:
 
         After a connection of this process was lost (:data:`losses`), its
         socket is asked too (:func:`peer_gone`): the broker closed every
-        connection, Celery's included, and a Celery loop that had stopped
-        reading (soak run 25) kept a connection that looked up for minutes.
-        Its last messages, taken from the socket after the loss, began tasks
-        that ran to their end beside the copies another worker answered.
+        connection, Celery's included, and a Celery loop that has stopped
+        reading keeps a connection that looks up for minutes. Its last
+        messages, taken from the socket after the loss, would begin tasks
+        that run to their end beside the copies another worker answers.
         """
         if noted is None:
             return True
@@ -202,9 +202,8 @@ class TaskLink:
     def watch(self) -> None:
         """Report, with where its loop is, a task consumer that takes no task
         while Celery goes on: its connection broken and Celery not noticing, or
-        its connection up and nothing consumed (after a broker restart, the
-        soak's run 21 saw a worker re-connected, its consumer on no queue, to
-        the end of the run)."""
+        its connection up and nothing consumed (after a broker restart a
+        worker can re-connect with its consumer on no queue, and stay so)."""
         import gevent
 
         while True:
@@ -280,9 +279,9 @@ class TaskLink:
     def _left_behind(self, connection: Any) -> bool:
         """Whether the task consumer consumes on a channel of another
         connection than the current one: kombu made a new connection under
-        Celery's loop (soak runs 25, 26 and 28: ``drain_events`` re-connects a
-        lost connection by itself, and Celery, seeing no error, went on
-        reading the new one, on which nothing consumed; no task came again)."""
+        Celery's loop (``drain_events`` re-connects a lost connection by
+        itself, and Celery, seeing no error, goes on reading the new one, on
+        which nothing consumes: no task would come again)."""
         tasks = getattr(self.consumer, "task_consumer", None)
         channel = getattr(tasks, "channel", None)
         owner = getattr(channel, "connection", connection)

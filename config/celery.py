@@ -51,8 +51,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Off: after a reconnect Celery would lower the prefetch count and
         # raise it again from the ack callback of each task that ends
         # (basic.qos, which waits for its answer), in the task's greenlet,
-        # while the consumer's loop reads the same socket: gevent refused
-        # the second reader (ConcurrentObjectUseError, in a soak run). The
+        # while the consumer's loop reads the same socket: gevent refuses
+        # the second reader (ConcurrentObjectUseError). The
         # tasks of the lost connection end or go on beside the new ones in
         # a pool with room for both (app.shutdown.RoomForCopies).
         "worker_enable_prefetch_count_reduction": False,

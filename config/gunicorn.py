@@ -26,8 +26,8 @@ timeout = 30
 graceful_timeout = 10
 # Seconds gunicorn's async worker waits for a request on a connection: the
 # first one too, and past it the connection is closed with no response, which
-# a client cannot tell from a request cut after it was taken. 2 s lost
-# submissions of clients slow to send (a bad network; the soak's client
+# a client cannot tell from a request cut after it was taken. gunicorn's 2 s
+# loses the submissions of clients slow to send (a bad network, a client
 # lagging under load: "no HTTP status line"). nginx's default; more than a
 # load balancer's idle timeout (60 s on AWS), as gunicorn's docs advise.
 keepalive = 75

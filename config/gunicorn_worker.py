@@ -3,12 +3,13 @@ serves the connections it accepted just as its listener closed.
 
 At a graceful stop (``kill -HUP`` of the master: a deploy) gunicorn's gevent
 worker closes its listening socket, then serves what it holds until
-``graceful_timeout``. A connection accepted just before, whose handler had
-not run yet, failed at its first step, ``listener.getsockname()`` (EBADF,
-"Socket error processing request", gunicorn issue #712), and was closed with
-no response: its client could not tell that from a request cut after it was
-taken (one or two at each reload of the soak). The listener's name is known
-before it closes; this worker hands it on, and the request is served.
+``graceful_timeout``. A connection accepted just before, whose handler has
+not run yet, fails at its first step, ``listener.getsockname()`` (EBADF,
+"Socket error processing request",
+https://github.com/benoitc/gunicorn/issues/712), and is closed with no
+response: its client cannot tell that from a request cut after it was
+taken, and a reload under load loses one or two so. The listener's name is
+known before it closes; this worker hands it on, and the request is served.
 
 Like :mod:`config.gunicorn`, imported by gunicorn's master before any
 monkey-patching: it imports gunicorn's gevent worker, as the master does for

@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from kombu.connection import Connection
 from kombu.entity import Queue
@@ -50,11 +50,10 @@ from kombu.mixins import ConsumerMixin
 
 from app.broker import cancel_exchange, to_cancels
 from app.lifecycle import Cancels, Incarnation
+from app.process import per_process
 from config import Settings
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # A notice is said every NOTICE_EVERY seconds, for NOTICE_FOR seconds
 # (tasks/chat.py's CARRY_ON_WAIT: no stream waits longer), ``holding`` as
@@ -200,8 +199,8 @@ class Notices:
         """Say what is due, each time on a connection that works: one that
         failed is dropped, and the next try (NOTICE_EVERY later) makes a new
         one, given NOTICE_EVERY to connect. kombu's own retries on the old
-        one took 15 s after a broker restart (soak run 40), when the other
-        worker had long stopped waiting to hear of the streams here."""
+        one can take 15 s after a broker restart, longer than the other
+        workers wait to hear of the streams here."""
         connection: Any = None
         while True:
             self._new.wait(NOTICE_EVERY)
@@ -217,8 +216,8 @@ class Notices:
                     )
                     # Connected here, once round the nodes: left to the
                     # producer, kombu connects with no end of tries, 2, 4,
-                    # 6 ... s apart (soak run 42: no notice in the 10 s after
-                    # the broker was back).
+                    # 6 ... s apart, and no notice would go out for seconds
+                    # after the broker is back.
                     connection.ensure_connection(
                         max_retries=len(connection.alt), interval_start=0, interval_step=0
                     )
@@ -239,36 +238,19 @@ class Notices:
                 time.sleep(NOTICE_EVERY)  # not at once again: RabbitMQ may be away
 
 
-_listeners: dict[int, CancelListener] = {}
-_notices: dict[int, Notices] = {}
-_start_lock = threading.Lock()
-
-
-def _of_this_process(
-    made: dict[int, T], make: Callable[[], T], run: Callable[[T], Callable[[], None]], name: str
-) -> T:
-    """The one ``make()`` of this process (made after a fork, never shared
-    across one), ``run`` in a daemon thread of its own from its making."""
-    pid = os.getpid()
-    found = made.get(pid)
-    if found is None:
-        with _start_lock:
-            found = made.get(pid)
-            if found is None:
-                found = made[pid] = make()
-                threading.Thread(target=run(found), name=name, daemon=True).start()
-    return found
-
-
+@per_process
 def notices(settings: Settings) -> Notices:
-    """This process's :class:`Notices`, started on first use."""
-    return _of_this_process(
-        _notices, lambda: Notices(settings), lambda n: n.serve, "chatqueue-notices"
-    )
+    """This process's :class:`Notices`, started on first use (in a daemon
+    thread of its own)."""
+    made = Notices(settings)
+    threading.Thread(target=made.serve, name="chatqueue-notices", daemon=True).start()
+    return made
 
 
+@per_process
 def listener(settings: Settings) -> CancelListener:
-    """This process's listener, started on first use."""
-    return _of_this_process(
-        _listeners, lambda: CancelListener(settings), lambda c: c.run, "chatqueue-cancel"
-    )
+    """This process's listener, started on first use (in a daemon thread of
+    its own)."""
+    made = CancelListener(settings)
+    threading.Thread(target=made.run, name="chatqueue-cancel", daemon=True).start()
+    return made

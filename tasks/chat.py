@@ -249,8 +249,8 @@ class _Publisher:
             # What the last lane still has to write goes before what the next
             # one writes: a lane is a queue of its own, and a stream that went
             # on after only its task message was lost has a lane that works,
-            # whose last messages could come after the next lane's (soak run
-            # 39: one answer not whole, from a stream that went on twice).
+            # whose last messages could otherwise come after the next lane's,
+            # and the answer would not be whole.
             try:
                 self._sender.settle()
             except Exception:  # dropped with a lost connection: written again below
@@ -294,14 +294,14 @@ class _Publisher:
         """Wait until every message is written or dropped, whatever became of them.
 
         A kill (``gevent.kill`` raises GreenletExit where the task waits) can
-        come while a stream waits here, its lane reconnecting: Celery's did,
-        when it cancelled the tasks of a connection it lost
-        (``worker_cancel_long_running_tasks_on_connection_loss``, off since
-        such a stream goes on, :meth:`carry_on`). The wait goes on:
+        come while a stream waits here, its lane reconnecting: Celery's does,
+        when it cancels the tasks of a connection it lost
+        (``worker_cancel_long_running_tasks_on_connection_loss``, off here
+        since such a stream goes on, :meth:`carry_on`). The wait goes on:
         the stream is ending already, and another copy of it must not begin
-        before its messages are out. Let through, the kill skipped the end of
-        the incarnation, and every later copy was given back to come again,
-        to the end of the soak's run 21 (55 answers that never ended).
+        before its messages are out. Let through, the kill would skip the end
+        of the incarnation, and every later copy would be given back to come
+        again: an answer that never ends.
         """
         while True:
             try:
