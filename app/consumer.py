@@ -42,7 +42,7 @@ from kombu.message import Message
 from kombu.messaging import Consumer
 from kombu.mixins import ConsumerMixin
 
-from app import metrics
+from app import handoff, metrics
 from app.broker import (
     BROKER_ERRORS,
     TAKEN,
@@ -54,11 +54,12 @@ from app.broker import (
     one_write,
     response_queue_arguments,
 )
+from app.dispatcher import Dispatcher, declare_capacity_queues, start_dispatcher
 from app.errors import RequestError
 from app.lifecycle import new_rid
 from app.logs import stack_of
 from app.protocol import ResponseStream
-from app.request import ChatRequest, decode_body, owned_queues, parse_request
+from app.request import TENANT_HEADER, ChatRequest, decode_body, owned_queues, parse_request
 from app.shutdown import losses, task_link
 from app.tasknames import STREAM_CHAT
 
@@ -92,16 +93,23 @@ STALL_REPEAT = 60.0
 
 
 class RequestConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Runs the :class:`Intake` of ``RABBITMQ_QUEUE`` in every worker."""
+    """Runs the :class:`Intake` of ``RABBITMQ_QUEUE`` and a
+    :class:`~app.dispatcher.Dispatcher` in every worker."""
 
     requires = ("celery.worker.components:Pool",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.intake: Intake | None = None
+        self.dispatcher: Dispatcher | None = None
         self.thread: threading.Thread | None = None
 
     def start(self, w: Any) -> None:
+        # The dispatcher's messages to clients (their places, queue_timeout)
+        # go through one lane of the process, in order.
+        self.dispatcher = start_dispatcher(
+            w.app.settings, w.app.settings.upstreams, w.app.pools.lanes.next().publish
+        )
         self.intake = intake = Intake(w.app)
         task_link.broker_up = lambda: bool(intake.connection.connected)
         self.thread = threading.Thread(target=self.intake.serve, name="chatqueue-intake")
@@ -119,8 +127,12 @@ class RequestConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         within IDLE_WAIT."""
         if self.intake is not None:
             self.intake.should_stop = self.intake.holding.should_stop = True
+        if self.dispatcher is not None:
+            self.dispatcher.should_stop = True
 
     def stop(self, w: Any) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.should_stop = True
         if self.intake is not None:
             self.intake.should_stop = self.intake.holding.should_stop = True
         if self.thread is not None:
@@ -130,16 +142,21 @@ class RequestConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 class Read:
-    """One input message as the intake read it: a request, or why not."""
+    """One input message as the intake read it: a request and its upstream, or why not."""
 
-    __slots__ = ("error", "message", "request")
+    __slots__ = ("error", "message", "request", "upstream")
 
     def __init__(
-        self, message: Message, request: ChatRequest | None, error: RequestError | None
+        self,
+        message: Message,
+        request: ChatRequest | None,
+        error: RequestError | None,
+        upstream: str = "",
     ) -> None:
         self.message = message
         self.request = request
         self.error = error
+        self.upstream = upstream
 
     @property
     def uid(self) -> str | None:
@@ -315,6 +332,7 @@ class Intake(ConsumerMixin):
         self._forget_pending()
         self._consuming = False
         dead_letter_queue(settings)(channel).declare()
+        declare_capacity_queues(channel, settings)
         channel.tx_select()
         self._channel = channel
         self._producer = Producer(channel)
@@ -394,7 +412,7 @@ class Intake(ConsumerMixin):
             at = time.time()
             for r in reads:
                 if r.request is not None:
-                    self._send_task(r.request, at)
+                    self._send_task(r.request, r.upstream, at)
                 elif r.error is not None:
                     self._refuse(r.message, r.error)
                 r.message.ack()
@@ -432,14 +450,18 @@ class Intake(ConsumerMixin):
                 correlation_id=props.get("correlation_id"),
                 reply_to=props.get("reply_to"),
                 owned_queue=self.owned_queue,
+                tenant=_tenant(message.headers),
             )
+            upstream = self.settings.upstreams.route(request.model)
+            if upstream is None:
+                raise model_not_found(request)
         except RequestError as exc:
             logger.warning("uid=%s: rejected (%s): %s", exc.uid or "-", exc.code, exc.message)
             return Read(message, None, exc)
         except Exception:
             logger.exception("unexpected error while reading a request; dead-lettering it")
             return Read(message, None, RequestError("internal error", code="internal_error"))
-        return Read(message, request, None)
+        return Read(message, request, None, upstream.name)
 
     def _declare_in_line(self, uids: list[str]) -> None:
         for uid in dict.fromkeys(uids):
@@ -486,15 +508,14 @@ class Intake(ConsumerMixin):
             nowait=nowait,
         )
 
-    def _send_task(self, request: ChatRequest, at: float) -> None:
-        self.task.apply_async(
-            args=[request.to_task()],
-            kwargs={"rid": new_rid(), "at": at},
-            task_id=request.uid,
-            # What Flower and the events show: no prompts, and no repr of a
-            # whole conversation for every request.
-            argsrepr=request.summary(),
-            producer=self._producer,
+    def _send_task(self, request: ChatRequest, upstream: str, at: float) -> None:
+        """Its task message, to wait on ``<ns>.waiting`` for a slot of its upstream."""
+        handoff.send(
+            self.task,
+            request,
+            handoff.Handoff(rid=new_rid(), at=at, upstream=upstream),
+            self.settings,
+            self._producer,
             retry=False,  # the transaction is the retry: uncommitted, it comes back
         )
 
@@ -519,6 +540,25 @@ class Intake(ConsumerMixin):
         self._channel.basic_publish(
             amqp.Message(body, delivery_mode=2, **properties), exchange="", routing_key=routing_key
         )
+
+
+def _tenant(headers: Any) -> str | None:
+    """Whose request it is for the fair share, as the web front names it (a
+    digest of the API key); None: its username."""
+    tenant = (headers or {}).get(TENANT_HEADER)
+    if isinstance(tenant, bytes):
+        tenant = tenant.decode("utf-8", "replace")
+    return tenant[:128] if isinstance(tenant, str) and tenant else None
+
+
+def model_not_found(request: ChatRequest) -> RequestError:
+    return RequestError(
+        f"no upstream serves the model {request.model!r}; see GET /openai/v1/models for "
+        "the models served here",
+        code="model_not_found",
+        param="model",
+        status=404,
+    )
 
 
 def _frame_of_current() -> Callable[[], Any]:

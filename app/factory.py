@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from celery import Celery, signals
 from celery.exceptions import CPendingDeprecationWarning
 from celery.worker.consumer import Consumer
+from celery.worker.request import Request
 
 from app import logs
 from app.broker import Pools
@@ -16,6 +17,8 @@ from app.shutdown import RoomForCopies, TaskLinkStep, task_link, warm_shutdown
 from app.tasknames import STREAM_CHAT
 from config import Settings, load_settings
 from config.celery import celery_config
+
+logger = logging.getLogger(__name__)
 
 
 class TaskConsumer(Consumer):  # type: ignore[misc]
@@ -35,6 +38,24 @@ class TaskConsumer(Consumer):  # type: ignore[misc]
             for step in Consumer.Blueprint.default_steps
             if not step.endswith(":DelayedDelivery")
         ]
+
+
+class SlotRequest(Request):  # type: ignore[misc]
+    """A task message that ends gives its slot back (app/dispatcher.py).
+
+    Where Celery acknowledges a task message, this rejects it without
+    requeue instead: ``<ns>.running`` dead-letters it to ``<ns>.slots``, where
+    the dispatcher takes it as a free slot. One broker operation ends the
+    task and frees its slot. Messages given back (``Reject(requeue=True)``,
+    a worker that dies) stay on ``<ns>.running``, in their slot.
+    """
+
+    acknowledged: bool
+
+    def acknowledge(self) -> None:
+        if not self.acknowledged:
+            self._on_reject(logger, self._connection_errors, False)
+            self.acknowledged = True
 
 
 class ChatqueueCelery(Celery):  # type: ignore[misc]
@@ -60,6 +81,7 @@ def create_app(settings: Settings | None = None) -> ChatqueueCelery:
         acks_late=True,
         reject_on_worker_lost=True,
         ignore_result=True,
+        Request=SlotRequest,
     )(stream_chat)
     app.steps["worker"].add(RequestConsumer)
     app.steps["worker"].add(RoomForCopies)

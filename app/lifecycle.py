@@ -77,6 +77,9 @@ class State(StrEnum):
     # A task message that came back while its incarnation streams on in this
     # process: that stream goes on, acknowledged with it (Running.follow).
     ADOPTED = "adopted"
+    # Its upstream is paused or saturated, or failed it and has a fallback:
+    # the request waits again, its slot given back (app/dispatcher.py).
+    WAITING = "waiting"
 
 
 # Allowed transitions; anything else is a bug (:class:`IllegalTransition`).
@@ -87,7 +90,14 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     ),
     # STREAMING -> STREAMING: the worker died and the task came back (restart).
     State.STREAMING: frozenset(
-        {State.STREAMING, State.ANSWERED, State.CANCELLED, State.DROPPED, State.HANDED_BACK}
+        {
+            State.STREAMING,
+            State.ANSWERED,
+            State.CANCELLED,
+            State.DROPPED,
+            State.HANDED_BACK,
+            State.WAITING,
+        }
     ),
     State.ANSWERED: frozenset(),
     State.CANCELLED: frozenset(),
@@ -95,6 +105,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     # In this process; the task message it gave back is another worker's now.
     State.HANDED_BACK: frozenset(),
     State.ADOPTED: frozenset(),
+    # In this process; it waits on <ns>.waiting as a new hand-off of the same incarnation.
+    State.WAITING: frozenset(),
 }
 
 

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 SNAPSHOT_VERSION = 1
 # Seconds for the first token: chatqueue's own share is milliseconds, the LLM's up to a minute.
 ADDED_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# The tenants with the most waiting requests that get a series of their own.
+TOP_TENANTS = 10
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 # Error codes come from the LLM's own error objects too: keep the label short.
@@ -143,6 +146,70 @@ class Recorder:
             "answers being read by web clients (SSE, drop-in, WebSocket)",
             registry=registry,
         )
+        # Capacity and waiting (app/dispatcher.py): the gauges are the
+        # dispatcher's, so only the one worker that dispatches has them.
+        self.in_flight = Gauge(
+            "chatqueue_upstream_in_flight",
+            "LLM calls of an upstream under way (slots taken), over the whole deployment",
+            ["upstream"],
+            registry=registry,
+        )
+        self.limit = Gauge(
+            "chatqueue_upstream_limit",
+            "max_in_flight of an upstream (0: no limit)",
+            ["upstream"],
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            "chatqueue_waiting",
+            "requests waiting for a slot, by upstream and service tier",
+            ["upstream", "tier"],
+            registry=registry,
+        )
+        self.waiting_tenants = Gauge(
+            "chatqueue_waiting_by_tenant",
+            f"requests waiting for a slot, for the {TOP_TENANTS} tenants with the most "
+            '(the others summed as tenant="other")',
+            ["tenant"],
+            registry=registry,
+        )
+        self.starts = Counter(
+            "chatqueue_starts",
+            "LLM calls started (slots taken), by upstream and service tier",
+            ["upstream", "tier"],
+            registry=registry,
+        )
+        self.wait = Histogram(
+            "chatqueue_wait_seconds",
+            "from the acceptance of a request to the start of its LLM call",
+            ["upstream"],
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.queue_ended = Counter(
+            "chatqueue_waiting_ended",
+            "waiting requests that ended without an LLM call (queue_timeout, cancelled)",
+            ["upstream", "outcome"],
+            registry=registry,
+        )
+        self.pauses = Counter(
+            "chatqueue_upstream_pauses",
+            "pauses of an upstream that answered 429, or 503 with retry-after",
+            ["upstream"],
+            registry=registry,
+        )
+        self.pause_seconds = Counter(
+            "chatqueue_upstream_pause_seconds",
+            "seconds of those pauses",
+            ["upstream"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "chatqueue_upstream_fallbacks",
+            "requests sent to wait for a fallback upstream, from the one that failed them",
+            ["upstream", "to"],
+            registry=registry,
+        )
         # Series that exist from the start, at 0 (Prometheus' advice: a series
         # that appears only with its first event hides that first increase).
         for outcome in ("answered", "cancelled"):
@@ -198,6 +265,50 @@ def dead_lettered(code: str) -> None:
 
 def restarted(reason: str) -> None:
     recorder().restarts.labels(reason).inc()
+
+
+def started(upstream: str, tier: str, waited: float) -> None:
+    """An LLM call took a slot after ``waited`` seconds."""
+    r = recorder()
+    r.starts.labels(upstream, tier).inc()
+    r.wait.labels(upstream).observe(max(0.0, waited))
+
+
+def ended_waiting(outcome: str, upstream: str) -> None:
+    recorder().queue_ended.labels(upstream, outcome).inc()
+
+
+def paused(upstream: str, seconds: float) -> None:
+    r = recorder()
+    r.pauses.labels(upstream).inc()
+    r.pause_seconds.labels(upstream).inc(seconds)
+
+
+def fell_back(upstream: str, to: str) -> None:
+    recorder().fallbacks.labels(upstream, to).inc()
+
+
+def capacity(
+    upstreams: dict[str, tuple[int, int, dict[str, int], dict[str, int]]],
+) -> None:
+    """The dispatcher's view: by upstream (in flight, limit, waiting by tier,
+    waiting by tenant); an empty dict clears it (this process no longer dispatches)."""
+    r = recorder()
+    for gauge in (r.in_flight, r.limit, r.waiting, r.waiting_tenants):
+        gauge.clear()
+    tenants: dict[str, int] = {}
+    for name, (in_flight, limit, by_tier, by_tenant) in upstreams.items():
+        r.in_flight.labels(name).set(in_flight)
+        r.limit.labels(name).set(limit)
+        for tier, count in by_tier.items():
+            r.waiting.labels(name, tier).set(count)
+        for tenant, count in by_tenant.items():
+            tenants[tenant] = tenants.get(tenant, 0) + count
+    ranked = sorted(tenants.items(), key=lambda item: -item[1])
+    for tenant, count in ranked[:TOP_TENANTS]:
+        r.waiting_tenants.labels(tenant[:MAX_CODE]).set(count)
+    if len(ranked) > TOP_TENANTS:
+        r.waiting_tenants.labels("other").set(sum(c for _, c in ranked[TOP_TENANTS:]))
 
 
 def retried_stream(*, restarts: bool) -> None:

@@ -42,6 +42,17 @@ class Kind(StrEnum):
     COMPLETION = "completion"
     ERROR = "error"
     DONE = "done"
+    # A waiting request's place (``queue.status``); no ``seq``: the numbered
+    # messages of the answer are the same with or without it.
+    QUEUE = "queue"
+
+
+def queue_status(position: int, wait: float | None) -> str:
+    """The body of a ``queue`` message: a waiting request's place (1 = next,
+    0 = its LLM call starts) and its estimated wait in seconds (None: unknown)."""
+    return json.dumps(
+        {"object": "queue.status", "position": position, "estimated_wait_seconds": wait}
+    )
 
 
 # publish(body, routing_key, properties) -> None
@@ -116,6 +127,20 @@ class ResponseStream:
     def done(self) -> None:
         self._send(DONE, Kind.DONE, TEXT)
         self.finished = True
+
+    def starts(self) -> None:
+        """Tell a request that waited for its place that its LLM call starts
+        (``queue``, position 0); not numbered, not part of the answer."""
+        self._publish(
+            queue_status(0, 0.0),
+            self.queue,
+            {
+                "content_type": JSON,
+                "content_encoding": "utf-8",
+                "correlation_id": self.uid,
+                "type": str(Kind.QUEUE),
+            },
+        )
 
     def fail(self, error_object: dict[str, Any], status: int) -> None:
         """End the stream with an error object and ``[DONE]``."""

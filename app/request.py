@@ -24,6 +24,13 @@ UID_RULE = "1 to 128 characters of A-Z a-z 0-9 - _ . :"
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_NAME = 256  # model and username
 MAX_REPLY_TO = 255  # an AMQP short string
+# OpenAI's service tiers; chatqueue orders by priority, then default (auto,
+# scale and none alike), then flex (app/waiting.py).
+SERVICE_TIERS = frozenset({"auto", "default", "flex", "scale", "priority"})
+MAX_QUEUE_TIMEOUT = 86_400.0
+# The header of an input message in which the web front names the tenant of a
+# request (a digest of its API key); without it, the tenant is the username.
+TENANT_HEADER = "x-chatqueue-tenant"
 # RabbitMQ's direct reply-to: the pseudo-queue a client consumes, and the prefix
 # of the names the broker puts in ``reply_to`` in its place.
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -78,6 +85,13 @@ class ChatRequest:
     username: str = "anonymous"
     params: dict[str, Any] = field(default_factory=dict)
     reply_to: str | None = None
+    # Its place while it waits (app/waiting.py): its tier, its tenant (the web
+    # front's API key, else the username), how long it may wait (None:
+    # QUEUE_TIMEOUT), and whether it is told its place.
+    service_tier: str | None = None
+    tenant: str | None = None
+    queue_timeout: float | None = None
+    queue_updates: bool = False
 
     def summary(self) -> str:
         """The request in one line, without its content."""
@@ -85,6 +99,11 @@ class ChatRequest:
             f"[model={self.model!r}, messages={len(self.messages)}, "
             f"stream={self.stream}, user={self.username!r}]"
         )
+
+    @property
+    def tier(self) -> str:
+        """Its ``service_tier`` as the line orders it (``auto`` and none are ``default``)."""
+        return self.service_tier if self.service_tier in ("priority", "flex") else "default"
 
     def to_task(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,6 +215,7 @@ def parse_request(
     reply_to: str | None = None,
     uid_required: bool = True,
     owned_queue: Callable[[str], bool] | None = None,
+    tenant: str | None = None,
 ) -> ChatRequest:
     """Validate a decoded request. Raises :class:`RequestError` with ``uid``
     and ``reply_to`` set when they are known, so the caller can answer.
@@ -216,7 +236,7 @@ def parse_request(
             except RequestError:
                 reply_to = None
                 raise
-        return _parse(data, uid, default_model, reply_to, uid_required)
+        return _parse(data, uid, default_model, reply_to, uid_required, tenant=tenant)
     except RequestError as exc:
         exc.uid = uid if is_valid_uid(uid) else None
         exc.reply_to = reply_to
@@ -229,6 +249,8 @@ def _parse(
     default_model: str,
     reply_to: str | None,
     uid_required: bool,
+    *,
+    tenant: str | None,
 ) -> ChatRequest:
     if uid is None and uid_required:
         raise RequestError(
@@ -281,6 +303,28 @@ def _parse(
             params[name] = data[name]
     if not stream:
         params.pop("stream_options", None)
+    tier = data.get("service_tier")
+    if tier is not None and tier not in SERVICE_TIERS:
+        raise RequestError(
+            f'"service_tier" must be one of {", ".join(sorted(SERVICE_TIERS))}',
+            code="invalid_value",
+            param="service_tier",
+        )
+    queue_timeout = data.get("queue_timeout")
+    if queue_timeout is not None and not (
+        _number(queue_timeout) and 0 < queue_timeout <= MAX_QUEUE_TIMEOUT
+    ):
+        raise RequestError(
+            f'"queue_timeout" must be a number of seconds, more than 0 and at most '
+            f"{MAX_QUEUE_TIMEOUT:.0f}",
+            code="invalid_type",
+            param="queue_timeout",
+        )
+    updates = data.get("queue_updates", False)
+    if not isinstance(updates, bool):
+        raise RequestError(
+            '"queue_updates" must be true or false', code="invalid_type", param="queue_updates"
+        )
     return ChatRequest(
         uid=str(uid) if uid is not None else "",
         messages=messages,
@@ -289,6 +333,10 @@ def _parse(
         username=username,
         params=params,
         reply_to=reply_to,
+        service_tier=tier,
+        tenant=tenant,
+        queue_timeout=None if queue_timeout is None else float(queue_timeout),
+        queue_updates=updates,
     )
 
 

@@ -9,13 +9,31 @@ from kombu import Exchange, Queue
 from config.settings import Settings
 
 
+def running_arguments(settings: Settings) -> dict[str, Any]:
+    """``<ns>.running`` dead-letters the task messages that end to ``<ns>.slots``."""
+    arguments: dict[str, Any] = {
+        **settings.queue_arguments,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": settings.slots_queue,
+    }
+    if settings.rabbitmq_queue_type == "quorum":
+        # A quorum queue dead-letters at most once unless told otherwise; at
+        # least once needs reject-publish. A slot that comes back twice is
+        # dropped by its number.
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+    return arguments
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
+    # The task messages of the calls that run: each ends dead-lettered to the
+    # free slots (app/dispatcher.py), so every declare carries those arguments.
     tasks = Queue(
         settings.task_queue,
         Exchange(""),
         settings.task_queue,
         durable=True,
-        queue_arguments=settings.queue_arguments or None,
+        queue_arguments=running_arguments(settings),
     )
     return {
         # A ';'-separated list is Celery's failover list: its connections try

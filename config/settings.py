@@ -6,8 +6,11 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+from config.upstreams import Upstreams, UpstreamsError, default_upstreams, load_upstreams
 
 T = TypeVar("T")
 
@@ -165,6 +168,32 @@ class Settings:
         "base URL of the OpenAI-compatible LLM server",
     )
     openai_model: str = _env(str, "deepseek-r1:8b", "model used when a request names none")
+    llm_max_in_flight: int = _env(
+        _non_negative_int,
+        "4",
+        "LLM calls the default upstream may have at once, summed over every worker of the "
+        "deployment (0: no limit); the rest wait in RabbitMQ. Sized for a local server: Ollama "
+        "serves 1 to 4 at once by default (see docs/capacity.md to size it)",
+    )
+    upstreams_file: str = _env(
+        str,
+        "",
+        "a TOML file of [[upstream]] tables, each an LLM server with its models and limits "
+        "(docs/capacity.md); empty: one upstream, default, from OPENAI_URL, OPENAI_API_KEY "
+        "and LLM_MAX_IN_FLIGHT, serving every model",
+    )
+    queue_timeout: float = _env(
+        _seconds,
+        "300",
+        "seconds a request may wait for its LLM call to start (a request's own queue_timeout "
+        "overrides it); past it, it ends with the error code queue_timeout",
+    )
+    dispatch_window: int = _env(
+        _positive_int,
+        "10000",
+        "waiting requests the dispatcher holds and orders at once; more wait behind them, "
+        "in arrival order",
+    )
     llm_connect_timeout: float = _env(_seconds, "5", "seconds to connect to the LLM")
     llm_read_timeout: float = _env(
         _seconds, "60", "seconds the LLM may stay silent before the call fails"
@@ -260,13 +289,45 @@ class Settings:
         _bool, "false", "with API_KEYS, GET /metrics needs a key too (else it is open)"
     )
 
+    def _own(self, kind: str) -> str:
+        # Deployments that differ in input queue never share a queue of these
+        # (the one with the default input queue keeps the plain names).
+        name = f"{self.chatqueue_namespace}.{kind}"
+        default = _field_default("rabbitmq_queue")
+        return name if self.rabbitmq_queue == default else f"{name}.{self.rabbitmq_queue}"
+
     @property
     def task_queue(self) -> str:
-        # Deployments that differ in input queue never share a task queue (the
-        # one with the default input queue keeps the plain name).
-        tasks = f"{self.chatqueue_namespace}.tasks"
-        default = _field_default("rabbitmq_queue")
-        return tasks if self.rabbitmq_queue == default else f"{tasks}.{self.rabbitmq_queue}"
+        """Celery's task queue: the task messages of the LLM calls that run, one
+        per slot taken (app/dispatcher.py)."""
+        return self._own("running")
+
+    @property
+    def waiting_queue(self) -> str:
+        """Accepted requests that wait for a slot of their upstream."""
+        return self._own("waiting")
+
+    @property
+    def slots_queue(self) -> str:
+        """The free slots of every upstream."""
+        return self._own("slots")
+
+    @property
+    def ledger_queue(self) -> str:
+        """How many slots each upstream has."""
+        return self._own("ledger")
+
+    @property
+    def dispatcher_queue(self) -> str:
+        """The baton of the one worker that dispatches (single active consumer)."""
+        return self._own("dispatcher")
+
+    @cached_property
+    def upstreams(self) -> Upstreams:
+        """The upstreams (config/upstreams.py): ``UPSTREAMS_FILE``'s, or ``default``."""
+        if not self.upstreams_file:
+            return default_upstreams(self.openai_url, self.openai_api_key, self.llm_max_in_flight)
+        return load_upstreams(self.upstreams_file, os.environ)
 
     @property
     def dead_letter_queue(self) -> str:
@@ -354,4 +415,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             problems.append(f"{var}={shown}: {exc} ({f.metadata['doc']})")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.upstreams_file:
+        try:
+            # Read now, so that a bad file stops the process at start.
+            upstreams = load_upstreams(settings.upstreams_file, env)
+        except UpstreamsError as exc:
+            raise ConfigError(f"invalid configuration:\n  {exc}") from None
+        settings.__dict__["upstreams"] = upstreams  # the cached_property's value
+    return settings

@@ -76,6 +76,8 @@ class CancelListener(ConsumerMixin):
         self.settings = settings
         self.connection = Connection(settings.rabbitmq_url, heartbeat=0)
         self.cancels = Cancels(keep=settings.response_queue_ttl)
+        # Upstream -> until when (wall clock) no call to it may start.
+        self.pauses: dict[str, float] = {}
         self.ready = threading.Event()
         # Since when it hears the exchange (monotonic), None while it does not.
         self.connected_at: float | None = None
@@ -111,9 +113,16 @@ class CancelListener(ConsumerMixin):
         self.connected_at = time.monotonic()
         self.ready.set()
 
+    def paused(self, upstream: str) -> bool:
+        """Whether ``upstream`` is paused now (a worker heard a 429 from it)."""
+        return self.pauses.get(upstream, 0.0) > time.time()
+
     def on_message(self, message: Message) -> None:
         try:
             cancel = json.loads(message.body)
+            if isinstance(cancel, dict) and "pause" in cancel:
+                self._on_pause(cancel)
+                return
             if isinstance(cancel, dict) and "by" in cancel:
                 self._on_notice(cancel)
                 return
@@ -125,6 +134,12 @@ class CancelListener(ConsumerMixin):
             return
         self.cancels.add(uid, rid, at)
         logger.info("uid=%s: cancel requested (rid %s)", uid, rid or "-")
+
+    def _on_pause(self, notice: dict[str, Any]) -> None:
+        """An upstream saturated (:func:`pause`): no call to it starts here until then."""
+        upstream, until = notice.get("pause"), notice.get("until")
+        if isinstance(upstream, str) and isinstance(until, int | float):
+            self.pauses[upstream] = max(float(until), self.pauses.get(upstream, 0.0))
 
     def _on_notice(self, notice: dict[str, Any]) -> None:
         """What another worker process says (:class:`Notices`)."""
@@ -254,3 +269,11 @@ def listener(settings: Settings) -> CancelListener:
     made = CancelListener(settings)
     threading.Thread(target=made.run, name="chatqueue-cancel", daemon=True).start()
     return made
+
+
+def pause(producer: Producer, settings: Settings, upstream: str, seconds: float) -> None:
+    """Pause ``upstream`` for ``seconds``, for every worker and the dispatcher:
+    said on the cancel exchange, which all of them hear; and here at once."""
+    until = time.time() + seconds
+    listener(settings)._on_pause({"pause": upstream, "until": until})
+    to_cancels(producer, settings, {"pause": upstream, "until": until, "by": this_process()})

@@ -12,17 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import gevent
+import openai
 from celery import Task
 from celery.exceptions import Reject
 from gevent import GreenletExit
 
-from app import metrics
-from app.broker import Lane, Lanes, Sender, dead_letter
+from app import handoff, metrics
+from app.broker import RETRY_POLICY, Lane, Lanes, Sender, dead_letter
+from app.dispatcher import H_DISPATCHED
 from app.errors import DuplicateRequest
 from app.lifecycle import (
     Cancels,
@@ -37,6 +40,7 @@ from app.protocol import ResponseStream, opens_only
 from app.request import ChatRequest
 from app.shutdown import HandBack, Orphaned, losses, task_link, warm_shutdown
 from config import Settings
+from config.upstreams import Upstream, Upstreams
 from tasks import cancel, llm
 
 logger = logging.getLogger(__name__)
@@ -324,12 +328,101 @@ def _publish_failures() -> Iterator[None]:
         raise PublishFailed(str(exc)) from exc
 
 
-def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 0.0) -> None:
+class WaitAgain(Exception):
+    """The request goes back to wait, for ``upstream``: the one it had is
+    paused or saturated, or failed it and ``upstream`` is its fallback."""
+
+    def __init__(self, upstream: str, tried: tuple[str, ...], why: str) -> None:
+        super().__init__(why)
+        self.upstream = upstream
+        self.tried = tried
+        self.why = why
+        # (upstream, seconds): a saturated upstream, paused for every worker.
+        self.pause: tuple[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """The upstream a request's slot is of, and the upstreams that failed it."""
+
+    upstream: Upstream
+    tried: tuple[str, ...]
+    upstreams: Upstreams
+
+    @classmethod
+    def of(cls, settings: Settings, request: ChatRequest, name: str, tried: Iterable[str]) -> Route:
+        upstreams = settings.upstreams
+        upstream = upstreams.get(name) or upstreams.route(request.model) or upstreams.all[0]
+        return cls(upstream, tuple(tried), upstreams)
+
+    def fallback(self, why: str) -> WaitAgain | None:
+        """The first fallback that has not failed the request, to wait for;
+        None: there is none, and the request ends with its error."""
+        tried = (*self.tried, self.upstream.name)
+        for name in self.upstream.fallback:
+            if name not in tried and self.upstreams.get(name) is not None:
+                metrics.fell_back(self.upstream.name, name)
+                return WaitAgain(name, tried, f"{why}; falls back on {name}")
+        return None
+
+    def saturated(self, why: str) -> WaitAgain:
+        """Where a request whose upstream is saturated waits: its first
+        fallback, else its own upstream again (a pause is no failure)."""
+        return self.fallback(why) or WaitAgain(self.upstream.name, self.tried, why)
+
+
+def _wait_again(
+    task: Task, request: ChatRequest, incarnation: Incarnation, wait: WaitAgain, *, again: bool
+) -> None:
+    """Publish the request to ``<ns>.waiting`` again (confirmed) before its task
+    message ends and frees its slot. Raises Reject (requeue: the slot kept)
+    if RabbitMQ does not take it."""
+    settings: Settings = task.app.settings
+    logger.warning("uid=%s: waits again for upstream %s (%s)", request.uid, wait.upstream, wait.why)
+    try:
+        with task.app.pools.confirmed.acquire(block=True) as producer:
+            if wait.pause is not None:
+                name, seconds = wait.pause
+                logger.warning("upstream %s is saturated: paused for %.1f s", name, seconds)
+                metrics.paused(name, seconds)
+                cancel.pause(producer, settings, name, seconds)
+            handoff.send(
+                task,
+                request,
+                handoff.Handoff(
+                    rid=incarnation.rid,
+                    at=incarnation.handed_off_at,
+                    upstream=wait.upstream,
+                    tried=wait.tried,
+                    again=again,
+                ),
+                settings,
+                producer,
+                retry=True,
+                retry_policy=RETRY_POLICY,
+            )
+    except Exception as exc:
+        logger.error("uid=%s: cannot wait again (%r); requeued in its slot", request.uid, exc)
+        raise Reject(exc, requeue=True) from exc
+
+
+def stream_chat(
+    task: Task,
+    payload: dict[str, Any],
+    rid: str = "",
+    at: float = 0.0,
+    *,
+    upstream: str = "",
+    tried: list[str] | None = None,
+    again: bool = False,
+) -> None:
     """Answer one incarnation of a request; registered as ``chatqueue.stream_chat``.
 
-    ``rid`` and ``at`` name the hand-off (see :mod:`app.lifecycle`). A task
-    message that comes back (its worker died mid-answer) starts the answer
-    again, marked ``restart``.
+    ``rid`` and ``at`` name the hand-off (see :mod:`app.lifecycle`);
+    ``upstream`` the LLM server whose slot it holds, ``tried`` those that
+    failed it. A task message that comes back (its worker died mid-answer),
+    or that waited again after its answer began (``again``), starts the
+    answer again, marked ``restart``.
     """
     settings: Settings = task.app.settings
     lost = losses.count  # a connection lost after this takes the task message with it
@@ -337,7 +430,8 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
     request = ChatRequest.from_task(payload)
     uid = request.uid
     incarnation = Incarnation(uid, rid or str(task.request.id), at)
-    restart = bool((task.request.delivery_info or {}).get("redelivered"))
+    restart = again or bool((task.request.delivery_info or {}).get("redelivered"))
+    route = Route.of(settings, request, upstream, tried or ())
     runs = running(settings)
     message = TaskMessage(link)
     if not _to_stream(task, request, incarnation, runs, message):
@@ -364,16 +458,24 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         restart=restart,
         rid=incarnation.rid,
     )
-    figures = metrics.Answering(0.0 if restart else at)
+    figures = _figures(task, restart=restart, at=at)
     outcome = ""  # requeued: counted when it is answered
     try:
-        if restart:
+        if restart and not again:
             logger.warning("uid=%s: redelivered; the answer starts again", uid)
             metrics.restarted("redelivered")
-        finished = answer(stream, request, incarnation, settings, figures, publisher=publisher)
+        finished = answer(
+            stream, request, incarnation, settings, figures, publisher=publisher, route=route
+        )
         publisher.settle()
         outcome = ("error" if stream.error_code else "answered") if finished else "cancelled"
         check_transition(state, State.ANSWERED if finished else State.CANCELLED)
+    except WaitAgain as wait:
+        # Its slot goes back with this task message; the request waits again,
+        # in its place (``at``), on its next upstream.
+        publisher.settle()
+        _wait_again(task, request, incarnation, wait, again=stream.started or restart)
+        check_transition(state, State.WAITING)
     except PublishFailed as exc:
         # The broker is unreachable: give the request back to be answered later.
         logger.error("uid=%s: cannot publish the answer (%s); requeued", uid, exc)
@@ -382,12 +484,7 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         # Unacknowledged, the task message goes back to the queue, and another
         # worker answers it again from the start, marked restart.
         check_transition(state, State.HANDED_BACK)
-        if not isinstance(exc, Orphaned):
-            why = "warm shutdown, grace over"
-        elif lease.taken():
-            why = "its connection to RabbitMQ was lost: another worker answers its task message"
-        else:
-            why = "its connection to RabbitMQ was lost: the task message was given back"
+        why = _handed_back_why(exc, lease)
         logger.warning("uid=%s: handed back after %d messages (%s)", uid, stream.seq, why)
         raise Reject(why, requeue=True) from exc
     finally:
@@ -402,6 +499,23 @@ def stream_chat(task: Task, payload: dict[str, Any], rid: str = "", at: float = 
         )
         lease.end(outcome, whole=finished and publisher.since == losses.count)
         figures.end(outcome, stream)
+
+
+def _figures(task: Task, *, restart: bool, at: float) -> metrics.Answering:
+    """The figures of an answer, timed from its dispatch (the start of its
+    slot), or from its hand-off if it carries none; a restart has no TTFT."""
+    dispatched = task.request.get(H_DISPATCHED)
+    if restart:
+        return metrics.Answering(0.0)
+    return metrics.Answering(float(dispatched) if isinstance(dispatched, int | float) else at)
+
+
+def _handed_back_why(exc: HandBack, lease: Lease) -> str:
+    if not isinstance(exc, Orphaned):
+        return "warm shutdown, grace over"
+    if lease.taken():
+        return "its connection to RabbitMQ was lost: another worker answers its task message"
+    return "its connection to RabbitMQ was lost: the task message was given back"
 
 
 def _to_stream(
@@ -534,26 +648,32 @@ def answer(
     figures: metrics.Answering,
     *,
     publisher: _Publisher,
+    route: Route | None = None,
 ) -> bool:
     """Stream the LLM's answer, or an error object, then ``[DONE]``; False if cancelled.
 
     ``figures`` takes the LLM's time to its first payload and the tokens;
     ``publisher``, the stream's, tells at each chunk whether a connection
-    was lost (:func:`_stop_if_due`)."""
+    was lost (:func:`_stop_if_due`). ``route``: its upstream, and those that
+    failed it; raises :class:`WaitAgain` when the request waits again, for
+    that upstream (paused) or a fallback."""
     uid = request.uid
     cancels = cancel.listener(settings).cancels
     if cancels.cancelled(incarnation):
         logger.info("uid=%s: cancelled before it started", uid)
         return False
     _stop_if_due(publisher)
-    client = llm.client(settings)
+    route = route or Route.of(settings, request, "", ())
+    upstream = route.upstream
+    _starts(stream, request, route, settings)
+    client = llm.client(settings, upstream)
     started = time.monotonic()
     for attempt in range(settings.llm_max_retries + 1):
         opened = False  # the LLM answered 200 and its stream began
         tokens = False  # a chunk with more than the opening role went out
         try:
             if request.stream:
-                with llm.stream(client, request) as payloads:
+                with llm.stream(client, request, upstream) as payloads:
                     opened = True
                     for payload, chunk in payloads:
                         if figures.llm_first is None:
@@ -575,37 +695,21 @@ def answer(
                         elif not tokens:
                             tokens = not opens_only(chunk)
             else:
-                completion = llm.complete(client, request)
+                completion = llm.complete(client, request, upstream)
                 figures.llm_first = time.monotonic()
                 stream.completion(completion)
         except (PublishFailed, HandBack):
             raise
         except Exception as exc:
+            if not opened and (wait := _saturated(exc, route)) is not None:
+                raise wait from exc
             # The SDK already retried what failed before the stream opened; a
             # stream that broke before its first token is tried again here,
             # and its answer starts over (``restart``, seq 0) if its opening
             # chunk went out.
-            if opened and not tokens and attempt < settings.llm_max_retries and llm.retryable(exc):
-                delay = min(0.5 * 2**attempt, 8.0)
-                logger.warning(
-                    "uid=%s: LLM failed before the first token (%r); retry in %.1f s",
-                    uid,
-                    exc,
-                    delay,
-                )
-                metrics.retried_stream(restarts=stream.started)
-                time.sleep(delay)
-                if stream.started:
-                    stream.again()
+            if opened and not tokens and _retried(stream, exc, attempt, settings):
                 continue
-            error, status = llm.describe(exc, started=stream.started)
-            logger.warning(
-                "uid=%s: LLM failed after %d messages: %s",
-                uid,
-                stream.seq,
-                error["error"]["message"],
-            )
-            stream.fail(error, status)
+            _end_in_error(stream, exc, route, uid, tokens=tokens)
             return True
         stream.done()
         logger.info(
@@ -613,6 +717,57 @@ def answer(
         )
         return True
     return True  # pragma: no cover - the loop always returns
+
+
+def _retried(stream: ResponseStream, exc: Exception, attempt: int, settings: Settings) -> bool:
+    """Whether a stream that broke before its first token is tried again
+    (after a backoff); its answer then starts over if its opening chunk went out."""
+    if attempt >= settings.llm_max_retries or not llm.retryable(exc):
+        return False
+    delay = min(0.5 * 2**attempt, 8.0)
+    logger.warning(
+        "uid=%s: LLM failed before the first token (%r); retry in %.1f s", stream.uid, exc, delay
+    )
+    metrics.retried_stream(restarts=stream.started)
+    time.sleep(delay)
+    if stream.started:
+        stream.again()
+    return True
+
+
+def _end_in_error(
+    stream: ResponseStream, exc: Exception, route: Route, uid: str, *, tokens: bool
+) -> None:
+    """The LLM call failed for good: the request waits for a fallback upstream
+    (WaitAgain) if no token went out and it has one; else its answer ends
+    with the error object and ``[DONE]``."""
+    if not tokens and (fallback := route.fallback(repr(exc))):
+        raise fallback from exc
+    error, status = llm.describe(exc, started=stream.started)
+    logger.warning(
+        "uid=%s: LLM failed after %d messages: %s", uid, stream.seq, error["error"]["message"]
+    )
+    stream.fail(error, status)
+
+
+def _starts(stream: ResponseStream, request: ChatRequest, route: Route, settings: Settings) -> None:
+    """Its LLM call starts now: raise WaitAgain if its upstream is paused (the
+    LLM sees no new call then); tell a request that asked for its place."""
+    if cancel.listener(settings).paused(route.upstream.name):
+        raise route.saturated("its upstream is paused")
+    if request.queue_updates:
+        stream.starts()
+
+
+def _saturated(exc: Exception, route: Route) -> WaitAgain | None:
+    """For an upstream that says it is saturated (a 429, or a 503 with
+    ``retry-after``): the pause every worker takes, and where the request
+    waits again, its retries untouched."""
+    if not (isinstance(exc, openai.APIStatusError) and llm.saturated(exc.response)):
+        return None
+    wait = route.saturated(f"its upstream answered {exc.status_code}")
+    wait.pause = (route.upstream.name, llm.pause_of(exc.response.headers))
+    return wait
 
 
 def _carries_token(chunk: dict[str, Any]) -> bool:

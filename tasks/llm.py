@@ -17,10 +17,15 @@ broken stream when no token went out.
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import itertools
 import json
 import math
+import re
 import ssl
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,6 +39,7 @@ from app.metrics import on_llm_request, on_llm_response
 from app.process import per_process
 from app.request import ChatRequest
 from config import Settings
+from config.upstreams import Upstream
 
 CHAT_COMPLETIONS = "/chat/completions"
 
@@ -61,23 +67,38 @@ CONNECTIONS_PER_POOL = 64
 
 
 class Clients:
-    """The openai clients of one process, each with a small connection pool."""
+    """The openai clients of one process, for each upstream several, each with
+    a small connection pool."""
 
     def __init__(self, settings: Settings) -> None:
-        pools = max(1, math.ceil(settings.llm_max_connections / CONNECTIONS_PER_POOL))
-        per_pool = math.ceil(settings.llm_max_connections / pools)
-        tls = httpx2.create_ssl_context()  # one for all: each costs milliseconds to make
-        self._clients = [_new_client(settings, per_pool, tls) for _ in range(pools)]
+        self.settings = settings
+        self._tls = httpx2.create_ssl_context()  # one for all: each costs milliseconds to make
+        self._by_upstream: dict[str, list[openai.OpenAI]] = {}
+        self._lock = threading.Lock()
         self._turn = itertools.count()
 
-    def next(self) -> openai.OpenAI:
-        return self._clients[next(self._turn) % len(self._clients)]
+    def next(self, upstream: Upstream) -> openai.OpenAI:
+        clients = self._by_upstream.get(upstream.name)
+        if clients is None:
+            with self._lock:
+                clients = self._by_upstream.get(upstream.name)
+                if clients is None:
+                    clients = self._by_upstream[upstream.name] = self._make(upstream)
+        return clients[next(self._turn) % len(clients)]
+
+    def _make(self, upstream: Upstream) -> list[openai.OpenAI]:
+        settings = self.settings
+        pools = max(1, math.ceil(settings.llm_max_connections / CONNECTIONS_PER_POOL))
+        per_pool = math.ceil(settings.llm_max_connections / pools)
+        return [_new_client(settings, upstream, per_pool, self._tls) for _ in range(pools)]
 
 
-def _new_client(settings: Settings, connections: int, tls: ssl.SSLContext) -> openai.OpenAI:
+def _new_client(
+    settings: Settings, upstream: Upstream, connections: int, tls: ssl.SSLContext
+) -> openai.OpenAI:
     return openai.OpenAI(
-        api_key=settings.openai_api_key,
-        base_url=settings.openai_url,
+        api_key=upstream.api_key,
+        base_url=upstream.url,
         max_retries=settings.llm_max_retries,
         timeout=openai.Timeout(settings.llm_read_timeout, connect=settings.llm_connect_timeout),
         http_client=openai.DefaultHttpxClient(
@@ -85,8 +106,12 @@ def _new_client(settings: Settings, connections: int, tls: ssl.SSLContext) -> op
             limits=httpx2.Limits(
                 max_connections=connections, max_keepalive_connections=connections
             ),
-            # Every response by status, and the SDK's retries (app/metrics.py).
-            event_hooks={"request": [on_llm_request], "response": [on_llm_response]},
+            # Every response by status, and the SDK's retries (app/metrics.py);
+            # a saturated upstream is not asked again by the SDK.
+            event_hooks={
+                "request": [on_llm_request],
+                "response": [on_llm_response, _saturation_is_not_retried],
+            },
         ),
     )
 
@@ -94,10 +119,75 @@ def _new_client(settings: Settings, connections: int, tls: ssl.SSLContext) -> op
 _clients = per_process(Clients)
 
 
-def client(settings: Settings) -> openai.OpenAI:
-    """A client of this process (made after a fork, so never shared across one),
-    the next in turn."""
-    return _clients(settings).next()
+def client(settings: Settings, upstream: Upstream | None = None) -> openai.OpenAI:
+    """A client of this process for ``upstream`` (default: the one serving
+    OPENAI_MODEL), made after a fork, so never shared across one; the next in turn."""
+    if upstream is None:
+        upstream = settings.upstreams.route(settings.openai_model) or settings.upstreams.all[0]
+    return _clients(settings).next(upstream)
+
+
+# --- a saturated upstream ----------------------------------------------------------------------
+
+# Seconds of a pause when a 429 says nothing of how long.
+DEFAULT_PAUSE = 1.0
+# The longest pause chatqueue takes from a header.
+MAX_PAUSE = 600.0
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)(ms|h|m|s))")
+
+
+def saturated(response: Any) -> bool:
+    """Whether an upstream's answer says it is saturated: a 429, or a 503 with
+    ``retry-after``. All its callers wait then (app/dispatcher.py), instead of
+    each one retrying on its own."""
+    status = response.status_code
+    headers = response.headers
+    return status == 429 or (
+        status == 503 and ("retry-after" in headers or "retry-after-ms" in headers)
+    )
+
+
+def _saturation_is_not_retried(response: Any) -> None:
+    """The SDK retries 429s and 5xx by itself, each caller on its own clock: a
+    saturated upstream gets the whole wave again when its window ends. The
+    SDK obeys ``x-should-retry: false``; chatqueue pauses the upstream instead."""
+    if saturated(response):
+        response.headers["x-should-retry"] = "false"
+
+
+def pause_of(headers: Any) -> float:
+    """Seconds to leave an upstream alone, from the headers of its 429 or 503:
+    ``retry-after-ms``, ``retry-after`` (seconds or an HTTP date), or the
+    longest of OpenAI's ``x-ratelimit-reset-requests`` / ``-tokens``
+    (``1s``, ``6m0s``, ``20ms``); DEFAULT_PAUSE if none says."""
+    found: list[float] = []
+    raw = headers.get("retry-after-ms")
+    if raw is not None:
+        with contextlib.suppress(ValueError):
+            found.append(float(raw) / 1000)
+    raw = headers.get("retry-after")
+    if raw is not None and not found:
+        try:
+            found.append(float(raw))
+        except ValueError:
+            with contextlib.suppress(TypeError, ValueError, OverflowError):
+                when = email.utils.parsedate_to_datetime(raw)
+                found.append(when.timestamp() - time.time())
+    for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
+        raw = headers.get(name)
+        if raw:
+            found.append(_duration(raw))
+    pause = max(found, default=DEFAULT_PAUSE)
+    return min(max(pause, 0.0), MAX_PAUSE) or DEFAULT_PAUSE
+
+
+def _duration(raw: str) -> float:
+    """``6m0s``, ``1.5s``, ``20ms`` in seconds (0 for what it cannot read)."""
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    try:
+        return float(raw)
+    except ValueError:
+        return sum(float(n) * scale[unit] for n, unit in _DURATION.findall(raw))
 
 
 class MalformedPayload(UpstreamError):
@@ -134,18 +224,21 @@ def _object(data: str) -> dict[str, Any]:
     return payload
 
 
-def _body(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
-    return {
+def _body(request: ChatRequest, upstream: Upstream | None, *, stream: bool) -> dict[str, Any]:
+    body = {
         "model": request.model,
         "messages": request.messages,
         "stream": stream,
         **request.params,
     }
+    if upstream is not None and upstream.forward_service_tier and request.service_tier:
+        body["service_tier"] = request.service_tier
+    return body
 
 
 @contextmanager
 def stream(
-    client: openai.OpenAI, request: ChatRequest
+    client: openai.OpenAI, request: ChatRequest, upstream: Upstream | None = None
 ) -> Iterator[Iterator[tuple[str, dict[str, Any]]]]:
     """Open the streamed answer; yields ``(payload, parsed)`` per ``data:`` event.
 
@@ -161,7 +254,10 @@ def stream(
     time.
     """
     response = client.post(
-        CHAT_COMPLETIONS, body=_body(request, stream=True), cast_to=httpx2.Response, stream=True
+        CHAT_COMPLETIONS,
+        body=_body(request, upstream, stream=True),
+        cast_to=httpx2.Response,
+        stream=True,
     )
     try:
 
@@ -200,10 +296,10 @@ def _finishes(chunk: dict[str, Any]) -> bool:
     )
 
 
-def complete(client: openai.OpenAI, request: ChatRequest) -> str:
+def complete(client: openai.OpenAI, request: ChatRequest, upstream: Upstream | None = None) -> str:
     """The whole answer of a ``stream: false`` request: the ``chat.completion`` as sent."""
     response = client.post(
-        CHAT_COMPLETIONS, body=_body(request, stream=False), cast_to=httpx2.Response
+        CHAT_COMPLETIONS, body=_body(request, upstream, stream=False), cast_to=httpx2.Response
     )
     text = response.text
     _object(text)
