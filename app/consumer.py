@@ -55,7 +55,7 @@ from app.broker import (
     response_queue_arguments,
 )
 from app.dispatcher import Dispatcher, declare_capacity_queues, start_dispatcher
-from app.errors import RequestError
+from app.errors import ModelNotFound, RequestError
 from app.lifecycle import new_rid
 from app.logs import stack_of
 from app.protocol import ResponseStream
@@ -454,7 +454,9 @@ class Intake(ConsumerMixin):
             )
             upstream = self.settings.upstreams.route(request.model)
             if upstream is None:
-                raise model_not_found(request)
+                unserved = ModelNotFound.of(request.model)
+                unserved.uid, unserved.reply_to = request.uid, request.reply_to
+                raise unserved
         except RequestError as exc:
             logger.warning("uid=%s: rejected (%s): %s", exc.uid or "-", exc.code, exc.message)
             return Read(message, None, exc)
@@ -549,16 +551,6 @@ def _tenant(headers: Any) -> str | None:
     if isinstance(tenant, bytes):
         tenant = tenant.decode("utf-8", "replace")
     return tenant[:128] if isinstance(tenant, str) and tenant else None
-
-
-def model_not_found(request: ChatRequest) -> RequestError:
-    return RequestError(
-        f"no upstream serves the model {request.model!r}; see GET /openai/v1/models for "
-        "the models served here",
-        code="model_not_found",
-        param="model",
-        status=404,
-    )
 
 
 def _frame_of_current() -> Callable[[], Any]:

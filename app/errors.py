@@ -3,7 +3,8 @@
     ChatqueueError                 base of everything chatqueue raises on purpose
     ├── RequestError               a request that cannot be served as sent (400)
     │   ├── BodyTooLarge           over MAX_BODY_BYTES (413)
-    │   └── DuplicateRequest       the uid is already taken by another request (409)
+    │   ├── DuplicateRequest       the uid is already taken by another request (409)
+    │   └── ModelNotFound          no upstream serves the request's model (404)
     ├── BrokerUnavailable          RabbitMQ cannot be reached (503)
     │   └── BrokerBlocked          RabbitMQ blocks publishing: a memory or disk alarm (503)
     └── UpstreamError              the LLM server failed; carries its status
@@ -70,6 +71,21 @@ class BodyTooLarge(RequestError):
 class DuplicateRequest(RequestError):
     status = 409
     code = "uid_in_use"
+
+
+class ModelNotFound(RequestError):
+    """No upstream serves the request's model (UPSTREAMS_FILE)."""
+
+    status = 404
+    code = "model_not_found"
+
+    @classmethod
+    def of(cls, model: str) -> ModelNotFound:
+        return cls(
+            f"no upstream serves the model {model!r}; GET /openai/v1/models lists the "
+            "models served here",
+            param="model",
+        )
 
 
 class BrokerUnavailable(ChatqueueError):

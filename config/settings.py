@@ -104,6 +104,18 @@ def _keys(raw: str) -> frozenset[str]:
     return frozenset(k.strip() for k in raw.split(",") if k.strip())
 
 
+def _key_tiers(raw: str) -> tuple[tuple[str, str], ...]:
+    caps: dict[str, str] = {}
+    for pair in raw.split(","):
+        if not pair.strip():
+            continue
+        key, eq, tier = pair.partition("=")
+        if not eq or not key.strip() or tier.strip() not in ("priority", "default", "flex"):
+            raise ValueError("use key=tier pairs joined by ',' (tier: priority, default or flex)")
+        caps[key.strip()] = tier.strip()
+    return tuple(caps.items())
+
+
 def _bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -224,6 +236,14 @@ class Settings:
     api_keys: frozenset[str] = _env(
         _keys, "", "comma-separated API keys for the web front; empty: no auth", secret=True
     )
+    api_key_tiers: tuple[tuple[str, str], ...] = _env(
+        _key_tiers,
+        "",
+        "the highest service_tier each API key may ask for, as key=tier pairs joined by ',' "
+        "(tier: priority, default or flex; key * for every key not named); a request above "
+        "its key's cap is served at the cap. Empty: no cap",
+        secret=True,
+    )
     web_concurrency: int = _env(
         _positive_int, "1", "gunicorn worker processes of the web front (gevent, one per core)"
     )
@@ -322,6 +342,19 @@ class Settings:
         """The baton of the one worker that dispatches (single active consumer)."""
         return self._own("dispatcher")
 
+    @property
+    def deployment_queues(self) -> list[str]:
+        """Every durable queue of the deployment but the response and reply queues."""
+        return [
+            self.rabbitmq_queue,
+            self.waiting_queue,
+            self.task_queue,
+            self.slots_queue,
+            self.ledger_queue,
+            self.dispatcher_queue,
+            self.dead_letter_queue,
+        ]
+
     @cached_property
     def upstreams(self) -> Upstreams:
         """The upstreams (config/upstreams.py): ``UPSTREAMS_FILE``'s, or ``default``."""
@@ -352,6 +385,11 @@ class Settings:
         (RabbitMQ refuses a declare whose ``x-queue-type`` differs from the queue's).
         Classic queues are declared without it, as they always were."""
         return type_argument(self.rabbitmq_queue_type)
+
+    def tier_cap(self, key: str | None) -> str | None:
+        """The highest service tier ``key`` may ask for (None: no cap)."""
+        caps = dict(self.api_key_tiers)
+        return caps.get(key or "", caps.get("*"))
 
     def response_queue(self, uid: str) -> str:
         return f"{self.response_queue_prefix}{uid}"
@@ -390,6 +428,8 @@ def _field_default(name: str) -> Any:
 def _raw_default(value: object) -> str:
     if isinstance(value, frozenset):
         return ",".join(sorted(value))
+    if isinstance(value, tuple):
+        return ",".join(f"{k}={v}" for k, v in value)
     if isinstance(value, bool):
         return str(value).lower()
     return str(value)

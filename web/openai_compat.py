@@ -21,17 +21,22 @@ answers as OpenAI does:
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from typing import Any
 
 import httpx2
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 
 from app.errors import UpstreamError
+from app.protocol import Kind
+from config.upstreams import Upstream
 from web.auth import current_key
 from web.client import ClientGone
 from web.errors import AnswerTimeout
-from web.responses import ask
+from web.responses import Answer, ask
+from web.router import Delivery
 from web.services import services
 from web.sse import SSE_HEADERS, events
 from web.submit import read_json_body
@@ -54,6 +59,8 @@ def chat_completions() -> Response:
     settings = svc.settings
     data = read_json_body(settings.max_body_bytes)
     data.setdefault("stream", False)  # OpenAI's default, not chatqueue's
+    data["queue_updates"] = True  # for this route to see whether it waits
+    deadline = time.monotonic() + settings.web_answer_timeout
     try:
         accepted, answer, first = ask(
             svc, data, current_key(), request.environ, settings.web_answer_timeout
@@ -63,6 +70,7 @@ def chat_completions() -> Response:
     uid = accepted.uid
     streaming = False
     try:
+        first = _first_of_answer(answer, first, deadline, stream=accepted.stream)
         if first is None:
             raise AnswerTimeout(
                 f"no answer began within {settings.web_answer_timeout:g} s (WEB_ANSWER_TIMEOUT): "
@@ -85,23 +93,66 @@ def chat_completions() -> Response:
             answer.close()
 
 
+def _first_of_answer(
+    answer: Answer, first: Delivery | None, deadline: float, *, stream: bool
+) -> Delivery | None:
+    """The first message to answer with: the first of the answer, or, for a
+    stream whose request waits for a slot, its place (the stream then starts,
+    its place as comments). Places are skipped otherwise: position 0 (its
+    call starts) and a ``stream: false`` answer, which has nowhere to show them."""
+    while first is not None and first.kind == Kind.QUEUE:
+        if stream and _position(first) > 0:
+            return first
+        first = answer.next(max(0.0, deadline - time.monotonic()))
+    return first
+
+
+def _position(delivery: Delivery) -> int:
+    try:
+        position = json.loads(delivery.body).get("position")
+    except (ValueError, AttributeError):
+        return 0
+    return position if isinstance(position, int) else 0
+
+
 @bp.get("/models")
 def models() -> Response:
+    """The models each upstream serves (the patterns that name one model),
+    with what an upstream's own ``/models`` lists when it serves every model
+    (the default upstream); ``OPENAI_MODEL`` first."""
     settings = services().settings
-    ids: list[str] = []
+    ids: list[str] = [settings.openai_model]
+    owners: dict[str, str] = {}
+    for upstream in settings.upstreams.all:
+        named = upstream.listed_models
+        if "*" in upstream.models:
+            named = [*named, *_listed_by(upstream)]
+        for model in named:
+            if model not in ids:
+                ids.append(model)
+            owners.setdefault(model, upstream.name)
+    if settings.upstreams.route(settings.openai_model) is None:
+        ids.remove(settings.openai_model)
+    return jsonify(
+        object="list",
+        data=[
+            {"id": i, "object": "model", "created": 0, "owned_by": owners.get(i, "chatqueue")}
+            for i in ids
+        ],
+    )
+
+
+def _listed_by(upstream: Upstream) -> list[str]:
+    """What the upstream's own ``GET /models`` lists; nothing if it cannot say."""
     try:
         response = httpx2.get(
-            settings.openai_url.rstrip("/") + "/models",
-            headers={"Authorization": f"Bearer {settings.openai_api_key}"},
+            upstream.url.rstrip("/") + "/models",
+            headers={"Authorization": f"Bearer {upstream.api_key}"},
             timeout=MODELS_TIMEOUT,
         )
         response.raise_for_status()
         listed: Any = response.json().get("data", [])
-        ids = [m["id"] for m in listed if isinstance(m, dict) and isinstance(m.get("id"), str)]
     except (httpx2.HTTPError, ValueError, AttributeError) as exc:
-        logger.warning("the LLM's model list is unavailable (%r); listing OPENAI_MODEL", exc)
-    ordered = [settings.openai_model, *(i for i in ids if i != settings.openai_model)]
-    return jsonify(
-        object="list",
-        data=[{"id": i, "object": "model", "created": 0, "owned_by": "chatqueue"} for i in ordered],
-    )
+        logger.warning("upstream %s: its model list is unavailable (%r)", upstream.name, exc)
+        return []
+    return [m["id"] for m in listed if isinstance(m, dict) and isinstance(m.get("id"), str)]

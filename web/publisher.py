@@ -67,6 +67,7 @@ from gevent.event import AsyncResult
 
 from app.broker import reply_queue_arguments, response_queue_arguments
 from app.errors import BrokerBlocked, BrokerUnavailable
+from app.request import TENANT_HEADER
 from config import Settings
 from web.errors import ReaderTooSlow
 from web.router import LINK_ERRORS, Delivery, Inbox, SharedConnection
@@ -232,12 +233,18 @@ class Publisher(SharedConnection):
         )
 
     def submit(
-        self, uid: str, body: bytes, *, declare: bool = True, reply: bool = False
+        self,
+        uid: str,
+        body: bytes,
+        *,
+        declare: bool = True,
+        reply: bool = False,
+        tenant: str | None = None,
     ) -> Replies | None:
         """Declare ``response_<uid>`` (with ``declare``) and publish ``body`` to
         the input queue, persistent; return once the broker confirmed it. With
         ``reply``, the answer comes back to the process's reply queue: its
-        :class:`Replies`."""
+        :class:`Replies`. ``tenant``: whose request it is, for the fair share."""
         settings = self.settings
         replies: Replies | None = None
         with self.lock:
@@ -256,6 +263,8 @@ class Publisher(SharedConnection):
                         nowait=True,
                     )
                 properties: dict[str, Any] = {"reply_to": self.book.queue} if reply else {}
+                if tenant is not None:
+                    properties["application_headers"] = {TENANT_HEADER: tenant}
                 self.channel.basic_publish(
                     amqp.Message(
                         body,

@@ -190,6 +190,12 @@ class Answer:
                 continue
             if delivery is None:
                 return None
+            if delivery.kind == Kind.QUEUE:
+                # The request's place while it waits: not part of the answer,
+                # and of no use once the answer began.
+                if self.seq is None and self.resume is None:
+                    return delivery
+                continue
             if self._repeats(delivery):
                 # What the client has, written again by a worker that lost its
                 # connection and went on: the rest comes after it.

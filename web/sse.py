@@ -24,6 +24,7 @@ from flask import Blueprint, Response, request, stream_with_context
 
 from app.errors import ChatqueueError, RequestError
 from app.lifecycle import looks_issued
+from app.protocol import Kind
 from app.request import UID_RULE, is_valid_uid
 from web.auth import may_read
 from web.client import ClientGone
@@ -44,8 +45,18 @@ def data_lines(body: str) -> str:
 
 
 def event(delivery: Delivery, *, ids: bool = True) -> str:
+    if delivery.kind == Kind.QUEUE:
+        # The request's place while it waits: an event of its own type, which
+        # EventSource passes only to a listener of ``queue``; no id, so a
+        # resume goes on from the last message of the answer.
+        return f"event: queue\n{data_lines(delivery.body)}\n"
     seq = "" if delivery.seq is None or not ids else f"id: {delivery.seq}\n"
     return f"{seq}{data_lines(delivery.body)}\n"
+
+
+def comment(delivery: Delivery) -> str:
+    """A ``queue`` message as an SSE comment (the drop-in: the openai SDK skips it)."""
+    return f": {delivery.body}\n\n"
 
 
 def error_event(exc: ChatqueueError) -> str:
@@ -60,8 +71,9 @@ def events(
     ids: bool = True,
 ) -> Iterator[str]:
     """The events of ``answer`` (starting with ``first`` if it was read
-    already; ``id:`` lines unless ``ids`` is false); always closes it,
-    whatever ends the stream."""
+    already; ``id:`` lines unless ``ids`` is false, and then a request's place
+    as comments, not ``queue`` events); always closes it, whatever ends the
+    stream."""
     try:
         delivery = first if first is not None else answer.next(keepalive)
         while True:
@@ -76,6 +88,8 @@ def events(
                 # Written: the queue goes, before the response ends.
                 answer.close()
                 return
+            elif delivery.kind == Kind.QUEUE and not ids:
+                yield comment(delivery)
             else:
                 yield event(delivery, ids=ids)
             delivery = answer.next(keepalive)

@@ -22,6 +22,7 @@ That is the whole broker work of a submission: one queue, one publish.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import replace
@@ -34,10 +35,12 @@ from app.errors import (
     BrokerBlocked,
     BrokerUnavailable,
     DuplicateRequest,
+    ModelNotFound,
     RequestError,
 )
 from app.lifecycle import new_uid, owned_by
 from app.request import ChatRequest, decode_body, parse_request
+from app.waiting import tier_rank
 from web.auth import current_key
 from web.publisher import Replies
 from web.services import Services, services
@@ -55,6 +58,22 @@ def read_json_body(max_bytes: int) -> dict[str, Any]:
             f"the request body is {length} bytes; the limit is {max_bytes} (MAX_BODY_BYTES)"
         )
     return decode_body(request.get_data(cache=False), max_bytes)
+
+
+def tenant_of(key: str | None) -> str | None:
+    """The tenant of a request for the fair share: its API key, by a digest
+    (a key never travels in a message); None without keys (its username)."""
+    if key is None:
+        return None
+    return "key:" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def capped(data: dict[str, Any], cap: str | None) -> dict[str, Any]:
+    """``data`` with its ``service_tier`` lowered to ``cap`` if it asks for more."""
+    tier = data.get("service_tier")
+    if cap is None or not isinstance(tier, str) or tier_rank(tier) >= tier_rank(cap):
+        return data
+    return {**data, "service_tier": cap}
 
 
 def submit(services: Services, data: dict[str, Any], key: str | None) -> ChatRequest:
@@ -83,7 +102,10 @@ def _submit(
     services: Services, data: dict[str, Any], key: str | None, *, reading: bool
 ) -> tuple[ChatRequest, Replies | None]:
     settings = services.settings
+    data = capped(data, settings.tier_cap(key))
     accepted = parse_request(data, default_model=settings.openai_model, uid_required=False)
+    if settings.upstreams.route(accepted.model) is None:
+        raise ModelNotFound.of(accepted.model)
     chosen = bool(accepted.uid)
     uid = accepted.uid or new_uid(key)
     if chosen and key is not None and not owned_by(uid, key):
@@ -115,7 +137,9 @@ def _submit(
             # accepts the request (declaring ~1,000 durable queues took the
             # broker ~6 s here: a burst's 202s must not wait for that); a uid
             # the client chose is declared now, so a duplicate sees it at once.
-            replies = publisher.submit(uid, raw, declare=chosen and not reading, reply=reading)
+            replies = publisher.submit(
+                uid, raw, declare=chosen and not reading, reply=reading, tenant=tenant_of(key)
+            )
             break
         except BrokerBlocked as exc:
             # Not again: the broker is short of memory or disk (and a publish
@@ -137,6 +161,8 @@ def _submit(
 def create() -> tuple[Response, int]:
     svc = services()
     data = read_json_body(svc.settings.max_body_bytes)
+    # Its SSE reader passes its place on as ``queue`` events.
+    data.setdefault("queue_updates", True)
     accepted = submit(svc, data, current_key())
     return jsonify(
         uid=accepted.uid,
