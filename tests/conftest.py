@@ -78,6 +78,9 @@ def worker_env(names: dict[str, str], llm: DevLLM) -> dict[str, str]:
         **names,
         OPENAI_URL=llm.base_url,
         OPENAI_MODEL="devllm",
+        # No limit of calls in flight, but where a test sets one
+        # (tests/test_capacity.py): the others are about other things.
+        LLM_MAX_IN_FLIGHT="0",
         LLM_READ_TIMEOUT="3",
         LLM_MAX_RETRIES="2",
         LOG_LEVEL="info",
@@ -111,11 +114,7 @@ def start_worker(worker_env: dict[str, str]) -> Iterator[WorkerFactory]:
             queue
             for env in envs
             if env["RABBITMQ_URL"] == RABBITMQ_URL  # a private node goes with its data
-            for queue in (
-                env["RABBITMQ_QUEUE"],
-                load_settings(env).task_queue,
-                env["CHATQUEUE_NAMESPACE"] + ".dead-letter",
-            )
+            for queue in load_settings(env).deployment_queues
         }
     )
 
@@ -139,9 +138,7 @@ def broker(names: dict[str, str]) -> Iterator[Broker]:
 @pytest.fixture(scope="session", autouse=True)
 def _delete_run_queues(names: dict[str, str]) -> Iterator[None]:
     yield
-    ns = names["CHATQUEUE_NAMESPACE"]
-    tasks = load_settings(names).task_queue
-    _delete_queues({names["RABBITMQ_QUEUE"], tasks, f"{ns}.dead-letter"})
+    _delete_queues(set(load_settings(names).deployment_queues))
 
 
 # --- the web front ------------------------------------------------------------------------
