@@ -1,5 +1,5 @@
-"""The whole benchmark in one run: every figure of issue 6 beside its direct
-(LLM alone) or peer (LiteLLM's proxy) figure, and its target.
+"""The whole benchmark in one run: every figure beside its direct (LLM
+alone) or peer (LiteLLM's proxy) figure, and its target.
 
     .venv/bin/python -m bench [--quick] [--only worker,web,peer] [--workers N] ...
 

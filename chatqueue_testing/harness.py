@@ -251,6 +251,7 @@ class Event:
     data: str
     id: str | None
     at: float
+    type: str = "message"  # its ``event:`` field; EventSource's onmessage gets "message" only
 
     @property
     def json(self) -> Any:
@@ -279,14 +280,15 @@ class SseParser:
     def __init__(self) -> None:
         self._data: list[str] = []
         self._id: str | None = None
+        self._type = "message"
 
     def feed(self, raw: bytes | str) -> Event | Comment | None:
         line = (raw.decode() if isinstance(raw, bytes) else raw).rstrip("\r\n")
         if not line:
             if not self._data:
                 return None
-            event = Event("\n".join(self._data), self._id, time.monotonic())
-            self._data, self._id = [], None
+            event = Event("\n".join(self._data), self._id, time.monotonic(), self._type)
+            self._data, self._id, self._type = [], None, "message"
             return event
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
@@ -296,6 +298,8 @@ class SseParser:
             self._data.append(value)
         elif name == "id":
             self._id = value
+        elif name == "event":
+            self._type = value
         return None
 
 
@@ -307,6 +311,9 @@ class EventStream:
     events: list[Event] = field(default_factory=list)
     comments: list[str] = field(default_factory=list)
     body: bytes = b""
+    # Events of another type than "message" (``event: queue``: a waiting
+    # request's place), which EventSource passes only to their own listeners.
+    others: list[Event] = field(default_factory=list)
 
     @property
     def content(self) -> str:
@@ -326,16 +333,20 @@ def read_sse(
     *,
     method: str = "GET",
     body: bytes | None = None,
+    on_sent: Callable[[], object] | None = None,
 ) -> EventStream:
     """Send ``method url`` (GET by default) and read its Server-Sent Events
     until the server ends the response, or until ``until(stream)`` holds after
-    an event or a comment: then the client hangs up."""
+    an event or a comment: then the client hangs up. ``on_sent()`` is called
+    once the request is sent, before its answer is read."""
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     path = f"{parts.path}?{parts.query}" if parts.query else parts.path
     try:
         opened = time.monotonic()
         connection.request(method, path, body=body, headers=dict(headers or {}))
+        if on_sent is not None:
+            on_sent()
         response = connection.getresponse()
         stream = EventStream(response.status, dict(response.headers), opened)
         if response.status != 200:
@@ -347,7 +358,7 @@ def read_sse(
             if item is None:
                 continue
             if isinstance(item, Event):
-                stream.events.append(item)
+                (stream.events if item.type == "message" else stream.others).append(item)
             else:
                 stream.comments.append(item.text)
             if until is not None and until(stream):

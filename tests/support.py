@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pika
+import psutil
 import websocket
 from pika.adapters.blocking_connection import BlockingChannel
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -46,6 +47,7 @@ from chatqueue_testing.harness import (
     wait_for_consumer,
     wait_for_http,
 )
+from chatqueue_testing.rabbitnode import RabbitNode
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
 
@@ -75,6 +77,7 @@ __all__ = [
     "chat",
     "client_of",
     "collect",
+    "connections_of",
     "content_of",
     "declare_response_queues",
     "delete_queues",
@@ -663,6 +666,19 @@ def processes(samples: Samples) -> dict[str, int]:
 
 
 # --- private brokers ----------------------------------------------------------------------
+
+
+def connections_of(node: RabbitNode, pid: int, *items: str) -> list[list[str]]:
+    """The ``items`` (columns of ``rabbitmqctl list_connections``: ``pid``,
+    ``state``, ...) of each AMQP connection that process ``pid`` has to ``node``."""
+    ports = {
+        c.laddr.port
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == node.port
+    }
+    listed = node.ctl("-q", "list_connections", "--no-table-headers", "peer_port", *items)
+    rows = [line.split("\t") for line in listed.splitlines()]
+    return [row[1:] for row in rows if row[0].strip().isdigit() and int(row[0]) in ports]
 
 
 @dataclass

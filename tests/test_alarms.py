@@ -7,6 +7,7 @@ goes on."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,16 +17,23 @@ import pytest
 
 from chatqueue_testing.rabbitnode import RabbitNode
 from tests.support import (
+    EventStream,
     PrivateStack,
     Web,
+    about,
     chat,
+    connections_of,
     error_of,
     expected,
     fetch,
     new_uid,
     stream,
     submit,
+    wait_until,
 )
+
+# Each test raises a resource alarm on a private RabbitMQ node.
+pytestmark = pytest.mark.slow
 
 # Seconds a refused submission may take.
 PROMPT_REFUSAL = 3.0
@@ -56,9 +64,16 @@ def test_an_alarm_is_503_with_retry_after_and_loses_nothing(
     before = submit(web, chat("before the alarm"))
     assert stream(web, before).content == expected("before the alarm")
     across = submit(web, chat("across the alarm", model="m;delay=0.2;tokens=30"))
+    streaming = threading.Event()
+
+    def seen_three(sse: EventStream) -> bool:
+        if len(sse.events) >= 3:
+            streaming.set()
+        return False
+
     with ThreadPoolExecutor(1) as pool:
-        reading = pool.submit(stream, web, across, timeout=120)
-        time.sleep(1)  # the answer is streaming
+        reading = pool.submit(stream, web, across, timeout=120, until=seen_three)
+        assert streaming.wait(30), "the answer never streamed"
 
         raise_alarm()
         try:
@@ -66,18 +81,24 @@ def test_an_alarm_is_503_with_retry_after_and_loses_nothing(
             refused(web, "/v1/chat/completions", chat("chosen uid", uid=f"mine-{new_uid()}"))
             drop_in = {**chat("drop-in"), "model": "devllm", "stream": False}
             refused(web, "/openai/v1/chat/completions", drop_in)
-            time.sleep(2)  # the worker sits through the alarm...
+            # The worker sits through the alarm: RabbitMQ blocks its connection
+            # as it publishes the answer's next message...
+            wait_until(
+                lambda: ["blocked"] in connections_of(rabbit_node, worker.pid, "state"),
+                30,
+                about("the worker's connection was never blocked", worker),
+                interval=0.2,
+            )
         finally:
             clear_alarm()
 
         # ...and the answer that was streaming ends whole.
         assert reading.result().content == expected("across the alarm", 30)
-    deadline = time.monotonic() + 10
-    while True:
+
+    def accepted() -> bytes | None:
         status, _, raw = fetch("POST", web.url + "/v1/chat/completions", chat("after"))
-        if status == 202:
-            break
-        assert time.monotonic() < deadline, raw
-        time.sleep(0.5)
+        return raw if status == 202 else None
+
+    raw = wait_until(accepted, 10, "submissions are still refused", interval=0.5)
     assert stream(web, json.loads(raw)["uid"]).content == expected("after")
     assert worker.alive, worker.output()[-3000:]

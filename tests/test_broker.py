@@ -238,7 +238,7 @@ def test_a_task_connection_the_broker_closed_unread_is_not_alive(queue: str) -> 
         assert link.look(0.0) is None
 
         relay.reset()
-        assert wait_until(lambda: peer_gone(noted))
+        wait_until(lambda: peer_gone(noted), 10, "the reset connection was never seen gone")
         assert connection.connected  # nothing read it: kombu has not noticed
         losses.lost()  # the intake, which reads all the time, noticed
         assert not link.alive(noted)
@@ -262,7 +262,7 @@ def queue() -> Iterator[str]:
 
 def _bodies(broker: Broker, name: str, count: int) -> list[str]:
     """The messages of queue ``name``, once ``count`` are there (10 s at most)."""
-    wait_until(lambda: broker.queue_length(name) >= count)
+    wait_until(lambda: broker.queue_length(name) >= count, 10, f"fewer than {count} messages")
     return [m.text for m in broker.get_all(name)]
 
 
@@ -440,8 +440,8 @@ def test_a_stream_killed_while_its_messages_drain_ends_after_them(
     """Celery kills the tasks of a connection it lost (gevent.kill), often
     while a stream that saw the loss first waits for its lane, which
     reconnects: the stream goes on to its end once its messages are out (a
-    kill let through skipped its end, and every later copy of its request was
-    given back to come again, to the end of the soak's run)."""
+    kill let through would skip its end: its request's task message, never
+    acknowledged, would come back again and again)."""
     parts = urlsplit(RABBITMQ_URL)
     run_under_gevent(
         KILLED_WHILE_DRAINING, parts.hostname or "localhost", str(parts.port or 5672), queue

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import psutil
+import pytest
 import websocket
 from openai import OpenAI
 
@@ -32,8 +31,10 @@ from tests.support import (
     Broker,
     PrivateStack,
     Web,
+    about,
     chat,
     collect,
+    connections_of,
     declare_response_queues,
     expected,
     new_uid,
@@ -41,6 +42,9 @@ from tests.support import (
     submit,
     wait_until,
 )
+
+# Each test closes a worker's connections on a private RabbitMQ node.
+pytestmark = pytest.mark.slow
 
 TOKENS = 60
 MODEL = f"m;delay=0.1;tokens={TOKENS}"
@@ -50,18 +54,8 @@ MIDWAY = 15  # chunks each reader has before the worker's connections are closed
 def close_connections_of(node: RabbitNode, pid: int) -> int:
     """Close on ``node`` every AMQP connection of process ``pid``, as the broker
     does to a client it lost; how many."""
-    ports = {
-        c.laddr.port
-        for c in psutil.Process(pid).net_connections(kind="tcp")
-        if c.raddr and c.raddr.port == node.port
-    }
-    listed = node.ctl("-q", "list_connections", "--no-table-headers", "pid", "peer_port")
-    connections = [
-        connection
-        for connection, _, port in (line.rpartition("\t") for line in listed.splitlines())
-        if port.strip().isdigit() and int(port) in ports
-    ]
-    for connection in connections:
+    connections = connections_of(node, pid, "pid")
+    for (connection,) in connections:
         node.ctl("close_connection", connection, "closed by the test")
     return len(connections)
 
@@ -169,8 +163,12 @@ def test_a_task_message_that_comes_back_to_another_worker_follows_the_stream(
         declare_response_queues(client, list(prompts), int(env["RESPONSE_QUEUE_TTL"]))
         for uid, prompt in prompts.items():
             client.publish({"uid": uid, "model": "m;delay=0.15;tokens=100", "message": prompt})
-        assert wait_until(lambda: a.output().count("] received") > 0, timeout=30)
-        time.sleep(2)  # every answer has begun; each lasts 15 s
+        # Every answer has begun (each lasts 15 s).
+        wait_until(
+            lambda: all(client.queue_length(client.response_queue(u)) for u in prompts),
+            30,
+            about("not every answer began", a, b),
+        )
         assert close_connections_of(rabbit_node, a.proc.pid) > 0
         answers = collect(client, list(prompts), timeout=90)
     finally:

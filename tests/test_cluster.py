@@ -18,6 +18,7 @@ from typing import Any
 
 import pika
 import pika.exceptions
+import pytest
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 from chatqueue_testing.rabbitnode import RabbitCluster
@@ -35,6 +36,9 @@ from tests.support import (
     submit,
     wait_for_consumer,
 )
+
+# Each test runs a private three-node RabbitMQ cluster, and kills a node.
+pytestmark = pytest.mark.slow
 
 STREAMS = 200
 TOKENS = 24

@@ -11,7 +11,15 @@ from app.request import parse_request
 from app.tasknames import STREAM_CHAT
 from config import load_settings
 from devllm.answers import reply_tokens
-from tests.support import client_of, collect, declare_response_queues, isolated, new_uid
+from tests.support import (
+    about,
+    client_of,
+    collect,
+    declare_response_queues,
+    isolated,
+    new_uid,
+    wait_until,
+)
 
 
 def test_sigkill_mid_stream_loses_no_request(
@@ -29,10 +37,12 @@ def test_sigkill_mid_stream_loses_no_request(
                 {"uid": uid, "model": model, "messages": [{"role": "user", "content": prompt}]}
             )
         # Wait until the first worker is streaming every one of them...
-        deadline = time.monotonic() + 30
-        while not all(client.queue_length(client.response_queue(u)) > 1 for u in uids):
-            assert time.monotonic() < deadline, "the first worker never streamed them all"
-            time.sleep(0.1)
+        wait_until(
+            lambda: all(client.queue_length(client.response_queue(u)) > 1 for u in uids),
+            30,
+            about("the first worker never streamed them all", first),
+            interval=0.1,
+        )
         first.kill()  # ...and kill it mid-stream: SIGKILL, no goodbye.
         assert first.proc.returncode == -9
         start_worker("rescuer", env=env)
@@ -67,9 +77,9 @@ def test_requests_waiting_in_the_queue_survive_a_killed_worker(
                 }
             )
         doomed = start_worker("doomed-backlog", env=env)
-        time.sleep(0.5)  # let it take part of the backlog, then kill it
+        # Let it take part of the backlog, then kill it.
+        wait_until(lambda: "accepted" in doomed.output(), 30, about("it took nothing", doomed))
         doomed.kill()
-        assert "accepted" in doomed.output()  # it had taken requests when it died
         start_worker("rescuer-backlog", env=env)
         answers = collect(client, uids, timeout=90)
         lost = [
@@ -125,10 +135,11 @@ def test_a_second_copy_of_an_answered_task_is_dropped(
             task.apply_async(args=[request.to_task()], kwargs=kwargs, task_id=uid)
             assert client.answer(uid).done
             task.apply_async(args=[request.to_task()], kwargs=kwargs, task_id=uid)
-            deadline = time.monotonic() + 20
-            while f"uid={uid}: rid r1 was answered already" not in worker.output():
-                assert time.monotonic() < deadline, "the second copy was not dropped"
-                time.sleep(0.1)
+            wait_until(
+                lambda: f"uid={uid}: rid r1 was answered already" in worker.output(),
+                20,
+                about("the second copy was not dropped", worker),
+            )
             assert client.queue_length(client.response_queue(uid)) == 0
             again = {"rid": "r2", "at": time.time()}
             task.apply_async(args=[request.to_task()], kwargs=again, task_id=uid)

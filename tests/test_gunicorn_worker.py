@@ -1,12 +1,12 @@
 """The web front's gunicorn worker serves a connection it accepted as its
 listener closed (a graceful reload), where gunicorn's own gevent worker
-closed it unanswered (gunicorn issue #712)."""
+closes it unanswered (https://github.com/benoitc/gunicorn/issues/712)."""
 
 from __future__ import annotations
 
 import json
+import select
 import socket
-import time
 from typing import Any
 
 from gunicorn.config import Config
@@ -14,7 +14,7 @@ from gunicorn.glogging import Logger
 
 import config.gunicorn
 from config.gunicorn_worker import Worker
-from tests.support import Web
+from tests.support import Web, about, holds_for
 
 
 def hello(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -57,14 +57,20 @@ def test_a_connection_accepted_as_the_listener_closes_is_served() -> None:
 def test_a_request_that_comes_seconds_after_its_connection_is_answered(web: Web) -> None:
     """gunicorn's async workers give the first request on a connection, as each
     later one, ``keepalive`` seconds to arrive, and close the connection
-    silently past that: a client on a slow network, or one whose loop lagged
-    between its connect and its write (the soak's, under load), got a closed
+    silently past that: a client on a slow network, or one whose loop lags
+    between its connect and its write (under load), would get a closed
     connection and no status line, and could not know whether its POST was
     taken. The web front's ``keepalive`` leaves such a client time."""
     host, port = web.url.removeprefix("http://").split(":")
     body = json.dumps({"messages": [{"role": "user", "content": "Say hello."}]}).encode()
     with socket.create_connection((host, int(port)), timeout=30) as client:
-        time.sleep(3)  # past gunicorn's default keepalive, and chatqueue's old one (2 s)
+        # Silent for longer than gunicorn's default keepalive (2 s): the web
+        # front keeps the connection open (readable would mean closed).
+        holds_for(
+            lambda: not select.select([client], [], [], 0)[0],
+            3,
+            about("the web front closed a silent connection", web),
+        )
         client.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: chatqueue\r\nConnection: close\r\n"
             b"Content-Type: application/json\r\n"

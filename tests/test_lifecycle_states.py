@@ -18,6 +18,7 @@ from app.lifecycle import (
     Verdict,
     check_transition,
 )
+from tests.support import holds_for
 
 
 def test_the_path_of_a_request_is_allowed() -> None:
@@ -77,8 +78,7 @@ def test_a_task_message_that_comes_back_is_adopted_by_its_stream_still_running()
         target=lambda: outcome.append(runs.follow(first, back, lambda: True))
     )
     follower.start()
-    time.sleep(0.3)
-    assert not outcome  # it waits while the stream runs
+    holds_for(lambda: not outcome, 0.3, "it did not wait while the stream ran")
     runs.end(first, finished=True)
     follower.join(5)
     assert outcome == ["answered"]

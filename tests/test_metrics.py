@@ -199,7 +199,7 @@ def test_counts_after_real_requests(front: Web, client: Broker, workers: list[Pr
 
     def depths_read() -> bool:
         # The depths are read at a scrape and kept DEPTH_CACHE (2 s): the
-        # reading may be older than the dead letter (it failed so once in CI).
+        # reading may be older than the dead letter.
         after = scrape(front)
         return value(after, "chatqueue_queue_messages", queue="dead_letter", name=dead_letter) == 1
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 from chatqueue_testing.rabbitnode import RabbitNode
 from tests.support import (
     PrivateStack,
@@ -18,6 +20,9 @@ from tests.support import (
     value,
     wait_until,
 )
+
+# The test restarts a private RabbitMQ node.
+pytestmark = pytest.mark.slow
 
 
 def test_counts_go_on_after_a_broker_restart(

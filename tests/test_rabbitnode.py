@@ -18,6 +18,9 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 
 from chatqueue_testing.rabbitnode import DEFAULT_NOFILE, RabbitCluster, RabbitNode, amqp_answers
 
+# Each test starts a private RabbitMQ node or cluster, and most restart or kill it.
+pytestmark = pytest.mark.slow
+
 SHARED_PORT = 5672
 
 
@@ -104,9 +107,10 @@ def test_kill_and_start_keeps_durable_messages(
     queue = durable_queue(channel)
     publish(channel, queue, b"kept")  # confirmed: the message is on disk
     pid = rabbit_node.beam_pid
-    # The queue's own record is written behind (Mnesia's log, Erlang's delayed
-    # write of up to 2 s): a kill -9 at once lost the queue once under load.
-    time.sleep(3)
+    # The queue's own record is written behind (Mnesia's transaction log, with
+    # Erlang's delayed write of up to 2 s): a kill -9 at once can lose the
+    # queue. Sync that log to disk first, as a clean stop would.
+    rabbit_node.ctl("eval", "mnesia:sync_log().")
 
     rabbit_node.kill()
     assert not rabbit_node.running()

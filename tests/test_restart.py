@@ -18,7 +18,15 @@ from app import logs
 from chatqueue_testing.rabbitnode import RabbitNode
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
-from tests.support import Broker, PrivateStack, collect, declare_response_queues, new_uid
+from tests.support import (
+    Broker,
+    PrivateStack,
+    about,
+    collect,
+    declare_response_queues,
+    new_uid,
+    wait_until,
+)
 
 
 def connect(env: dict[str, str], timeout: float = 60) -> Broker:
@@ -31,6 +39,7 @@ def connect(env: dict[str, str], timeout: float = 60) -> Broker:
             time.sleep(0.5)
 
 
+@pytest.mark.slow  # it restarts a private RabbitMQ node
 def test_a_broker_restart_mid_stream_loses_no_accepted_request(
     rabbit_node: RabbitNode,
     private_stack: Callable[..., PrivateStack],
@@ -56,10 +65,12 @@ def test_a_broker_restart_mid_stream_loses_no_accepted_request(
                 },
                 pika.BasicProperties(delivery_mode=2),
             )
-        deadline = time.monotonic() + 30
-        while not all(client.queue_length(client.response_queue(u)) > 1 for u in uids):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_until(
+            lambda: all(client.queue_length(client.response_queue(u)) > 1 for u in uids),
+            30,
+            about("the worker never streamed them all", worker),
+            interval=0.1,
+        )
         client.close()
         rabbit_node.restart_app()
         client = connect(env)

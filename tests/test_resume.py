@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from devllm.testing import DevLLM
@@ -15,6 +16,7 @@ from tests.support import (
     EventStream,
     Web,
     WebFactory,
+    about,
     chat,
     expected,
     read_in_background,
@@ -51,7 +53,7 @@ def assert_whole(prompt: str, first: EventStream, rest: EventStream) -> None:
 def cancelled_so_far(llm: DevLLM) -> int:
     """The LLM's count of cancelled streams, once no stream of an earlier test
     runs (one that is cancelled later would be counted as this test's)."""
-    assert wait_until(lambda: llm.stats()["active_streams"] == 0, timeout=30)
+    wait_until(lambda: llm.stats()["active_streams"] == 0, 30, "a stream of another test runs on")
     return int(llm.stats()["streams_cancelled"])
 
 
@@ -62,11 +64,15 @@ def test_a_dropped_stream_resumes_with_last_event_id(start_web: WebFactory, llm:
     uid = submit(web, long_chat(prompt))
     first = stream(web, uid, until=lambda s: len(s.events) >= 10)  # then hang up
     assert len(first.events) == 10 and first.events[-1].data != "[DONE]"
-    time.sleep(1)  # the client is away for a while, less than the grace
+    # The client is away until the web front saw it leave (less than the grace).
+    wait_until(
+        lambda: f"uid={uid}: client left after" in web.output(),
+        10,
+        about("the web front never saw the client leave", web),
+    )
     rest = resumed(web, uid, first)
     assert_whole(prompt, first, rest)
     assert llm.stats()["streams_cancelled"] == cancelled
-    assert f"uid={uid}: client left after" in web.output()
     # Delivered: read once.
     assert stream(web, uid).status == 404
 
@@ -81,14 +87,14 @@ def test_a_resume_waits_for_the_reader_it_replaces(start_web: WebFactory) -> Non
     # Slow enough that what the old connection takes unread while it hangs
     # stays within the messages a reader leaves unacknowledged (RESUME_WINDOW).
     uid = submit(web, chat(prompt, model=f"m;delay=0.3;tokens={tokens}"))
-    holding = threading.Event()
+    holding, release, sent = threading.Event(), threading.Event(), threading.Event()
     old: list[EventStream] = []
 
     def hold_then_close(sse: EventStream) -> bool:
         if len(sse.events) < 3:
             return False
         holding.set()
-        time.sleep(2)  # the old connection stays open, unread, then closes
+        release.wait(30)  # the old connection stays open, unread, then closes
         return True
 
     reader = threading.Thread(
@@ -96,9 +102,20 @@ def test_a_resume_waits_for_the_reader_it_replaces(start_web: WebFactory) -> Non
     )
     reader.start()
     assert holding.wait(30)
-    rest = stream(web, uid, headers={"Last-Event-ID": "2"}, timeout=60)
+    with ThreadPoolExecutor(1) as pool:
+        resuming = pool.submit(
+            stream, web, uid, headers={"Last-Event-ID": "2"}, timeout=60, on_sent=sent.set
+        )
+        assert sent.wait(30)
+        # The resume comes while the old reader consumes; it tries again every
+        # BUSY_PAUSE (0.5 s): one of its tries, at least, finds the old one there.
+        time.sleep(0.5)
+        released = time.monotonic()
+        release.set()
+        rest = resuming.result(60)
     reader.join(30)
     assert rest.status == 200, rest.body
+    assert rest.events[0].at > released  # nothing while the old reader consumed
     first = old[0].events[:3]
     ids = [e.id for e in first + rest.events]
     assert ids == [str(n) for n in range(len(ids))], ids
@@ -113,10 +130,13 @@ def test_a_client_that_does_not_come_back_is_cancelled_after_the_grace(
     uid = submit(web, long_chat("nobody comes back", delay=0.2))
     first = stream(web, uid, until=lambda s: len(s.events) >= 3)
     left = time.monotonic()
-    # Within the grace the answer waits (its LLM call goes on).
-    time.sleep(1)
-    assert llm.stats()["streams_cancelled"] == cancelled
-    assert wait_until(lambda: llm.stats()["streams_cancelled"] > cancelled, timeout=15)
+    wait_until(
+        lambda: llm.stats()["streams_cancelled"] > cancelled,
+        15,
+        about("the answer was never cancelled", web),
+    )
+    # Within the grace the answer waited (its LLM call went on): the cancel
+    # came 2 s after the client left, not before (seen within 0.05 s).
     assert time.monotonic() - left >= 2
     assert f"uid={uid}: its client did not come back" in web.output()
     assert resumed(web, uid, first).status == 404
@@ -158,7 +178,11 @@ def test_web_restarts_do_not_lose_a_stream(start_web: WebFactory, llm: DevLLM) -
             os.kill(old[0], signal.SIGKILL)
         reader.join(30)
         assert first and first[0].events[-1].data != "[DONE]", f"{how}: not cut"
-        assert wait_until(lambda: web.worker_pids() and web.worker_pids() != old, timeout=30)  # noqa: B023
+        wait_until(
+            lambda: web.worker_pids() and web.worker_pids() != old,  # noqa: B023
+            30,
+            about(f"{how}: no new worker process", web),
+        )
         rest = resumed(web, uid, first[0])
         assert_whole(prompt, first[0], rest)
     assert llm.stats()["streams_cancelled"] == cancelled

@@ -18,6 +18,7 @@ from tests.support import (
     EventStream,
     Web,
     WebFactory,
+    about,
     chat,
     error_of,
     expected,
@@ -32,7 +33,7 @@ from tests.support import (
 KNIGHT = "Tell me a short story about a brave knight."
 
 
-def test_the_two_curl_steps_of_the_issue(web: Web, broker: Broker) -> None:
+def test_submit_then_read_with_curl(web: Web, broker: Broker) -> None:
     body = json.dumps(chat(KNIGHT, model="gpt-4o", stream=True, username="alice"))
     first = subprocess.run(
         ["curl", "-s", f"{web.url}/v1/chat/completions",
@@ -95,7 +96,7 @@ def test_simple_shape_and_own_uid(web: Web) -> None:
     assert stream(web, uid).content == "Hello!"
 
 
-def test_a_uid_in_use_is_409_and_a_stream_has_one_reader(web: Web) -> None:
+def test_a_uid_in_use_is_409_and_a_stream_has_one_reader(web: Web, broker: Broker) -> None:
     uid = new_uid()
     submit(web, chat("first", uid=uid, model="m;first_delay=2"))
     status, _, raw = fetch("POST", web.url + "/v1/chat/completions", chat("second", uid=uid))
@@ -105,7 +106,11 @@ def test_a_uid_in_use_is_409_and_a_stream_has_one_reader(web: Web) -> None:
     results: list[EventStream] = []
     reader = threading.Thread(target=lambda: results.append(stream(web, uid)))
     reader.start()
-    time.sleep(0.7)  # the first reader is consuming (exclusively)
+    queue = broker.response_queue(uid)
+    broker.wait_for_queue(queue)
+    wait_until(  # the first reader is consuming (exclusively)
+        lambda: broker.consumer_count(queue) == 1, 10, about("no reader consumes", web)
+    )
     second = stream(web, uid)
     reader.join(30)
     assert second.status == 409
@@ -232,9 +237,14 @@ def test_healthz_checks_at_most_once_in_two_seconds(web: Web) -> None:
     assert all(status == 200 for status, _, _ in answers)
     stamps = {json.loads(raw)["checked_at"] for _, _, raw in answers}
     assert len(stamps) <= 2  # one check, or two if the flood straddled its expiry
-    time.sleep(2.5)
-    later = json.loads(fetch("GET", web.url + "/healthz")[2])["checked_at"]
-    assert later > max(stamps)
+
+    def checked_again() -> float:
+        stamp = float(json.loads(fetch("GET", web.url + "/healthz")[2])["checked_at"])
+        return stamp if stamp > max(stamps) else 0.0
+
+    later = wait_until(checked_again, 10, "the checks were never made again", interval=0.2)
+    # Not before HEALTH_CACHE (2 s) from the last check (its stamp rounded to 1 ms).
+    assert later - max(stamps) >= 2.0 - 0.002, (later, stamps)
 
 
 @pytest.mark.parametrize("when", ["mid-stream", "while the LLM is silent"])
@@ -256,11 +266,13 @@ def test_a_client_that_leaves_cancels_the_llm_call(
     assert sse.status == 200
     assert sse.events[-1].data != "[DONE]" if sse.events else sse.comments == ["ping"]
     left = time.monotonic()
-    assert wait_until(lambda: llm.stats()["streams_cancelled"] > before), (
-        "the LLM stream was not cancelled\n" + web.output()[-3000:]
+    wait_until(
+        lambda: llm.stats()["streams_cancelled"] > before,
+        10,
+        about("the LLM stream was not cancelled", web),
     )
     assert time.monotonic() - left < 5
-    assert wait_until(lambda: not broker.queue_exists(queue)), "the response queue is still there"
+    wait_until(lambda: not broker.queue_exists(queue), 10, "the response queue is still there")
     assert f"uid={uid}: client left" in web.output()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pika
@@ -16,13 +15,17 @@ from tests.support import (
     TOKENS,
     Broker,
     Process,
+    about,
     assert_protocol,
     expected,
+    holds_for,
     isolated,
     new_uid,
     procfile_command,
+    queue_names,
     task_events,
     wait_dead_letter,
+    wait_until,
 )
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -160,12 +163,12 @@ def test_a_duplicate_uid_is_answered_once(broker: Broker) -> None:
     broker.publish(body)
     answer = broker.answer(uid)
     assert_protocol(answer, uid)
-    time.sleep(1.0)  # a second answer would be on its way by now
-    assert broker.get_all(broker.response_queue(uid)) == []
+    # The second copy is refused, dead-lettered: no second answer follows it.
     dead = wait_dead_letter(
         broker, lambda m: (m.properties.headers or {}).get("x-chatqueue-uid") == uid
     )
     assert dead.properties.headers["x-chatqueue-error-code"] == "uid_in_use"
+    assert broker.get_all(broker.response_queue(uid)) == []
 
 
 def test_flower_sees_each_request_as_a_task_named_by_its_uid(
@@ -203,10 +206,11 @@ def test_response_queue_expires_when_nobody_reads_it(
     try:
         uid = new_uid()
         client.publish({"uid": uid, "message": "nobody reads this"})
-        client.wait_for_queue(client.response_queue(uid))
-        # Left alone (a passive declare counts as a use), it goes after 2 s.
-        time.sleep(6)
-        assert not client.queue_exists(client.response_queue(uid))
+        queue = client.response_queue(uid)
+        client.wait_for_queue(queue)
+        # Left alone, it goes after 2 s. Watched with rabbitmqctl: a passive
+        # declare would count as a use of the queue, and put its expiry off.
+        wait_until(lambda: queue not in queue_names(queue), 30, "it never expired", interval=0.5)
     finally:
         client.channel.queue_delete(env["RABBITMQ_QUEUE"])
         client.close()
@@ -238,11 +242,19 @@ def test_an_input_queue_of_another_type_is_named_not_retried_in_a_loop(
         [*procfile_command("worker"), "--hostname", f"qtype-{new_uid()}@%h"], env, "worker-qtype"
     )
     try:
-        deadline = time.monotonic() + 60
-        while "exists with another type" not in worker.output():
-            assert worker.alive and time.monotonic() < deadline, worker.output()[-3000:]
-            time.sleep(0.2)
-        time.sleep(3)  # a window in which a loop would have retried thousands of times
+        wait_until(
+            lambda: "exists with another type" in worker.output() or not worker.alive,
+            60,
+            about("the intake never named the queue's type", worker),
+        )
+        assert worker.alive, worker.output()[-3000:]
+        # No second try within two of RECONNECT_PAUSE (1 s): a loop that
+        # retried at once, or at each reconnect, would have.
+        holds_for(
+            lambda: worker.output().count("exists with another type") == 1,
+            2,
+            about("the intake tried again at once", worker),
+        )
         output = worker.output()
         assert output.count("exists with another type") == 1, output[-3000:]
         assert "declared apart" not in output

@@ -17,10 +17,11 @@ may be in it), and for ``WEB_ACCEPT_WAIT`` once the backlog is gone (an
 intake may have just taken the request, and not committed its hand-off yet);
 for up to ``WEB_RECONNECT_TIMEOUT`` more in all. Every look asks whether
 there is a backlog (the answer is shared by the process's readers for a
-second): in soak run 31 the input queue held four requests through a
-broker restart, an intake took them 2.4 s before their readers' wait was
-over, and the look at its end, the first to ask, saw none and answered 404
-(the intake's ``taken`` notice had not come by then; why is not known).
+second), not only the last: requests that waited in the input queue (through
+a broker restart, say) can be taken by an intake shortly before their
+readers' wait is over, before its ``taken`` notice comes; the look at the
+end then sees no backlog, and only the backlog an earlier look saw keeps
+the wait going.
 """
 
 from __future__ import annotations

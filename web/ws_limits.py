@@ -20,11 +20,12 @@ tests/test_web_ws.py fails if the attribute moves (the flood is then not
 closed).
 
 simple-websocket writes each frame with one ``socket.send``, whose return it
-does not look at (its issue #45, fixed after 1.1.0, the last release). Under
-gevent a socket's ``send`` writes what the kernel takes and returns: to a
-client that reads slower than its answer comes, the rest of a frame was lost
-and the next frame's header landed inside it (seen: ``cannot decode`` in the
-client, tests/test_reply_backlog.py). :func:`whole_frames` gives the socket a
+does not look at (https://github.com/miguelgrinberg/simple-websocket/issues/45,
+fixed after 1.1.0, the last release). Under gevent a socket's ``send`` writes
+what the kernel takes and returns: to a client that reads slower than its
+answer comes, the rest of a frame would be lost and the next frame's header
+would land inside it (the client: ``cannot decode``; tests/test_reply_backlog.py
+checks it does not). :func:`whole_frames` gives the socket a
 ``send`` that writes all of it, under a lock: the reader greenlet's pings and
 the handler's frames never interleave. A frame the client does not take
 within two ping intervals (it would have failed the pong check, which cannot
