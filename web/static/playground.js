@@ -39,7 +39,7 @@ async function failure(response) {
   }
 }
 
-// Calls onEvent({id, data}) for each event of an SSE body, until it ends.
+// Calls onEvent({id, type, data}) for each event of an SSE body, until it ends.
 async function readEvents(response, onEvent) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -52,7 +52,7 @@ async function readEvents(response, onEvent) {
     while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
       const block = buffer.slice(0, end);
       buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
-      const event = { id: null, data: [] };
+      const event = { id: null, type: "message", data: [] };
       for (const line of block.split(/\r?\n/)) {
         if (line.startsWith(":")) continue; // keep-alive comment
         const colon = line.indexOf(":");
@@ -60,8 +60,10 @@ async function readEvents(response, onEvent) {
         const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
         if (field === "data") event.data.push(value);
         else if (field === "id") event.id = value;
+        else if (field === "event") event.type = value;
       }
-      if (event.data.length && onEvent({ id: event.id, data: event.data.join("\n") }) === false) {
+      const item = { id: event.id, type: event.type, data: event.data.join("\n") };
+      if (event.data.length && onEvent(item) === false) {
         reader.cancel();
         return;
       }
@@ -99,7 +101,21 @@ async function ask(prompt) {
       const stream = await fetch("/v1/chat/response?uid=" + encodeURIComponent(uid), { headers: h });
       if (!stream.ok) throw new Error(await failure(stream));
       out.dataset.state = "streaming";
-      await readEvents(stream, ({ id, data }) => {
+      await readEvents(stream, ({ id, type, data }) => {
+        if (type === "queue") {
+          // The request waits for the LLM: its place (1 = next), until it starts.
+          const { position, estimated_wait_seconds: wait } = JSON.parse(data);
+          if (position > 0 && !text) {
+            out.dataset.state = "waiting";
+            out.dataset.position = String(position);
+            out.textContent = "waiting: " + (position - 1) + " ahead" +
+              (wait === null ? "" : ", about " + Math.ceil(wait) + " s");
+          } else if (!text) {
+            out.dataset.state = "streaming";
+            out.textContent = "";
+          }
+          return true;
+        }
         if (id !== null) lastId = id;
         if (data === "[DONE]") {
           finished = true;
