@@ -63,7 +63,7 @@ from kombu import Connection
 from app import metrics
 from app.broker import BROKER_ERRORS, frames_waiting
 from app.errors import error_object
-from app.lifecycle import Cancels, Incarnation
+from app.lifecycle import Cancels, Incarnation, State, check_transition
 from app.protocol import Kind, ResponseStream, queue_status
 from app.waiting import TIERS, Entry, Line, tier_rank
 from config import Settings
@@ -409,7 +409,9 @@ class Dispatcher:
             self._end(entry, None)
 
     def _end(self, entry: Entry, error: tuple[dict[str, Any], int] | None) -> None:
-        """Acknowledge a waiting request that will not run; tell its client why, if told."""
+        """Acknowledge a waiting request that will not run (timed out, with
+        ``error``, or cancelled); tell its client why, if told."""
+        check_transition(State.WAITING, State.TIMED_OUT if error else State.CANCELLED)
         entry.gone = True
         if error is not None:
             ResponseStream(self._to_client, entry.reply, entry.uid, rid=entry.rid).fail(*error)
@@ -469,6 +471,7 @@ class Dispatcher:
             metrics.started(state.upstream.name, TIERS[entry.tier], now - entry.at)
 
     def _send(self, entry: Entry, slot: Slot | None, now: float) -> None:
+        check_transition(State.WAITING, State.HANDED_OFF)
         message = entry.message
         properties = dict(message.properties)
         headers = dict(properties.pop("application_headers", None) or {})

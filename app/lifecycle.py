@@ -3,14 +3,26 @@
 A uid is followed from the input queue to ``[DONE]`` like this::
 
     SUBMITTED  a message on the input queue (a client's, or the web front's)
-       | intake (app/consumer.py): parse, validate, declare response_<uid>;
-       | then, in ONE broker transaction, the task message and the input's ack
-    HANDED_OFF a task message on <ns>.tasks, stamped with an incarnation id (rid)
+       | intake (app/consumer.py): parse, validate, route to an upstream,
+       | declare response_<uid>; then, in ONE broker transaction, its task
+       | message on <ns>.waiting and the input's ack
+    WAITING    a task message on <ns>.waiting, stamped with an incarnation id
+       |       (rid); the dispatcher holds it unacknowledged, in its place
+       |       (app/waiting.py), and may tell it its place (``queue`` messages)
+       |---> ended by the dispatcher, no LLM call: queue_timeout (an error
+       |     object and [DONE]), or cancelled (its reader left)
+       | the dispatcher (app/dispatcher.py), in ONE transaction: the task
+       | message on <ns>.running, with a free slot of its upstream; the waiting
+       | message and the free slot acknowledged
+    HANDED_OFF a task message on <ns>.running
        | the task (tasks/chat.py) begins: Running.begin()
     STREAMING  the LLM is called; each payload goes to response_<uid> (or reply_to)
        |---> ANSWERED   [DONE] after the answer or an error object
        |---> CANCELLED  the reader left: Cancels holds this incarnation
        |---> DROPPED    another incarnation of the uid is streaming in this process
+       |---> WAITING    its upstream is paused or saturated (a 429), or failed it
+       |                and has a fallback: the same incarnation waits again
+       |                (published, confirmed, before its task message ends)
        |---> HANDED_BACK the worker's warm shutdown ran out of grace: the task
        |                message is rejected back to the queue, unacknowledged, and
        |                another worker answers it again as below (app/shutdown.py)
@@ -21,6 +33,41 @@ A uid is followed from the input queue to ``[DONE]`` like this::
     still runs in the same process is ADOPTED: that stream goes on, writing
     again what it had written (``restart: true``, seq from 0), and the message
     is acknowledged when the stream ends (Running.follow).
+
+Who holds a unit of capacity (a *slot* of an upstream) at each moment. A
+slot is always exactly one message, so RabbitMQ keeps the count:
+
+=====================================  ========================================
+moment                                 the slot is
+=====================================  ========================================
+free                                   a message on ``<ns>.slots``, held
+                                       unacknowledged by the dispatcher (or
+                                       ready, while no worker dispatches)
+the dispatcher starts a request        the same transaction acknowledges the
+                                       free slot and publishes the task
+                                       message with the slot's number: the
+                                       slot *is* that task message now
+the task message waits for a worker,   the task message on ``<ns>.running``
+or is being answered                   (ready, or unacknowledged by its worker)
+the worker is SIGKILLed, or loses      RabbitMQ puts the unacknowledged task
+its connection                         message back on ``<ns>.running`` the
+                                       moment it sees the connection gone:
+                                       still the same slot; another worker
+                                       (or the same, which goes on) answers it
+the broker restarts                    the task message is durable: still on
+                                       ``<ns>.running``, still the slot; a
+                                       stream that goes on keeps it
+                                       (tasks/chat.py: carry on, follow)
+warm shutdown hands a stream back      rejected with requeue: still the slot
+the task ends (answered, failed,       rejected without requeue, and
+cancelled, waits again)                ``<ns>.running`` dead-letters it to
+                                       ``<ns>.slots``: free again, in the same
+                                       broker operation
+the dispatcher is killed               what it held unacknowledged (free
+                                       slots, waiting requests) goes back to
+                                       its queues; the next worker in line for
+                                       the baton takes them over
+=====================================  ========================================
 
 Each piece of state has one owner and one lifetime, and a check that cannot
 find its state refuses:
@@ -34,9 +81,9 @@ who may read the answer       the uid itself: the web      as long as the uid; n
                               the caller's API key
 whether the uid is answered   the task message: exactly    while the task runs; a
                               one per accepted request,    copy that came back to the
-                              since its hand-off and the   same process is adopted by
-                              input's ack are one broker   the stream still running
-                              transaction                  there (:class:`Running`)
+                              since each hand-off is one   same process is adopted by
+                              broker transaction (intake,  the stream still running
+                              dispatcher)                  there (:class:`Running`)
 whether it was cancelled      :class:`Cancels`, per        until its incarnation
                               worker process, keyed by     ends, at most
                               (uid, rid), or by uid for    RESPONSE_QUEUE_TTL
@@ -68,6 +115,11 @@ from typing import Any
 
 class State(StrEnum):
     SUBMITTED = "submitted"
+    # On <ns>.waiting, for a slot of its upstream (app/dispatcher.py); a task
+    # whose upstream is paused, saturated or failed it sends it back there.
+    WAITING = "waiting"
+    # Its queue_timeout passed while it waited: no LLM call.
+    TIMED_OUT = "timed_out"
     HANDED_OFF = "handed_off"
     STREAMING = "streaming"
     ANSWERED = "answered"
@@ -77,14 +129,13 @@ class State(StrEnum):
     # A task message that came back while its incarnation streams on in this
     # process: that stream goes on, acknowledged with it (Running.follow).
     ADOPTED = "adopted"
-    # Its upstream is paused or saturated, or failed it and has a fallback:
-    # the request waits again, its slot given back (app/dispatcher.py).
-    WAITING = "waiting"
 
 
 # Allowed transitions; anything else is a bug (:class:`IllegalTransition`).
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.SUBMITTED: frozenset({State.HANDED_OFF}),
+    State.SUBMITTED: frozenset({State.WAITING}),
+    State.WAITING: frozenset({State.HANDED_OFF, State.TIMED_OUT, State.CANCELLED}),
+    State.TIMED_OUT: frozenset(),
     State.HANDED_OFF: frozenset(
         {State.STREAMING, State.DROPPED, State.CANCELLED, State.HANDED_BACK, State.ADOPTED}
     ),
@@ -105,8 +156,6 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     # In this process; the task message it gave back is another worker's now.
     State.HANDED_BACK: frozenset(),
     State.ADOPTED: frozenset(),
-    # In this process; it waits on <ns>.waiting as a new hand-off of the same incarnation.
-    State.WAITING: frozenset(),
 }
 
 

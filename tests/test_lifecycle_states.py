@@ -23,9 +23,19 @@ from tests.support import holds_for
 
 def test_the_path_of_a_request_is_allowed() -> None:
     state = State.SUBMITTED
-    for new in (State.HANDED_OFF, State.STREAMING, State.STREAMING, State.ANSWERED):
+    for new in (State.WAITING, State.HANDED_OFF, State.STREAMING, State.STREAMING, State.ANSWERED):
         state = check_transition(state, new)
     assert state is State.ANSWERED
+
+
+def test_a_request_that_waits_again_goes_back_to_the_line() -> None:
+    state = State.SUBMITTED
+    for new in (State.WAITING, State.HANDED_OFF, State.STREAMING, State.WAITING, State.HANDED_OFF):
+        state = check_transition(state, new)
+    assert check_transition(state, State.STREAMING) is State.STREAMING
+    assert check_transition(State.WAITING, State.TIMED_OUT) is State.TIMED_OUT
+    with pytest.raises(IllegalTransition):
+        check_transition(State.TIMED_OUT, State.HANDED_OFF)
 
 
 @pytest.mark.parametrize("end", [State.ANSWERED, State.CANCELLED, State.DROPPED, State.HANDED_BACK])
