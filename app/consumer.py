@@ -296,7 +296,7 @@ class Intake(ConsumerMixin):
                     # moves them over; say so, and try again now and then.
                     logger.error(
                         "intake: %s; the input or dead-letter queue exists with another "
-                        "type than RABBITMQ_QUEUE_TYPE=%s (see the README: moving an "
+                        "type than RABBITMQ_QUEUE_TYPE=%s (see docs/operations.md: moving an "
                         "existing deployment to quorum queues); next try in %.0f s",
                         exc,
                         self.settings.rabbitmq_queue_type,

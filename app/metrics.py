@@ -59,7 +59,7 @@ def metrics_exchange(settings: Settings) -> Exchange:
 
 
 class Recorder:
-    """The metric objects of one process (the names are the README's)."""
+    """The metric objects of one process (docs/operations.md and docs/capacity.md list them)."""
 
     def __init__(self) -> None:
         self.process = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

@@ -1,4 +1,4 @@
-"""The response protocol: the messages on ``response_<uid>`` (the README's wire contract).
+"""The response protocol: the messages on ``response_<uid>`` (docs/protocol.md).
 
 Each message body is one OpenAI streaming ``data:`` payload, in order, and the
 last one is always ``[DONE]``. Properties: ``content_type``, ``correlation_id``

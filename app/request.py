@@ -1,6 +1,6 @@
 """The request: a JSON chat request as it arrives on the input queue.
 
-Two shapes are accepted (the README's wire contract):
+Two shapes are accepted (docs/protocol.md):
 
 * simple: ``{"key": "<uid>", "message": "<prompt>"}``
 * chat: ``{"uid": "<uid>", "messages": [...], "model": ..., "stream": true, ...}``

@@ -145,14 +145,15 @@ class Settings:
     rabbitmq_queue_type: str = _env(
         _queue_type,
         "classic",
-        "classic or quorum: the type of the input, task and dead-letter queues (quorum: "
-        "replicated over a cluster's nodes; an existing queue keeps its type, see the README)",
+        "classic or quorum: the type of chatqueue's own queues (input, waiting, running, "
+        "slots, ledger, dispatcher, dead-letter; quorum: replicated over a cluster's nodes; "
+        "an existing queue keeps its type, see docs/operations.md)",
     )
     response_queue_type: str = _env(
         _queue_type,
         "classic",
         "classic or quorum: the type of the response queues (quorum: an answer outlives the "
-        "loss of one cluster node, at a cost; see the README)",
+        "loss of one cluster node, at a cost; see docs/operations.md)",
     )
     response_queue_prefix: str = _env(_name, "response_", "response queue name = prefix + uid")
     response_queue_ttl: int = _env(
@@ -161,8 +162,10 @@ class Settings:
     chatqueue_namespace: str = _env(
         _name,
         "chatqueue",
-        "prefix of chatqueue's own queues and exchanges: <ns>.tasks[.<input queue>], "
-        "<ns>.dead-letter, <ns>.cancel, <ns>.accepted",
+        "prefix of chatqueue's own queues and exchanges: <ns>.waiting, <ns>.running, "
+        "<ns>.slots, <ns>.ledger, <ns>.dispatcher (each with .<input queue> after it but for "
+        "the default input queue), <ns>.dead-letter, <ns>.cancel, <ns>.accepted, "
+        "<ns>.metrics, <ns>.replies.<token>",
     )
     max_body_bytes: int = _env(_positive_int, "1048576", "largest request body accepted, in bytes")
     input_prefetch: int = _env(
@@ -290,8 +293,8 @@ class Settings:
         _positive_int,
         "1048576",
         "bytes of a drop-in stream's or WebSocket answer a web process holds for a client "
-        "that does not read it (direct reply-to has no flow control); past that the answer "
-        "ends with reader_too_slow and its LLM call is cancelled",
+        "that does not read it; past that the answer ends with reader_too_slow and its LLM "
+        "call is cancelled",
     )
     web_answer_timeout: float = _env(
         _seconds,
@@ -412,7 +415,7 @@ class Settings:
 
     @classmethod
     def documented(cls) -> list[tuple[str, str, str]]:
-        """(variable, default, meaning) for each setting, for the README and ``--help``."""
+        """(variable, default, meaning) for each setting, for docs/configuration.md."""
         return [(f.name.upper(), _raw_default(f.default), f.metadata["doc"]) for f in fields(cls)]
 
 
