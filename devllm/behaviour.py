@@ -59,6 +59,16 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _timestamp(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a time.time() value (seconds since the epoch)") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a time.time() value (seconds since the epoch)")
+    return value
+
+
 def _status(raw: str) -> int:
     value = _int(raw)
     if not 400 <= value <= 599:
@@ -79,6 +89,7 @@ _KEYS: dict[str, Callable[[str], Any]] = {
     "hang": _seconds,
     "status": _status,
     "times": _positive,
+    "until": _timestamp,
     "retry_after": _seconds,
     "fault": _fault,
     "at": _count,
@@ -98,6 +109,7 @@ class Behaviour:
     hang: float = 0.0
     status: int | None = None
     times: int | None = None
+    until: float | None = None
     retry_after: float | None = None
     fault: Fault | None = None
     at: int = 0

@@ -10,8 +10,10 @@ from urllib.parse import urlsplit
 from devllm.settings import (
     DEFAULT_HOST,
     DEFAULT_PORT,
+    DEFAULT_RETRY_AFTER,
     DEFAULT_TOKEN_DELAY,
     DEFAULT_TOKENS,
+    OVER_MODES,
     Settings,
 )
 
@@ -60,6 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ (none)"
     )
     parser.add_argument(
+        "--slots",
+        type=int,
+        default=0,
+        metavar="N",
+        help="serve at most N chat completions at a time, streamed or not (0: no limit)",
+    )
+    parser.add_argument(
+        "--over",
+        choices=OVER_MODES,
+        default="queue",
+        help=(
+            "what a request finds when all --slots are busy: queue (wait for a slot, first"
+            " come first served, as llama.cpp and vLLM), interrupt (take the slot of the"
+            " oldest running stream, which ends with [DONE] and no finish_reason, as"
+            " llama-cpp-python), 503 (at once, as Ollama past its queue), 429 (at once, with"
+            " retry-after, as TGI and OpenAI) (%(default)s)"
+        ),
+    )
+    parser.add_argument(
+        "--retry-after",
+        type=float,
+        default=DEFAULT_RETRY_AFTER,
+        metavar="SECONDS",
+        help="the retry-after of the 429 that --over 429 answers (%(default)s)",
+    )
+    parser.add_argument(
         "--standby",
         type=_url,
         nargs="?",
@@ -97,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             token_delay=args.token_delay,
             tokens=args.tokens,
             api_key=args.api_key,
+            slots=args.slots,
+            over=args.over,
+            retry_after=args.retry_after,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -19,17 +19,56 @@ Routes
     The OpenAI list of a few model ids (any model string is accepted anyway).
 ``GET /health``
     ``{"status": "ok"}``.
-``GET /_stats``, ``POST /_reset``
-    Counters (``requests``, ``errors``, ``requests_cancelled``,
-    ``streams_started``, ``streams_completed``, ``streams_cancelled`` (the
-    client left mid-stream), ``streams_faulted`` (``fault=disconnect``,
-    ``error``, ``truncate`` or ``truncate_eof``), ``active_streams``,
-    ``peak_active_streams``, the most open at once since the last reset) and
-    ``last_requests``, the last 50 request bodies.
-    ``/_reset`` zeroes them, and the ``times=N`` counts.
+``GET /stats``
+    The load and what became of the chat completions::
+
+        {"slots": 2, "over": "queue", "in_flight": 1, "max_in_flight": 2,
+         "queued": 0, "received": 9, "served": 6, "refused": {"429": 0, "503": 0},
+         "interrupted": 0, "cancelled": 1, "on_demand": {"429": 2},
+         "received_log": [1767225600.123, ...]}
+
+    ``in_flight``: requests holding a slot now (see :mod:`devllm.slots`; counted
+    with ``--slots 0`` too); ``max_in_flight``: the most at once since the start
+    or the last reset; ``queued``: requests waiting for a slot now;
+    ``received``: every ``POST /v1/chat/completions``, valid or not;
+    ``served``: whole answers (a stream that ended with its ``finish_reason``
+    and ``[DONE]``, a non-streamed ``chat.completion``); ``refused``: answered
+    429 or 503 at once because every slot was busy (``--over 429``/``503``);
+    ``interrupted``: streams cut by a newer request (``--over interrupt``);
+    ``cancelled``: requests whose client left before the answer ended, queued
+    or served; ``on_demand``: answers of ``status=CODE``, by status;
+    ``received_log``: the wall-clock times (``time.time()``) of the last 10,000
+    requests received, oldest first. ``GET /stats?since=T`` keeps only the times
+    at or after ``T`` in ``received_log``.
+``GET /_stats``
+    Counters (``requests``, ``errors``, ``requests_cancelled`` (the client left
+    before the answer began: while queued, hung or waiting for a non-streamed
+    answer), ``streams_started``, ``streams_completed``, ``streams_cancelled``
+    (the client left mid-stream), ``streams_faulted`` (``fault=disconnect``,
+    ``error``, ``truncate`` or ``truncate_eof``), ``streams_interrupted``
+    (``--over interrupt``), ``active_streams``, ``peak_active_streams``, the
+    most open at once since the last reset) and ``last_requests``, the last 50
+    request bodies.
+``POST /stats/reset``, ``POST /_reset``
+    The same reset: zero the counters of both, empty ``received_log`` and
+    ``last_requests``, and forget the ``times=N`` counts. The gauges
+    (``in_flight``, ``queued``, ``active_streams``) keep counting, and
+    ``max_in_flight`` and ``peak_active_streams`` start again from them. Both
+    answer ``/stats``'s body.
 
 With ``--api-key KEY``, ``/v1/`` requires ``Authorization: Bearer KEY`` (401
-otherwise); ``/health`` and ``/_stats`` never do.
+otherwise); ``/health``, ``/stats`` and ``/_stats`` never do.
+
+Capacity
+--------
+
+``--slots N`` serves at most N chat completions at a time, streamed or not;
+``--over queue|interrupt|503|429`` says what a request that finds them all
+busy gets: it waits its turn, cuts the oldest running stream, or is answered
+503, or 429 with ``retry-after`` (``--retry-after``), at once. A request holds
+its slot until its answer ends or its client leaves (noticed at the next token
+at the latest). :mod:`devllm.slots` has the details. Requests refused for
+their body or their API key, and ``status=CODE`` answers, take no slot.
 
 Behaviour on demand: the model string
 -------------------------------------
@@ -52,15 +91,21 @@ A model without ``;`` behaves normally. Answers echo the whole string as
     first content chunk.
 ``hang=S``
     Seconds before sending anything, headers included: for client timeouts
-    before the first token.
+    before the first token. The request holds its slot meanwhile (a long
+    prompt), unless ``status`` is given too.
 ``status=CODE``
     Answer HTTP ``CODE`` (400-599) with an OpenAI error object: 400
     ``invalid_request_error``, 401 ``authentication_error`` /
     ``invalid_api_key``, 403 ``permission_error``, 404 ``model_not_found``,
-    429 ``rate_limit_exceeded``, 500/502/503/504 ``server_error``...
+    429 ``rate_limit_exceeded``, 500/502/503/504 ``server_error``... These
+    answers take no slot, whatever ``--slots``: with ``until=T`` or
+    ``times=N`` a test makes the server refuse for a while, as an overloaded
+    server or a rate limiter in front of it would.
 ``retry_after=S``
-    The ``Retry-After`` (and ``retry-after-ms``) header of the error answer.
-    A 429 has ``Retry-After: 0`` unless this is given.
+    The ``retry-after`` (seconds) and ``retry-after-ms`` headers of the error
+    answer: ``gpt-4o;status=429;retry_after=2`` answers 429 with
+    ``retry-after: 2`` and ``retry-after-ms: 2000`` (also with other statuses,
+    such as 503). A 429 has ``retry-after: 0`` unless this is given.
 ``fault=disconnect``
     After ``at`` content chunks, close the TCP connection abruptly: no
     terminating chunk, no ``[DONE]``; the client sees a protocol error. A
@@ -93,6 +138,13 @@ A model without ``;`` behaves normally. Answers echo the whole string as
     (``hang``, ``status`` and ``fault`` apply to them); later ones succeed.
     Counted per full model string in this process, reset by ``/_reset``:
     ``gpt-4o;status=429;times=2`` answers 429, 429, then normally.
+``until=T``
+    Requests fail (``hang``, ``status`` and ``fault`` apply) only while the
+    server's ``time.time()`` is before ``T``, later ones succeed: a window of
+    refusals, whatever the number of requests. With ``times``, both must hold.
+    ``f"gpt-4o;status=503;until={time.time() + 2}"`` answers 503 for two
+    seconds, then normally; ``status=429;retry_after=1;until=...`` answers 429
+    with ``retry-after: 1`` meanwhile.
 ``tag=X``
     Ignored: makes a model string, and so its ``times`` count, unique.
 """
@@ -113,10 +165,17 @@ from werkzeug.exceptions import HTTPException
 
 from devllm.answers import count_prompt_tokens, reply_tokens
 from devllm.behaviour import Behaviour, BehaviourError, Fault
-from devllm.completions import STREAMED_ERROR, Completion, InvalidRequest, parse_request
+from devllm.completions import (
+    STREAMED_ERROR,
+    ChatRequest,
+    Completion,
+    InvalidRequest,
+    parse_request,
+)
 from devllm.connection import ENVIRON_KEY, ClientConnection
 from devllm.errors import error_object
 from devllm.settings import BACKLOG, Settings
+from devllm.slots import Refused, Slot, Slots
 from devllm.state import State
 from devllm.streaming import stream
 
@@ -142,13 +201,31 @@ def error_response(
     return response
 
 
-def _retry_headers(behaviour: Behaviour, status: int) -> dict[str, str]:
+def retry_headers(seconds: float) -> dict[str, str]:
+    """``retry-after`` in seconds (as HTTP has it) and ``retry-after-ms`` (as OpenAI adds)."""
+    return {"retry-after": f"{seconds:g}", "retry-after-ms": str(round(seconds * 1000))}
+
+
+def _on_demand_headers(behaviour: Behaviour, status: int) -> dict[str, str]:
     if behaviour.retry_after is not None:
-        return {
-            "Retry-After": f"{behaviour.retry_after:g}",
-            "retry-after-ms": str(round(behaviour.retry_after * 1000)),
-        }
-    return {"Retry-After": "0"} if status == 429 else {}
+        return retry_headers(behaviour.retry_after)
+    return {"retry-after": "0"} if status == 429 else {}
+
+
+def _refusal(settings: Settings, refused: Refused) -> Response:
+    """The answer to a request that finds every slot busy (``--over 503`` or ``429``)."""
+    busy = f"all {settings.slots} slots of devllm are busy (--slots {settings.slots})"
+    if refused.status == 429:
+        return error_response(
+            429,
+            f"Rate limit reached: {busy}; retry after {settings.retry_after:g} s.",
+            headers=retry_headers(settings.retry_after),
+        )
+    return error_response(refused.status, f"Server busy, please try again: {busy}.")
+
+
+def _client_gone() -> Response:
+    return Response(b"", status=CLIENT_GONE)
 
 
 def create_app(settings: Settings) -> Flask:
@@ -156,7 +233,9 @@ def create_app(settings: Settings) -> Flask:
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     state = State()
+    slots = Slots(settings.slots, settings.over, state)
     app.extensions["devllm.state"] = state
+    app.extensions["devllm.slots"] = slots
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -173,17 +252,32 @@ def create_app(settings: Settings) -> Flask:
             401, "Incorrect API key provided: send the one devllm was started with --api-key."
         )
 
+    def traffic() -> Response:
+        raw = request.args.get("since")
+        try:
+            since = None if raw is None else float(raw)
+        except ValueError:
+            return error_response(
+                400, f"Invalid 'since': expected a time.time() value, got {raw!r}.", param="since"
+            )
+        return jsonify(slots=settings.slots, over=settings.over, **state.traffic(since))
+
     @app.get("/health")
     def health() -> Response:
         return jsonify(status="ok")
 
-    @app.get("/_stats")
+    @app.get("/stats")
     def stats() -> Response:
-        return jsonify(state.snapshot())
+        return traffic()
 
+    @app.post("/stats/reset")
     @app.post("/_reset")
     def reset() -> Response:
         state.reset()
+        return traffic()
+
+    @app.get("/_stats")
+    def stream_stats() -> Response:
         return jsonify(state.snapshot())
 
     @app.get("/v1/models")
@@ -200,7 +294,7 @@ def create_app(settings: Settings) -> Flask:
         response = unauthorized()
         if response is None:
             connection = ClientConnection.from_environ(request.environ)
-            response = _chat_completion(settings, state, body, connection)
+            response = _chat_completion(settings, state, slots, body, connection)
         if 400 <= response.status_code != CLIENT_GONE:
             state.count("errors")
         return response
@@ -209,7 +303,7 @@ def create_app(settings: Settings) -> Flask:
 
 
 def _chat_completion(
-    settings: Settings, state: State, body: Any, connection: ClientConnection
+    settings: Settings, state: State, slots: Slots, body: Any, connection: ClientConnection
 ) -> Response:
     try:
         chat = parse_request(body)
@@ -218,18 +312,55 @@ def _chat_completion(
         return error_response(400, exc.message, code=exc.code, param=exc.param)
     except BehaviourError as exc:
         return error_response(400, str(exc), code="invalid_value", param="model")
-    faulty = behaviour.may_fail and state.take_failure(chat.model, behaviour.times)
-    if faulty and connection.pause(behaviour.hang):
-        logger.info("model %r: the client left while the request hung", chat.model)
-        state.count("requests_cancelled")
-        return Response(b"", status=CLIENT_GONE)
+    faulty = behaviour.may_fail and state.take_failure(chat.model, behaviour.times, behaviour.until)
     if faulty and behaviour.status is not None:
+        # An error on demand takes no slot: it stands for a refusal, not for work.
+        if behaviour.hang > 0 and connection.pause(behaviour.hang) == "gone":
+            logger.info("model %r: the client left while the request hung", chat.model)
+            state.count("requests_cancelled")
+            return _client_gone()
         logger.info("model %r: answering status %d on demand", chat.model, behaviour.status)
+        state.on_demand(behaviour.status)
         return error_response(
             behaviour.status,
             f"devllm answers {behaviour.status} on demand (model {chat.model!r}).",
-            headers=_retry_headers(behaviour, behaviour.status),
+            headers=_on_demand_headers(behaviour, behaviour.status),
         )
+    try:
+        slot = slots.acquire(connection, stream=chat.stream)
+    except Refused as refused:
+        logger.debug("model %r: refused with %d, every slot is busy", chat.model, refused.status)
+        return _refusal(settings, refused)
+    if slot is None:
+        logger.info("model %r: the client left while waiting for a slot", chat.model)
+        return _client_gone()
+    try:
+        response = _answer(
+            settings, state, chat, behaviour, faulty=faulty, connection=connection, slot=slot
+        )
+    except BaseException:
+        slot.release()
+        raise
+    return response
+
+
+def _answer(
+    settings: Settings,
+    state: State,
+    chat: ChatRequest,
+    behaviour: Behaviour,
+    *,
+    faulty: bool,
+    connection: ClientConnection,
+    slot: Slot,
+) -> Response:
+    """The answer of a request that holds ``slot``; the slot is given back when it ends."""
+    # Cut while hanging (--over interrupt), a stream still begins, and ends at once.
+    if faulty and behaviour.hang > 0 and connection.pause(behaviour.hang, slot.cut) == "gone":
+        logger.info("model %r: the client left while the request hung", chat.model)
+        slot.release()
+        state.count("requests_cancelled")
+        return _client_gone()
     tokens = reply_tokens(
         chat.messages, settings.tokens if behaviour.tokens is None else behaviour.tokens
     )
@@ -246,17 +377,24 @@ def _chat_completion(
             faulty=faulty,
             include_usage=chat.include_usage,
             connection=connection,
+            slot=slot,
             state=state,
         )
-        return Response(
+        response = Response(
             frames,
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+        # The stream gives its slot back when it ends; this covers a body never started.
+        response.call_on_close(slot.release)
+        return response
     fault = behaviour.fault if faulty else None
-    return _whole(
-        completion, behaviour, fault=fault, delay=delay, connection=connection, state=state
-    )
+    try:
+        return _whole(
+            completion, behaviour, fault=fault, delay=delay, connection=connection, state=state
+        )
+    finally:
+        slot.release()
 
 
 def _whole(
@@ -272,17 +410,18 @@ def _whole(
     seconds = behaviour.first_delay + delay * len(completion.tokens)
     if fault == "stall":
         seconds += behaviour.stall
-    if connection.pause(seconds):
+    if connection.pause(seconds) == "gone":
         state.count("requests_cancelled")
-        return Response(b"", status=CLIENT_GONE)
+        return _client_gone()
     if fault == "disconnect":
         logger.info("%s: dropping the connection before answering", completion.id)
         connection.drop()
-        return Response(b"", status=CLIENT_GONE)
+        return _client_gone()
     if fault == "malformed":
         return Response(b"{this is not json", mimetype="application/json")
     if fault == "error":
         return jsonify(STREAMED_ERROR)
+    state.count("served")
     return jsonify(completion.to_object())
 
 
@@ -328,12 +467,14 @@ def serve(settings: Settings) -> None:
     server.start()
     url = f"http://{settings.host}:{server.server_port}/v1"
     logger.info(
-        "%s listening on %s (token_delay=%gs tokens=%d api_key=%s backlog=%d)",
+        "%s listening on %s (token_delay=%gs tokens=%d api_key=%s slots=%s over=%s backlog=%d)",
         BANNER,
         url,
         settings.token_delay,
         settings.tokens,
         "required" if settings.api_key else "none",
+        settings.slots or "unlimited",
+        settings.over,
         BACKLOG,
     )
     wait_for_stop_signal()

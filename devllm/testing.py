@@ -5,6 +5,10 @@
         ...
         assert llm.stats()["streams_completed"] == 1
 
+    with DevLLM(slots=2, over="429", retry_after=0.5) as llm:
+        ...
+        assert llm.traffic()["max_in_flight"] <= 2
+
 ``python -m devllm`` runs with this interpreter (``sys.executable``) on a free
 loopback port (``--port 0``: the server picks it and logs it, so two test
 processes never race for one). Its output goes to a temporary file, read by
@@ -25,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from devllm.settings import DEFAULT_TOKEN_DELAY, DEFAULT_TOKENS
+from devllm.settings import DEFAULT_TOKEN_DELAY, DEFAULT_TOKENS, Over
 
 _LISTENING = re.compile(r"listening on (http://\S+?)/v1\b")
 _IDLE = re.compile(r"stays idle")
@@ -42,6 +46,8 @@ class DevLLM:
     ``token_delay`` and ``tokens`` default to the server's own defaults; the
     attributes of the same names say what the server uses, so a test computes
     the expected content with ``reply_tokens(messages, llm.tokens)``.
+    ``slots``, ``over`` and ``retry_after`` pass ``--slots``, ``--over`` and
+    ``--retry-after`` (see :mod:`devllm.slots`); :meth:`traffic` reads ``/stats``.
     With ``standby=URL`` the process runs ``--standby URL``: :meth:`start`
     returns once it either serves (``idle`` is False, ``url`` is where) or
     stays idle (``idle`` is True).
@@ -53,6 +59,9 @@ class DevLLM:
         token_delay: float | None = None,
         tokens: int | None = None,
         api_key: str | None = None,
+        slots: int | None = None,
+        over: Over | None = None,
+        retry_after: float | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         standby: str | None = None,
@@ -71,6 +80,12 @@ class DevLLM:
             args += ["--tokens", str(tokens)]
         if api_key is not None:
             args += ["--api-key", api_key]
+        if slots is not None:
+            args += ["--slots", str(slots)]
+        if over is not None:
+            args += ["--over", over]
+        if retry_after is not None:
+            args += ["--retry-after", str(retry_after)]
         self.args = [*args, *extra_args]
         self.api_key = api_key
         self.token_delay = DEFAULT_TOKEN_DELAY if token_delay is None else token_delay
@@ -204,9 +219,18 @@ class DevLLM:
         """The server's counters and last request bodies (``GET /_stats``)."""
         return self._get("/_stats")
 
+    def traffic(self, since: float | None = None) -> dict[str, Any]:
+        """The load and outcomes of chat completions (``GET /stats``).
+
+        ``in_flight``, ``max_in_flight``, ``received``, ``served``, ``refused``,
+        ``interrupted``, ... and ``received_log``, the ``time.time()`` of each
+        request received (only those at or after ``since`` if given).
+        """
+        return self._get("/stats" if since is None else f"/stats?since={since!r}")
+
     def reset(self) -> None:
-        """Zero the counters and the ``times=N`` counts (``POST /_reset``)."""
-        self._request("/_reset", method="POST")
+        """Zero the counters of ``/_stats`` and ``/stats`` and the ``times=N`` counts."""
+        self._request("/stats/reset", method="POST")
 
     def _get(self, path: str) -> dict[str, Any]:
         return self._request(path, method="GET")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -11,6 +13,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import httpx2
@@ -21,10 +24,12 @@ from openai.types.chat import ChatCompletionChunk
 
 from devllm.answers import CANNED, reply_tokens, tokenize
 from devllm.behaviour import Behaviour, BehaviourError
+from devllm.settings import Over
 from devllm.standby import is_loopback
 from devllm.testing import DevLLM, DevLLMError
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+CANNED_FRANCE = "The capital of France is Paris."
 FILLER = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Describe the sea in a few words."},
@@ -566,3 +571,342 @@ def test_300_concurrent_streams(llm: DevLLM) -> None:
     assert stats["streams_completed"] == n
     assert stats["streams_cancelled"] == stats["active_streams"] == 0
     assert peak > 1
+
+
+# --- capacity: --slots, --over and /stats -----------------------------------------------------
+
+LONG = "gpt-4o;tokens=2000;delay=0.01"  # a stream that holds its slot until it is closed
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx2.Client]:
+    """One client for all the :class:`Held` streams: each takes a connection of its pool."""
+    with httpx2.Client(timeout=10, trust_env=False) as client:
+        yield client
+
+
+class Held:
+    """One streamed request on a connection of its own, read frame by frame.
+
+    Entering blocks until the response's headers arrive, so a queued request is
+    entered in a thread.
+    """
+
+    def __init__(
+        self, http: httpx2.Client, llm: DevLLM, model: str, messages: list[dict[str, Any]] = FILLER
+    ) -> None:
+        self._request = http.stream(
+            "POST",
+            llm.base_url + "/chat/completions",
+            json={"model": model, "messages": messages, "stream": True},
+        )
+
+    def __enter__(self) -> Held:
+        response = self._request.__enter__()
+        self._lines = (line.removeprefix("data: ") for line in response.iter_lines() if line)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._request.__exit__(None, None, None)
+
+    def frames(self, n: int) -> list[str]:
+        """The next ``n`` ``data:`` payloads."""
+        return [next(self._lines) for _ in range(n)]
+
+    def rest(self) -> list[str]:
+        """The payloads to the end of the body."""
+        return list(self._lines)
+
+
+def finish_reasons(payloads: list[str]) -> list[str | None]:
+    return [
+        choice["finish_reason"]
+        for p in payloads
+        if p != "[DONE]"
+        for choice in json.loads(p)["choices"]
+    ]
+
+
+def payloads_content(payloads: list[str]) -> str:
+    return "".join(
+        choice["delta"].get("content") or ""
+        for p in payloads
+        if p != "[DONE]"
+        for choice in json.loads(p)["choices"]
+    )
+
+
+def whole_stream(llm: DevLLM, model: str, messages: list[dict[str, Any]] = FRANCE) -> str:
+    """The content of one streamed answer, read to its end with the openai SDK."""
+    with OpenAI(base_url=llm.base_url, api_key="t", max_retries=0, timeout=10) as client:
+        chunks = list(client.chat.completions.create(model=model, messages=messages, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    return content_of(chunks)
+
+
+def test_slots_options_are_checked() -> None:
+    with pytest.raises(DevLLMError, match="slots -1 must be a whole number"):
+        DevLLM(slots=-1).start()
+    assert Behaviour.parse("m;status=503;until=1767225600.5").until == 1767225600.5
+    with pytest.raises(BehaviourError, match="until"):
+        Behaviour.parse("m;until=soon")
+
+
+def test_queue_serves_n_at_a_time_first_come_first_served(http: httpx2.Client) -> None:
+    with DevLLM(slots=1, over="queue", token_delay=0.005) as llm, ThreadPoolExecutor(4) as pool:
+        first_chunk: dict[str, float] = {}
+
+        def waiter(name: str) -> str:
+            with Held(http, llm, "gpt-4o", FRANCE) as held:
+                held.frames(1)
+                first_chunk[name] = time.monotonic()
+                return payloads_content(held.rest())
+
+        with Held(http, llm, LONG) as holder:
+            holder.frames(3)
+            assert llm.traffic()["in_flight"] == 1
+            second = pool.submit(waiter, "second")
+            wait_for(lambda: llm.traffic()["queued"] == 1)
+            third = pool.submit(waiter, "third")
+            wait_for(lambda: llm.traffic()["queued"] == 2)
+            holder.frames(3)  # the holder still streams; the others still wait
+            assert not second.done() and not third.done()
+        # The holder left: its slot goes to the second, then to the third.
+        assert second.result(timeout=10) == third.result(timeout=10) == CANNED_FRANCE
+        assert first_chunk["second"] < first_chunk["third"]
+        traffic = llm.traffic()
+        assert (traffic["slots"], traffic["over"]) == (1, "queue")
+        assert (traffic["max_in_flight"], traffic["in_flight"], traffic["queued"]) == (1, 0, 0)
+        assert (traffic["received"], traffic["served"], traffic["cancelled"]) == (3, 2, 1)
+
+
+def test_interrupt_cuts_the_oldest_stream(http: httpx2.Client) -> None:
+    with DevLLM(slots=2, over="interrupt", token_delay=0.005) as llm:
+        with Held(http, llm, LONG) as oldest, Held(http, llm, LONG) as newer:
+            before = oldest.frames(3) + newer.frames(3)
+            # A third request takes the oldest stream's slot at once.
+            assert whole_stream(llm, "gpt-4o") == CANNED_FRANCE
+            cut = oldest.rest()
+            assert cut[-1] == "[DONE]"
+            assert all(reason is None for reason in finish_reasons(before + cut))
+            assert all(json.loads(p)["choices"] for p in cut[:-1])  # no usage chunk either
+            assert len(cut) < 50  # it stopped at its next token, far from its 2000
+            full = "".join(reply_tokens(FILLER, 2000))
+            assert full.startswith(payloads_content(before[:3] + cut))
+            assert len(newer.frames(20)) == 20  # the newer one goes on
+            traffic = llm.traffic()
+            assert (traffic["interrupted"], traffic["max_in_flight"]) == (1, 2)
+        wait_for(lambda: llm.stats()["streams_cancelled"] == 1)  # the newer one, closed
+        assert llm.stats()["streams_interrupted"] == 1
+
+
+def test_interrupt_never_cuts_a_non_streamed_answer() -> None:
+    with DevLLM(slots=1, over="interrupt", token_delay=0) as llm, ThreadPoolExecutor(2) as pool:
+        with OpenAI(base_url=llm.base_url, api_key="t", max_retries=0, timeout=10) as client:
+            whole = pool.submit(
+                client.chat.completions.create, model="gpt-4o;first_delay=0.8", messages=FRANCE
+            )
+            wait_for(lambda: llm.traffic()["in_flight"] == 1)
+            # It waits for the non-streamed answer instead, then cuts nothing.
+            streamed = pool.submit(whole_stream, llm, "gpt-4o")
+            wait_for(lambda: llm.traffic()["queued"] == 1)
+            assert whole.result(timeout=10).choices[0].message.content == CANNED_FRANCE
+            assert streamed.result(timeout=10) == CANNED_FRANCE
+        traffic = llm.traffic()
+        assert (traffic["interrupted"], traffic["max_in_flight"], traffic["served"]) == (0, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("over", "exception"), [("503", openai.InternalServerError), ("429", openai.RateLimitError)]
+)
+def test_over_refuses_at_once(
+    over: Over, exception: type[openai.APIStatusError], http: httpx2.Client
+) -> None:
+    with (
+        DevLLM(slots=1, over=over, retry_after=0.25, token_delay=0) as llm,
+        OpenAI(base_url=llm.base_url, api_key="t", max_retries=0, timeout=10) as client,
+    ):
+        with Held(http, llm, LONG) as holder:
+            holder.frames(2)
+            for stream in (True, False):
+                started = time.monotonic()
+                with pytest.raises(exception) as caught:
+                    client.chat.completions.create(model="gpt-4o", messages=FRANCE, stream=stream)
+                assert time.monotonic() - started < 0.5
+                assert caught.value.status_code == int(over)
+                assert "slots of devllm are busy" in caught.value.message
+                headers = caught.value.response.headers
+                if over == "429":
+                    assert caught.value.code == "rate_limit_exceeded"
+                    assert (headers["retry-after"], headers["retry-after-ms"]) == ("0.25", "250")
+                else:
+                    assert caught.value.code == "service_unavailable"
+                    assert "retry-after" not in headers
+        # The holder left, its slot is free again.
+        wait_for(lambda: llm.traffic()["in_flight"] == 0)
+        assert whole_stream(llm, "gpt-4o") == CANNED_FRANCE
+        traffic = llm.traffic()
+        assert traffic["refused"] == {"429": 0, "503": 0, over: 2}
+        assert (traffic["received"], traffic["served"], traffic["max_in_flight"]) == (4, 1, 1)
+
+
+def test_max_in_flight_under_concurrent_clients() -> None:
+    n, slots = 9, 3
+    model = "gpt-4o;tokens=5;delay=0.05"  # 0.25 s an answer: three rounds of three
+    expected = "".join(reply_tokens(FILLER, 5))
+    all_ready = threading.Barrier(n)
+    with (
+        DevLLM(slots=slots, over="queue") as llm,
+        OpenAI(base_url=llm.base_url, api_key="t", max_retries=0, timeout=30) as client,
+        ThreadPoolExecutor(n) as pool,
+    ):
+
+        def one(i: int) -> str:
+            all_ready.wait(timeout=10)
+            if i % 2:  # streamed and non-streamed requests take slots alike
+                chunks = list(
+                    client.chat.completions.create(model=model, messages=FILLER, stream=True)
+                )
+                return content_of(chunks)
+            completion = client.chat.completions.create(model=model, messages=FILLER)
+            return completion.choices[0].message.content or ""
+
+        futures = [pool.submit(one, i) for i in range(n)]
+        seen: list[dict[str, Any]] = []
+        while not all(f.done() for f in futures):
+            seen.append(llm.traffic())
+        assert [f.result() for f in futures] == [expected] * n
+        traffic = llm.traffic()
+        assert traffic["max_in_flight"] == slots
+        assert max(t["in_flight"] for t in seen) == slots
+        assert max(t["queued"] for t in seen) > 0
+        assert (traffic["received"], traffic["served"], traffic["in_flight"]) == (n, n, 0)
+
+
+def test_max_in_flight_without_a_limit(llm: DevLLM, http: httpx2.Client) -> None:
+    n = 20
+    llm.reset()
+    with ExitStack() as stack:
+        for held in [stack.enter_context(Held(http, llm, LONG)) for _ in range(n)]:
+            held.frames(1)
+        traffic = llm.traffic()
+        assert (traffic["slots"], traffic["in_flight"], traffic["max_in_flight"]) == (0, n, n)
+    wait_for(lambda: llm.traffic()["in_flight"] == 0)
+    assert llm.traffic()["max_in_flight"] == n
+
+
+# A client in a process of its own: it sends a request, says "sent", then waits
+# to be killed.
+KILLED_CLIENT = """
+import json, socket, sys, time
+port, model, stream = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+body = json.dumps({"model": model, "stream": stream,
+                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+sock = socket.create_connection(("127.0.0.1", port))
+head = b"POST /v1/chat/completions HTTP/1.1\\r\\nHost: devllm\\r\\nContent-Length: %d\\r\\n"
+sock.sendall(head % len(body) + b"Content-Type: application/json\\r\\n\\r\\n" + body)
+print("sent", flush=True)
+time.sleep(60)
+"""
+
+
+@contextmanager
+def killed_client(llm: DevLLM, model: str, stream: bool) -> Iterator[Callable[[], None]]:
+    """Start a :data:`KILLED_CLIENT` process; yield the function that SIGKILLs it."""
+    args = [sys.executable, "-c", KILLED_CLIENT, str(llm.port), model, str(int(stream))]
+    with subprocess.Popen(args, stdout=subprocess.PIPE) as process:
+        try:
+            assert process.stdout is not None and process.stdout.readline() == b"sent\n"
+            yield process.kill
+        finally:
+            process.kill()
+
+
+@pytest.mark.parametrize(
+    ("model", "stream", "phase"),
+    [
+        ("gpt-4o;tokens=1000;delay=0.3", True, "between tokens"),
+        ("gpt-4o;first_delay=30", True, "in a long pause"),
+        ("gpt-4o;tokens=1000;delay=0.3", False, "before a whole answer"),
+        ("gpt-4o;hang=30", True, "while hung"),
+    ],
+    ids=["tokens", "pause", "whole", "hang"],
+)
+def test_a_killed_client_frees_its_slot(model: str, stream: bool, phase: str) -> None:
+    with DevLLM(slots=1, over="queue", token_delay=0) as llm:
+        with killed_client(llm, model, stream) as kill:
+            wait_for(lambda: llm.traffic()["in_flight"] == 1)
+            kill()
+            killed = time.monotonic()
+            wait_for(lambda: llm.traffic()["in_flight"] == 0, timeout=5)
+            # At the next token at the latest: a failed write would take two.
+            assert time.monotonic() - killed < 0.55, phase
+        assert llm.traffic()["cancelled"] == 1
+        assert whole_stream(llm, "gpt-4o") == CANNED_FRANCE
+
+
+def test_a_client_leaving_the_queue_frees_its_place(http: httpx2.Client) -> None:
+    with DevLLM(slots=1, over="queue", token_delay=0) as llm:
+        with Held(http, llm, LONG) as holder:
+            holder.frames(2)
+            with killed_client(llm, "gpt-4o", stream=True) as kill:
+                wait_for(lambda: llm.traffic()["queued"] == 1)
+                kill()
+                wait_for(lambda: llm.traffic()["queued"] == 0, timeout=1)
+            assert llm.traffic()["in_flight"] == 1  # the holder keeps its slot
+        assert whole_stream(llm, "gpt-4o") == CANNED_FRANCE
+        traffic = llm.traffic()
+        assert (traffic["received"], traffic["served"], traffic["cancelled"]) == (3, 1, 2)
+
+
+def test_stats_received_log_and_reset(llm: DevLLM, client: OpenAI, http: httpx2.Client) -> None:
+    llm.reset()
+    before = time.time()
+    for _ in range(3):
+        client.chat.completions.create(model="gpt-4o", messages=FRANCE)
+    middle = time.time()
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="gpt-4o;status=503", messages=FRANCE)
+    after = time.time()
+    traffic = llm.traffic()
+    log = traffic["received_log"]
+    assert len(log) == traffic["received"] == 4
+    assert before <= log[0] <= log[1] <= log[2] <= middle <= log[3] <= after
+    assert llm.traffic(since=middle)["received_log"] == log[3:]
+    assert (traffic["served"], traffic["on_demand"], traffic["in_flight"]) == (3, {"503": 1}, 0)
+    with Held(http, llm, LONG) as held:
+        held.frames(1)
+        llm.reset()
+        traffic = llm.traffic()
+        assert (traffic["received"], traffic["served"], traffic["received_log"]) == (0, 0, [])
+        assert traffic["on_demand"] == {} and traffic["refused"] == {"429": 0, "503": 0}
+        # The gauge keeps counting the stream still open; the peak starts from it.
+        assert (traffic["in_flight"], traffic["max_in_flight"]) == (1, 1)
+    status, body = post_raw(llm.url + "/stats/reset", b"")
+    assert status == 200 and body["received"] == 0
+
+
+def test_429_on_demand_for_a_window_takes_no_slot(http: httpx2.Client) -> None:
+    with (
+        DevLLM(slots=1, over="queue", token_delay=0) as llm,
+        OpenAI(base_url=llm.base_url, api_key="t", max_retries=0, timeout=10) as client,
+    ):
+        until = time.time() + 0.5
+        model = f"gpt-4o;status=429;retry_after=2;until={until}"
+        with Held(http, llm, LONG) as holder:
+            holder.frames(1)
+            for _ in range(2):  # answered at once, though the one slot is busy
+                with pytest.raises(openai.RateLimitError) as caught:
+                    client.chat.completions.create(model=model, messages=FRANCE)
+                headers = caught.value.response.headers
+                assert (headers["retry-after"], headers["retry-after-ms"]) == ("2", "2000")
+            with pytest.raises(openai.InternalServerError):
+                client.chat.completions.create(
+                    model=f"gpt-4o;status=503;until={until}", messages=FRANCE
+                )
+            traffic = llm.traffic()
+            assert (traffic["on_demand"], traffic["queued"]) == ({"429": 2, "503": 1}, 0)
+        wait_for(lambda: time.time() > until)
+        # Past the window the same model string is answered normally.
+        completion = client.chat.completions.create(model=model, messages=FRANCE)
+        assert completion.choices[0].message.content == CANNED_FRANCE
