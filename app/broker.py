@@ -46,6 +46,7 @@ from app.errors import RequestError
 from app.process import per_process
 from app.shutdown import Orphaned, losses
 from config import Settings
+from config.celery import running_arguments
 from config.settings import type_argument
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,14 @@ def input_queue(settings: Settings) -> Queue:
 
 
 def task_queue(settings: Settings) -> Queue:
-    return _queue(settings.task_queue, settings)
+    """Celery's task queue, ``<ns>.running``: it dead-letters what ends to the free slots."""
+    return Queue(
+        settings.task_queue,
+        DEFAULT_EXCHANGE,
+        settings.task_queue,
+        durable=True,
+        queue_arguments=running_arguments(settings),
+    )
 
 
 def dead_letter_queue(settings: Settings) -> Queue:

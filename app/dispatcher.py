@@ -83,6 +83,7 @@ H_REPLY = "x-chatqueue-reply"
 H_UPDATES = "x-chatqueue-updates"
 H_SLOT = "x-chatqueue-slot"  # the slot a running task message holds (-1: no limit)
 H_DISPATCHED = "x-chatqueue-dispatched"  # when it was sent to run (wall clock)
+H_TOLD = "x-chatqueue-told"  # it was told a place: it is told too when its call starts
 
 BATON = "baton"
 # Seconds between two looks at deadlines, pauses, rates and positions.
@@ -346,7 +347,7 @@ class Dispatcher:
                 upstream=str(headers.get(H_UPSTREAM) or ""),
             )
         except (KeyError, ValueError, TypeError) as exc:
-            # Not the intake's: nothing to answer it with. Dead-lettered as is.
+            # Not the intake's: nothing to answer it with, and nowhere to put it.
             logger.error("dispatcher: a waiting message without its headers (%r) dropped", exc)
             self._channel.basic_reject(message.delivery_tag, requeue=False)
             self._pending += 1
@@ -477,6 +478,7 @@ class Dispatcher:
         headers = dict(properties.pop("application_headers", None) or {})
         headers[H_SLOT] = -1 if slot is None else slot.number
         headers[H_DISPATCHED] = now
+        headers[H_TOLD] = entry.told is not None
         channel = self._channel
         channel.basic_publish(
             amqp.Message(message.body, application_headers=headers, **properties),

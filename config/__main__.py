@@ -29,7 +29,10 @@ Every setting of chatqueue is an environment variable, read in one place
 (`config/settings.py`) by every process: the worker, the web front and Flower.
 A value that does not parse stops the process at start, with a message that
 names the variable and says what it takes. Secrets (`RABBITMQ_URL`,
-`OPENAI_API_KEY`, `API_KEYS`) are never echoed in that message.
+`OPENAI_API_KEY`, `API_KEYS`, `API_KEY_TIERS`) are never echoed in that message.
+The upstreams of `UPSTREAMS_FILE` are read at start too: a file that cannot be
+used stops the process with a message naming the file, the table and the key
+(see [capacity.md](capacity.md)).
 
 | variable | default | meaning |
 |---|---|---|
@@ -38,8 +41,9 @@ names the variable and says what it takes. Secrets (`RABBITMQ_URL`,
 FOOTER = """
 Give every process of a deployment the same values: the workers and the web
 front find each other's queues and exchanges by `RABBITMQ_QUEUE`,
-`RESPONSE_QUEUE_PREFIX` and `CHATQUEUE_NAMESPACE`, and every web process signs
-and checks uids with `API_KEYS`.
+`RESPONSE_QUEUE_PREFIX` and `CHATQUEUE_NAMESPACE`, every web process signs
+and checks uids with `API_KEYS`, and the worker that dispatches applies its
+own upstreams and limits (`UPSTREAMS_FILE`, `LLM_MAX_IN_FLIGHT`).
 
 Two things are not settings: the worker's pool and concurrency are flags of
 its [Procfile](../Procfile) line (`--pool gevent --concurrency 1000`), and the

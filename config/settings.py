@@ -216,8 +216,8 @@ class Settings:
     llm_max_retries: int = _env(
         _non_negative_int,
         "3",
-        "retries (exponential backoff) on 408/409/429/5xx, refused connections and timeouts "
-        "before the first token",
+        "retries (exponential backoff) on 408/409/5xx, refused connections and timeouts "
+        "before the first token (a 429, or a 503 with retry-after, pauses the upstream instead)",
     )
     llm_max_connections: int = _env(
         _positive_int, "2000", "HTTP connections one process keeps open to the LLM"

@@ -25,7 +25,7 @@ from gevent import GreenletExit
 
 from app import handoff, metrics
 from app.broker import RETRY_POLICY, Lane, Lanes, Sender, dead_letter
-from app.dispatcher import H_DISPATCHED
+from app.dispatcher import H_DISPATCHED, H_TOLD
 from app.errors import DuplicateRequest
 from app.lifecycle import (
     Cancels,
@@ -465,7 +465,14 @@ def stream_chat(
             logger.warning("uid=%s: redelivered; the answer starts again", uid)
             metrics.restarted("redelivered")
         finished = answer(
-            stream, request, incarnation, settings, figures, publisher=publisher, route=route
+            stream,
+            request,
+            incarnation,
+            settings,
+            figures,
+            publisher=publisher,
+            route=route,
+            told=bool(task.request.get(H_TOLD)),
         )
         publisher.settle()
         outcome = ("error" if stream.error_code else "answered") if finished else "cancelled"
@@ -649,6 +656,7 @@ def answer(
     *,
     publisher: _Publisher,
     route: Route | None = None,
+    told: bool = False,
 ) -> bool:
     """Stream the LLM's answer, or an error object, then ``[DONE]``; False if cancelled.
 
@@ -665,7 +673,7 @@ def answer(
     _stop_if_due(publisher)
     route = route or Route.of(settings, request, "", ())
     upstream = route.upstream
-    _starts(stream, request, route, settings)
+    _starts(stream, request, route, settings, told=told)
     client = llm.client(settings, upstream)
     started = time.monotonic()
     for attempt in range(settings.llm_max_retries + 1):
@@ -750,12 +758,15 @@ def _end_in_error(
     stream.fail(error, status)
 
 
-def _starts(stream: ResponseStream, request: ChatRequest, route: Route, settings: Settings) -> None:
+def _starts(
+    stream: ResponseStream, request: ChatRequest, route: Route, settings: Settings, *, told: bool
+) -> None:
     """Its LLM call starts now: raise WaitAgain if its upstream is paused (the
-    LLM sees no new call then); tell a request that asked for its place."""
+    LLM sees no new call then); tell a request that was told its place while
+    it waited that it waits no more (position 0)."""
     if cancel.listener(settings).paused(route.upstream.name):
         raise route.saturated("its upstream is paused")
-    if request.queue_updates:
+    if request.queue_updates and told:
         stream.starts()
 
 

@@ -2,8 +2,10 @@
 and its errors in OpenAI's words.
 
 The openai SDK retries what fails before an answer starts (connection
-errors, timeouts, 408, 409, 429 honouring ``Retry-After``, 5xx) with
-exponential backoff, ``LLM_MAX_RETRIES`` times.
+errors, timeouts, 408, 409, 5xx) with exponential backoff, ``LLM_MAX_RETRIES``
+times; but not an upstream that says it is saturated (a 429, or a 503 with
+``retry-after``): chatqueue pauses that upstream for every worker instead
+(:func:`saturated`, app/dispatcher.py).
 
 Answers are taken as the LLM sent them: each SSE ``data:`` payload is
 forwarded verbatim (the wire contract), checked to be a JSON object, but not
@@ -339,7 +341,7 @@ def describe(exc: BaseException, *, started: bool) -> tuple[dict[str, Any], int]
         ), 504
     if isinstance(exc, openai.APIConnectionError) and not started:
         return error_object(
-            f"the LLM cannot be reached at its URL (OPENAI_URL): {exc}",
+            f"the LLM cannot be reached at its URL (OPENAI_URL, or its upstream's url): {exc}",
             "api_connection_error",
             "llm_unreachable",
         ), 502

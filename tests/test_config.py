@@ -91,9 +91,12 @@ def test_deployments_that_differ_in_input_queue_never_share_a_task_queue() -> No
     default = load_settings({})
     a = load_settings({"RABBITMQ_QUEUE": "team-a"})
     b = load_settings({"RABBITMQ_QUEUE": "team-b"})
-    assert default.task_queue == "chatqueue.tasks"  # existing deployments keep theirs
+    assert default.task_queue == "chatqueue.running"
     assert len({default.task_queue, a.task_queue, b.task_queue}) == 3
     assert a.task_queue.startswith("chatqueue.")  # still chatqueue's own (reply_to rule)
+    for queues in (default.deployment_queues, a.deployment_queues):
+        assert all(q.startswith("chatqueue.") for q in queues[1:])
+    assert set(a.deployment_queues[1:-1]).isdisjoint(default.deployment_queues)
 
 
 def test_a_cluster_is_a_failover_list_of_urls() -> None:
@@ -105,9 +108,12 @@ def test_a_cluster_is_a_failover_list_of_urls() -> None:
 
 def test_classic_queues_are_declared_as_they_always_were() -> None:
     s = load_settings({})
-    for queue in (input_queue(s), task_queue(s), dead_letter_queue(s)):
+    for queue in (input_queue(s), dead_letter_queue(s)):
         assert not queue.queue_arguments
-    assert not celery_config(s)["task_queues"][0].queue_arguments
+    # The running task messages end dead-lettered to the free slots (app/dispatcher.py).
+    slots = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "chatqueue.slots"}
+    assert task_queue(s).queue_arguments == slots
+    assert celery_config(s)["task_queues"][0].queue_arguments == slots
     assert "broker_transport_options" not in celery_config(s)
     assert response_queue_arguments(s) == {"x-expires": 600_000}
 
@@ -117,10 +123,19 @@ def test_quorum_queues_are_declared_so_everywhere() -> None:
     quorum queue, is refused by the broker (PRECONDITION_FAILED)."""
     s = load_settings({"RABBITMQ_QUEUE_TYPE": "quorum", "RESPONSE_QUEUE_TYPE": "quorum"})
     quorum = {"x-queue-type": "quorum"}
-    for queue in (input_queue(s), task_queue(s), dead_letter_queue(s)):
+    for queue in (input_queue(s), dead_letter_queue(s)):
         assert queue.queue_arguments == quorum
     config = celery_config(s)
-    assert config["task_queues"][0].queue_arguments == quorum
+    running = config["task_queues"][0].queue_arguments
+    assert running == task_queue(s).queue_arguments
+    # Dead-lettered at least once: a slot is never lost (one that comes back twice is dropped).
+    assert running == {
+        **quorum,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "chatqueue.slots",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
     assert config["worker_detect_quorum_queues"] is True  # per-consumer prefetch
     assert config["broker_transport_options"] == {"confirm_publish": True}
     assert response_queue_arguments(s) == {"x-expires": 600_000, **quorum}

@@ -1,9 +1,11 @@
 """``GET /ping`` (is the process up) and ``GET /healthz`` (can it work).
 
-``/healthz`` connects to the broker and asks the LLM for its models: work on
-both for every call. So one check runs at a time per process, and its result
-is kept for ``HEALTH_CACHE`` seconds: a flood of calls costs the broker and
-the LLM one check each that long. The answer says when it was checked.
+``/healthz`` connects to the broker and asks each upstream (the LLM servers)
+for its models: work on all of them for every call; healthy when the broker
+and at least one upstream answer, each upstream's answer listed. So one
+check runs at a time per process, and its result is kept for
+``HEALTH_CACHE`` seconds: a flood of calls costs the broker and the LLMs one
+check each that long. The answer says when it was checked.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import httpx2
 from flask import Blueprint, Response, jsonify
 from gevent.lock import Semaphore
+from gevent.pool import Group
 
 from web.router import connect
 from web.services import services
@@ -66,9 +69,14 @@ def checked() -> dict[str, Any]:
     with _checking:
         if _last is None or time.monotonic() - _last[0] > HEALTH_CACHE:
             settings = services().settings
+            upstreams = settings.upstreams.all
+            found = Group().map(lambda u: check_llm(u.url, u.api_key), upstreams)
+            by_name = {u.name: result for u, result in zip(upstreams, found, strict=True)}
             checks = {
                 "broker": check_broker(settings.rabbitmq_url),
-                "llm": check_llm(settings.openai_url, settings.openai_api_key),
+                # Some LLM answers: requests for the others fail, or wait for a fallback.
+                "llm": {"ok": any(r["ok"] for r in found)},
+                "upstreams": by_name,
                 "checked_at": round(time.time(), 3),
             }
             _last = (time.monotonic(), checks)

@@ -82,7 +82,8 @@ class QueueDepths(Collector):
         self.url = settings.rabbitmq_url
         self.queues = {
             "input": settings.rabbitmq_queue,
-            "tasks": settings.task_queue,
+            "waiting": settings.waiting_queue,
+            "running": settings.task_queue,
             "dead_letter": settings.dead_letter_queue,
         }
         self._lock = threading.Lock()
@@ -122,12 +123,13 @@ class QueueDepths(Collector):
     def collect(self) -> Iterator[Metric]:
         messages = GaugeMetricFamily(
             "chatqueue_queue_messages",
-            "messages ready in chatqueue's queues (input, tasks, dead_letter)",
+            "messages ready in chatqueue's queues (input; waiting, beyond what the dispatcher "
+            "holds; running; dead_letter)",
             labels=["queue", "name"],
         )
         consumers = GaugeMetricFamily(
             "chatqueue_queue_consumers",
-            "consumers of chatqueue's queues (input, tasks, dead_letter)",
+            "consumers of chatqueue's queues (input, waiting, running, dead_letter)",
             labels=["queue", "name"],
         )
         for role, (ready, consuming) in self.depths().items():

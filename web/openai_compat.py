@@ -50,7 +50,12 @@ MODELS_TIMEOUT = 5.0
 
 
 def json_answer(body: str, status: int, uid: str) -> Response:
-    return Response(body, status=status, mimetype="application/json", headers={UID_HEADER: uid})
+    headers = {UID_HEADER: uid}
+    if '"queue_timeout"' in body:
+        # The request waited its queue_timeout: the openai SDK would send it
+        # again (it retries a 504 by itself, unless told not to), to wait again.
+        headers["x-should-retry"] = "false"
+    return Response(body, status=status, mimetype="application/json", headers=headers)
 
 
 @bp.post("/chat/completions")

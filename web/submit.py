@@ -39,7 +39,7 @@ from app.errors import (
     RequestError,
 )
 from app.lifecycle import new_uid, owned_by
-from app.request import ChatRequest, decode_body, parse_request
+from app.request import SERVICE_TIERS, ChatRequest, decode_body, parse_request
 from app.waiting import tier_rank
 from web.auth import current_key
 from web.publisher import Replies
@@ -71,8 +71,8 @@ def tenant_of(key: str | None) -> str | None:
 def capped(data: dict[str, Any], cap: str | None) -> dict[str, Any]:
     """``data`` with its ``service_tier`` lowered to ``cap`` if it asks for more."""
     tier = data.get("service_tier")
-    if cap is None or not isinstance(tier, str) or tier_rank(tier) >= tier_rank(cap):
-        return data
+    if cap is None or tier not in SERVICE_TIERS or tier_rank(tier) >= tier_rank(cap):
+        return data  # no cap, a tier below it, or none that parse_request takes
     return {**data, "service_tier": cap}
 
 

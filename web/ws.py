@@ -31,7 +31,7 @@ from simple_websocket import ConnectionClosed
 from wsproto.utilities import LocalProtocolError
 
 from app.errors import BrokerUnavailable, ChatqueueError
-from app.protocol import DONE
+from app.protocol import DONE, Kind
 from app.request import decode_body
 from web.auth import current_key
 from web.errors import AnswerCut
@@ -134,6 +134,8 @@ def forward(ws: Any, answer: Answer) -> BrokerUnavailable | None:
                 ws.send(delivery.body)
                 return None
             ws.send(delivery.body)
-            sent = True
+            # A place is no part of the answer: lost before it began, the
+            # request is submitted again.
+            sent = sent or delivery.kind != Kind.QUEUE
     finally:
         answer.close()
