@@ -26,6 +26,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,6 +120,21 @@ def start_worker(worker_env: dict[str, str]) -> Iterator[WorkerFactory]:
     )
 
 
+@pytest.fixture
+def own_worker(start_worker: WorkerFactory) -> Iterator[WorkerFactory]:
+    """``start_worker`` for one test: the workers it starts stop when the test
+    ends, so that a session of many deployments holds few connections at once."""
+    mine: list[Process] = []
+
+    def start(*args: Any, **kwargs: Any) -> Process:
+        proc = start_worker(*args, **kwargs)
+        mine.append(proc)
+        return proc
+
+    yield start
+    stop_all(mine)
+
+
 def _delete_queues(queues: set[str]) -> None:
     delete_queues(RABBITMQ_URL, queues)  # a missing queue is fine
 
@@ -170,6 +186,20 @@ def start_web(web_env: dict[str, str], worker: Process) -> Iterator[WebFactory]:
 
     yield start
     stop_webs(started)
+
+
+@pytest.fixture
+def own_web(start_web: WebFactory) -> Iterator[WebFactory]:
+    """``start_web`` for one test: the web fronts it starts stop when it ends."""
+    mine: list[Web] = []
+
+    def start(*args: Any, **kwargs: Any) -> Web:
+        server = start_web(*args, **kwargs)
+        mine.append(server)
+        return server
+
+    yield start
+    stop_webs(mine)
 
 
 @pytest.fixture(scope="session")

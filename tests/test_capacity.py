@@ -78,7 +78,7 @@ def send(broker: Broker, bodies: list[dict[str, object]]) -> list[str]:
 
 
 def test_the_limit_holds_over_two_workers(
-    start_worker: WorkerFactory,
+    own_worker: WorkerFactory,
     worker_env: dict[str, str],
     names: dict[str, str],
     slow_llm: DevLLM,
@@ -86,7 +86,7 @@ def test_the_limit_holds_over_two_workers(
     """30 requests at once, two worker processes, a limit of 3: the LLM serves 3
     at a time (not fewer, not more), and every answer is whole."""
     env = deployment(worker_env, names, slow_llm, "two", LLM_MAX_IN_FLIGHT="3")
-    workers = [start_worker("cap-a", env=env), start_worker("cap-b", env=env)]
+    workers = [own_worker("cap-a", env=env), own_worker("cap-b", env=env)]
     with client_of(env) as broker:
         prompts = [f"limit {i}" for i in range(30)]
         uids = send(broker, [chat(p) for p in prompts])
@@ -100,7 +100,7 @@ def test_the_limit_holds_over_two_workers(
 
 
 def test_a_worker_killed_mid_run_gives_its_slots_back(
-    start_worker: WorkerFactory,
+    own_worker: WorkerFactory,
     worker_env: dict[str, str],
     names: dict[str, str],
     slow_llm: DevLLM,
@@ -109,8 +109,8 @@ def test_a_worker_killed_mid_run_gives_its_slots_back(
     back in their slots, the other worker answers them, and the LLM never has
     more than the limit at once."""
     env = deployment(worker_env, names, slow_llm, "kill", LLM_MAX_IN_FLIGHT="3")
-    doomed = start_worker("cap-doomed", env=env)
-    survivor = start_worker("cap-survivor", env=env)
+    doomed = own_worker("cap-doomed", env=env)
+    survivor = own_worker("cap-survivor", env=env)
     with client_of(env) as broker:
         prompts = [f"killed {i}" for i in range(18)]
         uids = send(broker, [chat(p, model="m;tokens=20;delay=0.05") for p in prompts])
@@ -125,7 +125,7 @@ def test_a_worker_killed_mid_run_gives_its_slots_back(
 
 
 def test_queue_timeout_ends_a_request_that_waited_too_long(
-    start_worker: WorkerFactory,
+    own_worker: WorkerFactory,
     worker_env: dict[str, str],
     names: dict[str, str],
     slow_llm: DevLLM,
@@ -134,7 +134,7 @@ def test_queue_timeout_ends_a_request_that_waited_too_long(
     ends with the error code ``queue_timeout`` (504) and ``[DONE]``, and the
     LLM never hears of it."""
     env = deployment(worker_env, names, slow_llm, "qt", LLM_MAX_IN_FLIGHT="1")
-    worker = start_worker("cap-qt", env=env)
+    worker = own_worker("cap-qt", env=env)
     with client_of(env) as broker:
         long, short = send(
             broker,
@@ -151,8 +151,8 @@ def test_queue_timeout_ends_a_request_that_waited_too_long(
 
 
 def test_a_request_cancelled_while_it_waits_never_reaches_the_llm(
-    start_worker: WorkerFactory,
-    start_web: WebFactory,
+    own_worker: WorkerFactory,
+    own_web: WebFactory,
     worker_env: dict[str, str],
     names: dict[str, str],
     slow_llm: DevLLM,
@@ -160,8 +160,8 @@ def test_a_request_cancelled_while_it_waits_never_reaches_the_llm(
     """Its SSE reader leaves while it waits: the web front cancels it, the
     dispatcher takes it out of the line, and it never takes a slot."""
     env = deployment(worker_env, names, slow_llm, "cancel", LLM_MAX_IN_FLIGHT="1")
-    worker = start_worker("cap-cancel", env=env)
-    web = start_web("cap-cancel", env={**env, "SSE_KEEPALIVE": "1", "WEB_RESUME_GRACE": "0.5"})
+    worker = own_worker("cap-cancel", env=env)
+    web = own_web("cap-cancel", env={**env, "SSE_KEEPALIVE": "1", "WEB_RESUME_GRACE": "0.5"})
     hog = httpx2.post(
         web.url + "/v1/chat/completions", json=chat("hog", model="m;tokens=60;delay=0.05")
     ).json()["uid"]
@@ -181,7 +181,7 @@ def test_a_request_cancelled_while_it_waits_never_reaches_the_llm(
 
 
 def test_a_429_pauses_the_upstream_for_every_worker(
-    start_worker: WorkerFactory,
+    own_worker: WorkerFactory,
     worker_env: dict[str, str],
     names: dict[str, str],
     slow_llm: DevLLM,
@@ -190,7 +190,7 @@ def test_a_429_pauses_the_upstream_for_every_worker(
     two seconds, from either worker; the request that got the 429 waits again
     (its retries untouched) and is answered after the pause, first."""
     env = deployment(worker_env, names, slow_llm, "pause", LLM_MAX_IN_FLIGHT="2")
-    workers = [start_worker("cap-p1", env=env), start_worker("cap-p2", env=env)]
+    workers = [own_worker("cap-p1", env=env), own_worker("cap-p2", env=env)]
     limited = "m;status=429;retry_after=2;times=1"
     with client_of(env) as broker:
         [first] = send(broker, [chat("limited", model=limited)])
@@ -226,7 +226,7 @@ max_in_flight = 4
 
 
 def test_routing_by_model_model_not_found_and_fallback_on_503(
-    start_worker: WorkerFactory,
+    own_worker: WorkerFactory,
     worker_env: dict[str, str],
     names: dict[str, str],
     tmp_path: Path,
@@ -241,7 +241,7 @@ def test_routing_by_model_model_not_found_and_fallback_on_503(
         path = tmp_path / "upstreams.toml"
         path.write_text(UPSTREAMS.format(small=small.base_url, big=big.base_url))
         env = deployment(worker_env, names, small, "route", UPSTREAMS_FILE=str(path))
-        worker = start_worker("cap-route", env=env)
+        worker = own_worker("cap-route", env=env)
         with client_of(env) as broker:
             alpha, beta, nowhere = send(
                 broker,
@@ -268,7 +268,7 @@ def test_routing_by_model_model_not_found_and_fallback_on_503(
 @pytest.mark.slow
 def test_the_limit_holds_across_a_broker_restart(
     rabbit_node: RabbitNode,
-    start_worker: WorkerFactory,
+    own_worker: WorkerFactory,
     worker_env: dict[str, str],
     names: dict[str, str],
     slow_llm: DevLLM,
@@ -279,7 +279,7 @@ def test_the_limit_holds_across_a_broker_restart(
         **deployment(worker_env, names, slow_llm, "restart", LLM_MAX_IN_FLIGHT="2"),
         "RABBITMQ_URL": rabbit_node.url,
     }
-    workers = [start_worker("cap-r1", env=env), start_worker("cap-r2", env=env)]
+    workers = [own_worker("cap-r1", env=env), own_worker("cap-r2", env=env)]
     with client_of(env) as broker:
         prompts = [f"restart {i}" for i in range(8)]
         uids = send(broker, [chat(p, model="m;tokens=40;delay=0.05") for p in prompts])

@@ -77,12 +77,12 @@ def hog_the_slot(broker: Broker, llm: DevLLM) -> str:
 
 
 def test_priority_goes_before_default_and_default_before_flex(
-    start_worker: WorkerFactory, worker_env: dict[str, str], names: dict[str, str], llm_one: DevLLM
+    own_worker: WorkerFactory, worker_env: dict[str, str], names: dict[str, str], llm_one: DevLLM
 ) -> None:
     """Over two workers: whatever the order of arrival, the priority requests
     start first, then default (and auto, and none), then flex."""
     env = deployment(worker_env, names, llm_one, "tiers")
-    workers = [start_worker("tier-a", env=env), start_worker("tier-b", env=env)]
+    workers = [own_worker("tier-a", env=env), own_worker("tier-b", env=env)]
     with client_of(env) as broker:
         hog = hog_the_slot(broker, llm_one)
         tiers = ["flex", None, "priority", "auto", "flex", "default", "priority"]
@@ -106,12 +106,12 @@ def test_priority_goes_before_default_and_default_before_flex(
 
 
 def test_tenants_take_turns_by_username(
-    start_worker: WorkerFactory, worker_env: dict[str, str], names: dict[str, str], llm_one: DevLLM
+    own_worker: WorkerFactory, worker_env: dict[str, str], names: dict[str, str], llm_one: DevLLM
 ) -> None:
     """Alice has eight requests waiting when Bob sends two: Bob's start second
     and fourth, not after Alice's eight."""
     env = deployment(worker_env, names, llm_one, "fair")
-    worker = start_worker("fair", env=env)
+    worker = own_worker("fair", env=env)
     with client_of(env) as broker:
         hog = hog_the_slot(broker, llm_one)
         alice = send(broker, [chat(f"alice-{i}", username="alice") for i in range(8)])
@@ -123,8 +123,8 @@ def test_tenants_take_turns_by_username(
 
 
 def test_tenants_take_turns_by_api_key(
-    start_worker: WorkerFactory,
-    start_web: WebFactory,
+    own_worker: WorkerFactory,
+    own_web: WebFactory,
     worker_env: dict[str, str],
     names: dict[str, str],
     llm_one: DevLLM,
@@ -132,8 +132,8 @@ def test_tenants_take_turns_by_api_key(
     """With API_KEYS the tenant is the key, whatever the username says: one
     key's six requests under six usernames do not crowd out another key's."""
     env = deployment(worker_env, names, llm_one, "keys", API_KEYS="key-alice,key-bob")
-    start_worker("keys", env=env)
-    web = start_web("keys", env=env)
+    own_worker("keys", env=env)
+    web = own_web("keys", env=env)
 
     def post(key: str, body: dict[str, Any]) -> str:
         response = httpx2.post(
@@ -154,8 +154,8 @@ def test_tenants_take_turns_by_api_key(
 
 
 def test_a_key_s_tier_is_capped(
-    start_worker: WorkerFactory,
-    start_web: WebFactory,
+    own_worker: WorkerFactory,
+    own_web: WebFactory,
     worker_env: dict[str, str],
     names: dict[str, str],
     llm_one: DevLLM,
@@ -170,8 +170,8 @@ def test_a_key_s_tier_is_capped(
         API_KEYS="key-alice,key-bob",
         API_KEY_TIERS="key-bob=default",
     )
-    start_worker("cap", env=env)
-    web = start_web("cap", env=env)
+    own_worker("cap", env=env)
+    web = own_web("cap", env=env)
     auth = {"key-alice": {"Authorization": "Bearer key-alice"}}
     auth["key-bob"] = {"Authorization": "Bearer key-bob"}
     url = web.url + "/v1/chat/completions"
@@ -220,13 +220,13 @@ def places(
 
 
 def test_positions_count_the_starts_before_each_request(
-    start_worker: WorkerFactory, worker_env: dict[str, str], names: dict[str, str], llm_one: DevLLM
+    own_worker: WorkerFactory, worker_env: dict[str, str], names: dict[str, str], llm_one: DevLLM
 ) -> None:
     """Six requests wait behind a long answer, nothing else arrives: each one's
     positions never rise, end at 0 when its call starts, and each position
     told is the number of requests that start before it, plus one."""
     env = deployment(worker_env, names, llm_one, "places")
-    worker = start_worker("places", env=env)
+    worker = own_worker("places", env=env)
     with client_of(env) as broker:
         hog = hog_the_slot(broker, llm_one)
         uids = send(broker, [chat(f"place-{i}", queue_updates=True, model=HOG) for i in range(6)])
@@ -246,8 +246,8 @@ def test_positions_count_the_starts_before_each_request(
 
 
 def test_places_go_to_amqp_and_websocket_clients_that_ask_only(
-    start_worker: WorkerFactory,
-    start_web: WebFactory,
+    own_worker: WorkerFactory,
+    own_web: WebFactory,
     worker_env: dict[str, str],
     names: dict[str, str],
     llm_one: DevLLM,
@@ -256,8 +256,8 @@ def test_places_go_to_amqp_and_websocket_clients_that_ask_only(
     and ``queue.status`` frames on the WebSocket; without it, a client sees
     only the numbered messages of its answer, as before."""
     env = deployment(worker_env, names, llm_one, "ask")
-    start_worker("ask", env=env)
-    web = start_web("ask", env=env)
+    own_worker("ask", env=env)
+    web = own_web("ask", env=env)
     with client_of(env) as broker:
         hog_the_slot(broker, llm_one)
         asking, quiet = send(broker, [chat("asking", queue_updates=True), chat("quiet")])
@@ -289,14 +289,14 @@ def test_places_go_to_amqp_and_websocket_clients_that_ask_only(
 
 
 def test_the_dispatcher_killed_loses_nothing_and_keeps_the_order(
-    start_worker: WorkerFactory, worker_env: dict[str, str], names: dict[str, str], llm_one: DevLLM
+    own_worker: WorkerFactory, worker_env: dict[str, str], names: dict[str, str], llm_one: DevLLM
 ) -> None:
     """kill -9 of the worker that dispatches, with ten requests waiting: the
     other worker gets the baton, and every request is answered, in the order
     they came."""
     env = deployment(worker_env, names, llm_one, "baton")
-    first = start_worker("baton-1", env=env)
-    second = start_worker("baton-2", env=env)
+    first = own_worker("baton-1", env=env)
+    second = own_worker("baton-2", env=env)
     with client_of(env) as broker:
         hog = hog_the_slot(broker, llm_one)
         uids = send(broker, [chat(f"in line {i}") for i in range(10)])
