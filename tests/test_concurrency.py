@@ -5,9 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
 from tests.support import Broker, collect, declare_response_queues, isolated, new_uid
+
+# Thousands of streams through real workers: over 20 s each.
+pytestmark = pytest.mark.slow
 
 
 def test_one_worker_process_holds_1000_streams(

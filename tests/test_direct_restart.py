@@ -43,6 +43,7 @@ def read_until_done(ws: websocket.WebSocket, frames: list[str]) -> None:
     frames.append(frame)
 
 
+@pytest.mark.slow  # it kills a worker mid-answer
 def test_a_worker_death_mid_answer_ends_direct_replies_with_an_error(
     start_worker: Any,
     start_web: WebFactory,

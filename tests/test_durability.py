@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from app.factory import create_app
 from app.request import parse_request
 from app.tasknames import STREAM_CHAT
@@ -22,6 +24,7 @@ from tests.support import (
 )
 
 
+@pytest.mark.slow  # it kills a worker mid-stream
 def test_sigkill_mid_stream_loses_no_request(
     start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
 ) -> None:

@@ -88,6 +88,7 @@ def test_a_cancel_before_the_first_message_stops_that_request_only(
     assert stream(web, uid, timeout=30).content == expected("read this")
 
 
+@pytest.mark.slow  # it kills a worker mid-intake; 300 requests
 def test_hand_off_and_ack_are_one_transaction(
     start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
 ) -> None:

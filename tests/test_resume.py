@@ -11,6 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
+
 from devllm.testing import DevLLM
 from tests.support import (
     EventStream,
@@ -159,6 +161,7 @@ def test_a_resumed_reader_keeps_the_answer_from_the_grace(
     assert llm.stats()["streams_cancelled"] == cancelled
 
 
+@pytest.mark.slow  # it reloads the web front and kills its worker process
 def test_web_restarts_do_not_lose_a_stream(start_web: WebFactory, llm: DevLLM) -> None:
     """A graceful reload (HUP, what a deploy does) cuts a stream after the
     graceful timeout, and a killed worker process cuts it at once: neither

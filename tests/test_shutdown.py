@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pika
+import pytest
 
 from config import load_settings
 from devllm.answers import reply_tokens
@@ -24,6 +25,7 @@ def consumers(client: Any, queue: str) -> int:
     return int(ok.method.consumer_count)
 
 
+@pytest.mark.slow  # a worker's warm shutdown and its grace: about 30 s
 def test_sigterm_finishes_short_streams_and_hands_back_long_ones(
     start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
 ) -> None:

@@ -139,6 +139,7 @@ def test_the_page_works_with_api_keys(browser: WebDriver, keyed_web: Web) -> Non
     assert seen[-1] == "Hello!", seen
 
 
+@pytest.mark.slow  # it restarts the web front
 def test_the_page_resumes_a_stream_cut_by_a_web_restart(
     browser: WebDriver, start_web: WebFactory
 ) -> None:

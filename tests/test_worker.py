@@ -259,7 +259,7 @@ def test_an_input_queue_of_another_type_is_named_not_retried_in_a_loop(
         assert output.count("exists with another type") == 1, output[-3000:]
         assert "declared apart" not in output
     finally:
-        worker.stop()
+        worker.kill()  # it pauses MISMATCH_PAUSE (10 s) between tries: no warm shutdown
         worker.remove_log()
         for queue in (env["RABBITMQ_QUEUE"], dead_letter, load_settings(env).task_queue):
             broker.channel.queue_delete(queue)
