@@ -117,6 +117,8 @@ class UpstreamState:
     starts: deque[float] = field(default_factory=deque)  # the last minute's starts (rpm)
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=DURATIONS))
     running: int = 0  # calls of an upstream with no limit, since this process leads
+    told_version: int = -1  # the line's version when places were last counted
+    behind: bool = False  # a changed place waits to be told (TELL_EVERY)
 
     @property
     def limit(self) -> int:
@@ -494,13 +496,20 @@ class Dispatcher:
             del self.by_uid[entry.uid]
 
     def _tell(self, now: float) -> None:
-        """Tell each waiting request that asked its place, when it is new or changed."""
+        """Tell each waiting request that asked its place, when it is new or
+        changed: the places of a line are counted only when it changed since
+        they were last, and some request in it asks."""
         mono = time.monotonic()
         for state in self.states.values():
-            for entry, position in state.line.positions():
+            line = state.line
+            if not line.asking or (line.version == state.told_version and not state.behind):
+                continue
+            state.told_version, state.behind = line.version, False
+            for entry, position in line.positions():
                 if not entry.updates or entry.told == position:
                     continue
                 if entry.told is not None and mono - entry.told_at < TELL_EVERY:
+                    state.behind = True  # told again at a later tick
                     continue
                 entry.told, entry.told_at = position, mono
                 self.publish(*queue_message(entry, position, state.estimate(position, now)))

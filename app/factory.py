@@ -10,6 +10,7 @@ from celery import Celery, signals
 from celery.exceptions import CPendingDeprecationWarning
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
+from celery.worker.request import logger as request_logger
 
 from app import logs
 from app.broker import Pools
@@ -17,8 +18,6 @@ from app.shutdown import RoomForCopies, TaskLinkStep, task_link, warm_shutdown
 from app.tasknames import STREAM_CHAT
 from config import Settings, load_settings
 from config.celery import celery_config
-
-logger = logging.getLogger(__name__)
 
 
 class TaskConsumer(Consumer):  # type: ignore[misc]
@@ -54,7 +53,9 @@ class SlotRequest(Request):  # type: ignore[misc]
 
     def acknowledge(self) -> None:
         if not self.acknowledged:
-            self._on_reject(logger, self._connection_errors, False)
+            # Celery's own logger: a reject that fails with its lost
+            # connection is one line, as for Celery's acks (app/logs.py).
+            self._on_reject(request_logger, self._connection_errors, False)
             self.acknowledged = True
 
 

@@ -60,6 +60,8 @@ class Line:
         # One rotation of tenants per tier; a tenant's deque is in arrival order.
         self._tiers: list[OrderedDict[str, deque[Entry]]] = [OrderedDict() for _ in TIERS]
         self._count = 0
+        self.version = 0  # changes with every change of the order
+        self.asking = 0  # waiting requests that are told their place
 
     def __len__(self) -> int:
         return self._count
@@ -76,7 +78,13 @@ class Line:
             queue.extend(items)
         else:
             queue.append(entry)
-        self._count += 1
+        self._changed(entry, +1)
+
+    def _changed(self, entry: Entry, count: int) -> None:
+        self._count += count
+        self.version += 1
+        if entry.updates:
+            self.asking += count
 
     def peek(self) -> Entry | None:
         for tenants in self._tiers:
@@ -95,7 +103,7 @@ class Line:
                 tenants.move_to_end(tenant)
             else:
                 del tenants[tenant]
-            self._count -= 1
+            self._changed(entry, -1)
             entry.gone = True
             return entry
         return None
@@ -109,7 +117,7 @@ class Line:
         queue.remove(entry)
         if not queue:
             del tenants[entry.tenant]
-        self._count -= 1
+        self._changed(entry, -1)
         entry.gone = True
         return True
 

@@ -139,11 +139,12 @@ def tokens(events: EventStream) -> int:
 
 def test_counts_after_real_requests(front: Web, client: Broker, workers: list[Process]) -> None:
     delta = Delta(front)
-    # Two answers read as SSE, an LLM error, one the SDK retries (429 once).
+    # Two answers read as SSE, an LLM error, one the SDK retries (a 503 once,
+    # without retry-after: a 429 would pause the upstream instead).
     answered = [stream(front, submit(front, counting())) for _ in range(2)]
     failed = stream(front, submit(front, counting("devllm;status=400")))
     retried = stream(
-        front, submit(front, counting(f"devllm;status=429;times=1;tag={uuid.uuid4()}"))
+        front, submit(front, counting(f"devllm;status=503;times=1;tag={uuid.uuid4()}"))
     )
     # One non-streaming answer through the drop-in, and a request that is no JSON.
     status, _, raw = fetch("POST", front.url + "/openai/v1/chat/completions", counting())
@@ -179,7 +180,7 @@ def test_counts_after_real_requests(front: Web, client: Broker, workers: list[Pr
     assert d("chatqueue_tokens_total") == sum(tokens(s) for s in streams)
     assert d("chatqueue_llm_responses_total", status="200") == 4
     assert d("chatqueue_llm_responses_total", status="400") == 1
-    assert d("chatqueue_llm_responses_total", status="429") == 1
+    assert d("chatqueue_llm_responses_total", status="503") == 1
     assert d("chatqueue_llm_retries_total", kind="sdk") == 1
     # Histograms: every answer has a duration; the four with an LLM payload a TTFT.
     assert d("chatqueue_stream_duration_seconds_count") == 5

@@ -14,7 +14,7 @@ from openai import OpenAI
 
 from devllm.answers import reply_tokens
 from devllm.testing import DevLLM
-from tests.support import Broker, Web, WebFactory, fetch, new_uid
+from tests.support import Broker, Web, WebFactory, fetch, new_uid, requests_for
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -74,14 +74,14 @@ def test_sampling_fields_pass_through(client: OpenAI, llm: DevLLM) -> None:
     assert (sent["max_tokens"], sent["temperature"], sent["seed"]) == (3, 0.2, 7)
 
 
-# The LLM's errors (the worker retries 429 and 5xx, then gives up) and the
-# web's own, each the SDK's own exception class.
+# The LLM's errors (the worker retries 5xx, then gives up) and the web's own,
+# each the SDK's own exception class. A 429 is no error: the request waits
+# again (below).
 LLM_ERRORS = [
     ("m;status=400", openai.BadRequestError, 400),
     ("m;status=401", openai.AuthenticationError, 401),
     ("m;status=403", openai.PermissionDeniedError, 403),
     ("m;status=404", openai.NotFoundError, 404),
-    ("m;status=429", openai.RateLimitError, 429),
     ("m;status=500", openai.InternalServerError, 500),
 ]
 
@@ -101,6 +101,26 @@ def test_llm_errors_are_the_sdks_exceptions(client: OpenAI, stream: bool) -> Non
     # In parallel: the worker's retries of 429 and 5xx take a few seconds.
     with ThreadPoolExecutor(len(LLM_ERRORS)) as pool:
         list(pool.map(call, LLM_ERRORS))
+
+
+def test_an_llm_that_answers_429_until_the_queue_timeout_is_a_504(
+    client: OpenAI, llm: DevLLM
+) -> None:
+    """An LLM that rate-limits on and on: the request waits again after each
+    pause (never an error of its own), until its ``queue_timeout``: a 504 with
+    the code ``queue_timeout``, which the SDK is told not to retry."""
+    model = f"m;status=429;retry_after=0.3;tag={new_uid()}"
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(
+            model=model,
+            messages=FRANCE,
+            extra_body={"queue_timeout": 1.5},  # type: ignore[arg-type]
+        )
+    assert caught.value.status_code == 504
+    assert caught.value.code == "queue_timeout"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    asked = requests_for(llm, model)
+    assert 2 <= asked <= 6, asked  # once per pause of 0.3 s, in 1.5 s: not the SDK's retries
 
 
 def test_web_errors_are_the_sdks_exceptions(client: OpenAI, web: Web) -> None:
