@@ -114,7 +114,9 @@ class UpstreamState:
     free: dict[int, Slot] = field(default_factory=dict)  # slot number -> free slot
     minted: int = 0  # slots that exist (the ledger)
     paused_until: float = 0.0  # wall clock
-    starts: deque[float] = field(default_factory=deque)  # the last minute's starts (rpm)
+    # rpm: calls start evenly, 60 / rpm seconds apart (a burst of a whole
+    # minute's calls at once would meet a limiter that counts by the second).
+    next_start: float = 0.0
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=DURATIONS))
     running: int = 0  # calls of an upstream with no limit, since this process leads
     told_version: int = -1  # the line's version when places were last counted
@@ -134,20 +136,9 @@ class UpstreamState:
         """Whether a call may start now."""
         if now < self.paused_until:
             return False
-        if self.upstream.rpm:
-            while self.starts and self.starts[0] <= now - 60.0:
-                self.starts.popleft()
-            if len(self.starts) >= self.upstream.rpm:
-                return False
+        if now < self.next_start:
+            return False
         return not self.limit or bool(self.free)
-
-    def next_room(self, now: float) -> float | None:
-        """When a call may start, if only time stands in its way."""
-        if now < self.paused_until:
-            return self.paused_until
-        if self.upstream.rpm and len(self.starts) >= self.upstream.rpm:
-            return self.starts[0] + 60.0
-        return None
 
     def estimate(self, position: int, now: float) -> float | None:
         """Seconds until the call of a request at ``position`` starts, if known."""
@@ -468,7 +459,7 @@ class Dispatcher:
             slot = state.free.pop(min(state.free)) if state.limit else None
             self._send(entry, slot, now)
             if state.upstream.rpm:
-                state.starts.append(now)
+                state.next_start = max(now, state.next_start) + 60.0 / state.upstream.rpm
             if not state.limit:
                 state.running += 1
             metrics.started(state.upstream.name, TIERS[entry.tier], now - entry.at)

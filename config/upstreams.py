@@ -10,7 +10,7 @@ model. ``UPSTREAMS_FILE`` names a TOML file of ``[[upstream]]`` tables::
     api_key = "none"                    # or api_key_env = "LOCAL_KEY"
     models = ["llama*", "qwen*"]        # fnmatch patterns, case-sensitive
     max_in_flight = 4                   # LLM calls at once, whole deployment; 0: no limit
-    rpm = 600                           # optional: calls started per minute, whole deployment
+    rpm = 600                           # optional: calls started per minute, evenly spaced
     fallback = ["openai"]               # optional: tried in order when this one fails
     forward_service_tier = false        # optional: send the request's service_tier on
 

@@ -7,6 +7,7 @@ of a development LLM of its own, which counts what it receives (``/stats``).
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 from collections.abc import Iterator
@@ -294,3 +295,28 @@ def test_the_limit_holds_across_a_broker_restart(
             for m in answers[uid].messages
         ]
     assert slow_llm.traffic()["max_in_flight"] <= 2
+
+
+def test_rpm_spaces_the_starts_over_every_worker(
+    own_worker: WorkerFactory,
+    worker_env: dict[str, str],
+    names: dict[str, str],
+    slow_llm: DevLLM,
+    tmp_path: Path,
+) -> None:
+    """``rpm = 120``: whichever worker answers them, calls start at most one
+    every half second, though slots are free."""
+    path = tmp_path / "upstreams.toml"
+    path.write_text(
+        f'[[upstream]]\nname = "paced"\nurl = "{slow_llm.base_url}"\napi_key = "none"\n'
+        'models = ["*"]\nmax_in_flight = 10\nrpm = 120\n'
+    )
+    env = deployment(worker_env, names, slow_llm, "rpm", UPSTREAMS_FILE=str(path))
+    workers = [own_worker("rpm-a", env=env), own_worker("rpm-b", env=env)]
+    with client_of(env) as broker:
+        uids = send(broker, [chat(f"paced {i}") for i in range(6)])
+        answers = collect(broker, uids, timeout=60)
+    assert all(a.done for a in answers.values()), about("not answered", *workers)()
+    log = slow_llm.traffic()["received_log"]
+    gaps = [b - a for a, b in itertools.pairwise(log)]
+    assert len(log) == 6 and min(gaps) >= 0.45, gaps

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from app.broker import dead_letter_queue, input_queue, response_queue_arguments, task_queue
 from config import ConfigError, load_settings
 from config.celery import celery_config
-from tests.support import ROOT, environ
+from tests.support import BIN, ROOT, environ
 
 
 def test_defaults_are_the_contract() -> None:
@@ -85,6 +86,34 @@ def test_the_worker_refuses_to_start_on_a_bad_value() -> None:
     )
     assert result.returncode != 0
     assert "RESPONSE_QUEUE_TTL='-5'" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("command", [["celery", "-A", "app", "worker"], ["gunicorn", "web:app"]])
+def test_a_bad_upstreams_file_stops_the_process_at_start(
+    command: list[str], tmp_path: Path
+) -> None:
+    """The worker and the web front refuse to start, naming the file, the table and the key."""
+    bad = tmp_path / "upstreams.toml"
+    bad.write_text(
+        '[[upstream]]\nname = "local"\nurl = "http://x/v1"\napi_key = "k"\nmodels = ["*"]\n'
+    )
+    argv = (
+        [sys.executable, "-m", *command]
+        if command[0] == "celery"
+        else [str(BIN / "gunicorn"), *command[1:]]
+    )
+    result = subprocess.run(
+        argv,
+        check=False,
+        env=environ(UPSTREAMS_FILE=str(bad)),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    said = result.stderr + result.stdout
+    assert f"UPSTREAMS_FILE {bad}: [[upstream]] #1 (name 'local'), key 'max_in_flight'" in said
 
 
 def test_deployments_that_differ_in_input_queue_never_share_a_task_queue() -> None:

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -313,3 +314,58 @@ def test_the_dispatcher_killed_loses_nothing_and_keeps_the_order(
     assert "this worker dispatches" in other.output()
     waited = [p for p in asked(llm_one) if p.startswith("in line")]
     assert waited == [f"in line {i}" for i in range(10)]
+
+
+def test_service_tier_reaches_only_the_upstreams_that_take_it(
+    own_worker: WorkerFactory,
+    worker_env: dict[str, str],
+    names: dict[str, str],
+    llm_one: DevLLM,
+    tmp_path: Path,
+) -> None:
+    """``forward_service_tier = true`` sends the request's tier on; an upstream
+    without it never sees the field (most local servers refuse unknown fields)."""
+    path = tmp_path / "upstreams.toml"
+    path.write_text(
+        "".join(
+            f'[[upstream]]\nname = "{name}"\nurl = "{llm_one.base_url}"\napi_key = "none"\n'
+            f'models = ["{name}-*"]\nmax_in_flight = 2\nforward_service_tier = {forward}\n\n'
+            for name, forward in (("cloud", "true"), ("local", "false"))
+        )
+    )
+    env = deployment(worker_env, names, llm_one, "forward", UPSTREAMS_FILE=str(path))
+    own_worker("forward", env=env)
+    with client_of(env) as broker:
+        uids = send(
+            broker,
+            [
+                chat("to cloud", model="cloud-1", service_tier="priority"),
+                chat("to local", model="local-1", service_tier="priority"),
+            ],
+        )
+        assert all(a.done for a in collect(broker, uids, timeout=30).values())
+    sent = {b["model"]: b for b in llm_one.stats()["last_requests"]}
+    assert sent["cloud-1"]["service_tier"] == "priority"
+    assert "service_tier" not in sent["local-1"]
+
+
+def test_the_order_is_the_same_on_quorum_queues(
+    own_worker: WorkerFactory, worker_env: dict[str, str], names: dict[str, str], llm_one: DevLLM
+) -> None:
+    """With RABBITMQ_QUEUE_TYPE=quorum (no priorities on RabbitMQ 3.10's quorum
+    queues): the tiers order the starts all the same."""
+    env = deployment(worker_env, names, llm_one, "quorum", RABBITMQ_QUEUE_TYPE="quorum")
+    worker = own_worker("quorum", env=env)
+    with client_of(env) as broker:
+        hog = hog_the_slot(broker, llm_one)
+        uids = send(
+            broker,
+            [
+                chat("flex", service_tier="flex"),
+                chat("plain"),
+                chat("first", service_tier="priority"),
+            ],
+        )
+        answers = collect(broker, [hog, *uids], timeout=60)
+    assert all(a.done for a in answers.values()), about("not answered", worker)()
+    assert asked(llm_one) == ["hog", "first", "plain", "flex"]
