@@ -17,7 +17,16 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from devllm.answers import reply_tokens
-from tests.support import Web, WebFactory
+from tests.support import (
+    Web,
+    WebFactory,
+    WorkerFactory,
+    chat,
+    isolated,
+    new_uid,
+    stream,
+    submit,
+)
 
 PACKAGES = ("chromium", "chromium-driver")
 
@@ -161,3 +170,24 @@ def test_the_page_resumes_a_stream_cut_by_a_web_restart(
     answer = browser.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1]
     assert int(answer.get_attribute("data-resumes") or 0) >= 1
     assert not browser.find_elements(By.CSS_SELECTOR, ".message.error")
+
+
+def test_the_page_shows_its_place_while_it_waits(
+    browser: WebDriver,
+    own_worker: WorkerFactory,
+    own_web: WebFactory,
+    worker_env: dict[str, str],
+    names: dict[str, str],
+) -> None:
+    """One slot, held by a long answer: the page shows "waiting: N ahead" (its
+    SSE ``queue`` events) until its own answer streams in."""
+    env = {**isolated(worker_env, names, f"playground-{new_uid()[:6]}"), "LLM_MAX_IN_FLIGHT": "1"}
+    own_worker("playground", env=env)
+    web = own_web("playground", env=env)
+    hog = submit(web, chat("hog", model="m;tokens=40;delay=0.05"))
+    browser.get(web.url + "/")
+    prompt = "Wait your turn."
+    seen = send(browser, prompt, model="m;tokens=5")
+    assert "waiting: 0 ahead" in [text.split(",")[0] for text in seen], seen
+    assert seen[-1] == "".join(reply_tokens([{"role": "user", "content": prompt}], 5))
+    assert stream(web, hog).content
