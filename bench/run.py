@@ -1,7 +1,7 @@
 """The whole benchmark in one run: every figure beside its direct (LLM
 alone) or peer (LiteLLM's proxy) figure, and its target.
 
-    .venv/bin/python -m bench [--quick] [--only worker,web,peer] [--workers N] ...
+    .venv/bin/python -m bench [--quick] [--only worker,web,peer,capacity,order] [--workers N] ...
 
 It starts, on a RabbitMQ virtual host of the run's own (so it can count the
 queues the run makes, and delete them all at the end), the development LLM,
@@ -33,6 +33,13 @@ Rows (the numbers of the final table):
    concurrent streams (TTFT); short non-streaming requests so many at a time
    (requests/s) and the CPU per request.
 
+9-18. capacity and order (:mod:`bench.capacity`), each on deployments and
+   development LLMs of their own: the LLM's slots never exceeded, 400
+   requests at once answered whole and their makespan, the CPU of waiting,
+   TTFT against the code before capacity, LiteLLM's proxy as 2 processes;
+   priority and tenants jumping a line, the positions told, and the makespan
+   with tiers and tenants mixed.
+
 Ctrl-C, SIGTERM and SIGHUP stop the processes and delete the virtual host.
 The machine is small and shared: read medians and ratios.
 """
@@ -53,7 +60,7 @@ from functools import partial
 import openai
 import pika.exceptions
 
-from bench import bench_web, bench_worker
+from bench import bench_web, bench_worker, capacity
 from bench.bench_web import Endpoint
 from bench.bench_worker import AmqpClient, Reading
 from bench.peer import LiteLLM, PeerUnavailable, install_litellm, litellm_version
@@ -85,7 +92,7 @@ from chatqueue_testing.harness import (
 from config import Settings, load_settings
 from devllm.testing import DevLLM
 
-SECTIONS = ("worker", "web", "peer")
+SECTIONS = ("worker", "web", "peer", "capacity", "order")
 QUEUE_TTL = 300  # an unread response queue of a killed run lives no longer
 BROKER_RESTARTS = 2  # a row is run again after as many broker restarts
 
@@ -815,6 +822,10 @@ def run(bench: Bench) -> None:
         steps += [("4", bench.web_burst), ("7", bench.web_queues)]
     if "peer" in only:
         steps.append(("8", bench.peer_workloads))
+    if "capacity" in only:
+        steps.append(("9-14", partial(capacity.capacity, bench)))
+    if "order" in only:
+        steps.append(("15-18", partial(capacity.order, bench)))
     for row, step in steps:
         for attempt in range(1, BROKER_RESTARTS + 2):
             try:
@@ -837,7 +848,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     cores = os.cpu_count() or 1
     parser.add_argument("--quick", action="store_true", help="small numbers, a few minutes")
-    parser.add_argument("--only", default=",".join(SECTIONS), help="worker,web,peer (all)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"{','.join(SECTIONS)} (all)")
     parser.add_argument("--workers", type=int, default=cores, help=f"worker processes ({cores})")
     parser.add_argument(
         "--web-processes", type=int, default=cores, help=f"WEB_CONCURRENCY ({cores})"
