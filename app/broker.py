@@ -408,7 +408,9 @@ class Outgoing:
 
 def _basic_publish(channel: Any, out: Outgoing, **confirm: float) -> None:
     channel.basic_publish(
-        amqp.Message(out.body, delivery_mode=2, **out.properties),
+        # Persistent, but where the properties say otherwise (a waiting
+        # request's place: of no use after a broker restart).
+        amqp.Message(out.body, **{"delivery_mode": 2, **out.properties}),
         exchange="",
         routing_key=out.routing_key,
         **confirm,

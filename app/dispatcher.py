@@ -64,7 +64,7 @@ from app import metrics
 from app.broker import BROKER_ERRORS, frames_waiting
 from app.errors import error_object
 from app.lifecycle import Cancels, Incarnation, State, check_transition
-from app.protocol import Kind, ResponseStream, queue_status
+from app.protocol import QUEUE_PROPERTIES, ResponseStream, queue_status
 from app.waiting import TIERS, Entry, Line, tier_rank
 from config import Settings
 from config.celery import running_arguments
@@ -89,8 +89,9 @@ BATON = "baton"
 # Seconds between two looks at deadlines, pauses, rates and positions.
 TICK = 0.25
 # A waiting request that asked is told its place when it is first known, and
-# again when it changed, at most this many seconds after it was last told.
-TELL_EVERY = 1.0
+# again when it changed, this many seconds after it was last told at the
+# soonest: so at least every 2 s (TELL_EVERY + TICK) while it changes.
+TELL_EVERY = 1.75
 # Seconds before a lost connection is tried again.
 RECONNECT_PAUSE = 1.0
 # Calls whose durations make an upstream's mean call time (the estimated wait).
@@ -518,16 +519,8 @@ def queue_message(
     entry: Entry, position: int, wait: float | None
 ) -> tuple[str, str, dict[str, Any]]:
     """The ``queue`` message that tells ``entry`` its place: (body, queue, properties)."""
-    return (
-        queue_status(position, wait),
-        entry.reply,
-        {
-            "content_type": "application/json",
-            "content_encoding": "utf-8",
-            "correlation_id": entry.uid,
-            "type": str(Kind.QUEUE),
-        },
-    )
+    properties = QUEUE_PROPERTIES | {"correlation_id": entry.uid}
+    return queue_status(position, wait), entry.reply, properties
 
 
 def queue_timeout_error(waited: float) -> tuple[dict[str, Any], int]:

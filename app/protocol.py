@@ -47,6 +47,17 @@ class Kind(StrEnum):
     QUEUE = "queue"
 
 
+# The properties of a ``queue`` message, but its ``correlation_id``: transient,
+# since a place is of no use after a broker restart (and a persistent message
+# costs the broker a write).
+QUEUE_PROPERTIES: dict[str, Any] = {
+    "content_type": "application/json",
+    "content_encoding": "utf-8",
+    "type": "queue",
+    "delivery_mode": 1,
+}
+
+
 def queue_status(position: int, wait: float | None) -> str:
     """The body of a ``queue`` message: a waiting request's place (1 = next,
     0 = its LLM call starts) and its estimated wait in seconds (None: unknown)."""
@@ -131,16 +142,8 @@ class ResponseStream:
     def starts(self) -> None:
         """Tell a request that waited for its place that its LLM call starts
         (``queue``, position 0); not numbered, not part of the answer."""
-        self._publish(
-            queue_status(0, 0.0),
-            self.queue,
-            {
-                "content_type": JSON,
-                "content_encoding": "utf-8",
-                "correlation_id": self.uid,
-                "type": str(Kind.QUEUE),
-            },
-        )
+        properties = QUEUE_PROPERTIES | {"correlation_id": self.uid}
+        self._publish(queue_status(0, 0.0), self.queue, properties)
 
     def fail(self, error_object: dict[str, Any], status: int) -> None:
         """End the stream with an error object and ``[DONE]``."""

@@ -36,7 +36,7 @@ from app.lifecycle import (
     Verdict,
     check_transition,
 )
-from app.protocol import ResponseStream, opens_only
+from app.protocol import Kind, ResponseStream, opens_only
 from app.request import ChatRequest
 from app.shutdown import HandBack, Orphaned, losses, task_link, warm_shutdown
 from config import Settings
@@ -206,7 +206,8 @@ class _Publisher:
         headers = properties.get("application_headers") or {}
         if self._again:
             headers["restart"] = True
-        self._note(body, routing_key, properties, headers)
+        if properties.get("type") != Kind.QUEUE:  # a place is not written again
+            self._note(body, routing_key, properties, headers)
         try:
             with _publish_failures():
                 self._sender(body, routing_key, properties)

@@ -219,6 +219,7 @@ def _detail(message: str | Callable[[], str]) -> str:
 class Received:
     body: bytes
     properties: pika.BasicProperties
+    at: float = field(default_factory=time.monotonic)  # when it was read
 
     @property
     def text(self) -> str:
@@ -487,6 +488,26 @@ def isolated(
         "RABBITMQ_QUEUE": f"{names['RABBITMQ_QUEUE']}-{suffix}",
         "CHATQUEUE_NAMESPACE": f"{names['CHATQUEUE_NAMESPACE']}-{suffix}",
     }
+
+
+def deployment(
+    worker_env: Mapping[str, str], names: Mapping[str, str], llm: DevLLM, name: str, **env: str
+) -> dict[str, str]:
+    """The settings of a deployment of a test's own (names, upstream ``llm``), ``env`` on top."""
+    return {
+        **isolated(worker_env, names, f"{name}-{new_uid()[:6]}"),
+        "OPENAI_URL": llm.base_url,
+        **env,
+    }
+
+
+def send(broker: Broker, bodies: list[dict[str, Any]]) -> list[str]:
+    """Publish each body with a fresh uid, its response queue declared first; the uids."""
+    uids = [new_uid() for _ in bodies]
+    declare_response_queues(broker, uids, 120)
+    for uid, body in zip(uids, bodies, strict=True):
+        broker.publish({**body, "uid": uid})
+    return uids
 
 
 @contextmanager

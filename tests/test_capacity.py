@@ -20,18 +20,16 @@ from chatqueue_testing.rabbitnode import RabbitNode
 from devllm.testing import DevLLM
 from tests.support import (
     Answer,
-    Broker,
     WebFactory,
     WorkerFactory,
     about,
     chat,
     client_of,
     collect,
-    declare_response_queues,
+    deployment,
     expected,
     holds_for,
-    isolated,
-    new_uid,
+    send,
     wait_until,
 )
 
@@ -41,16 +39,6 @@ def slow_llm() -> Iterator[DevLLM]:
     """Answers of 10 tokens, 0.05 s apart (about half a second each)."""
     with DevLLM(token_delay=0.05, tokens=10) as server:
         yield server
-
-
-def deployment(
-    worker_env: dict[str, str], names: dict[str, str], llm: DevLLM, suffix: str, **env: str
-) -> dict[str, str]:
-    return {
-        **isolated(worker_env, names, f"{suffix}-{new_uid()[:6]}"),
-        "OPENAI_URL": llm.base_url,
-        **env,
-    }
 
 
 def as_read(answer: Answer) -> str:
@@ -67,15 +55,6 @@ def as_read(answer: Answer) -> str:
             choices = message.json["choices"]
             text.append((choices[0]["delta"].get("content") or "") if choices else "")
     return "".join(text)
-
-
-def send(broker: Broker, bodies: list[dict[str, object]]) -> list[str]:
-    """Publish each body with a fresh uid (response queues declared first); the uids."""
-    uids = [new_uid() for _ in bodies]
-    declare_response_queues(broker, uids, 120)
-    for uid, body in zip(uids, bodies, strict=True):
-        broker.publish({**body, "uid": uid})
-    return uids
 
 
 def test_the_limit_holds_over_two_workers(

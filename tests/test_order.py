@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,8 @@ from tests.support import (
     chat,
     client_of,
     collect,
-    declare_response_queues,
-    isolated,
-    new_uid,
+    deployment,
+    send,
     wait_until,
     ws_request,
     ws_url,
@@ -47,23 +45,11 @@ def llm_one() -> Iterator[DevLLM]:
         yield server
 
 
-def deployment(
-    worker_env: dict[str, str], names: dict[str, str], llm: DevLLM, suffix: str, **env: str
+def one_slot(
+    worker_env: dict[str, str], names: dict[str, str], llm: DevLLM, name: str, **env: str
 ) -> dict[str, str]:
-    return {
-        **isolated(worker_env, names, f"{suffix}-{new_uid()[:6]}"),
-        "OPENAI_URL": llm.base_url,
-        "LLM_MAX_IN_FLIGHT": "1",
-        **env,
-    }
-
-
-def send(broker: Broker, bodies: list[dict[str, Any]]) -> list[str]:
-    uids = [new_uid() for _ in bodies]
-    declare_response_queues(broker, uids, 120)
-    for uid, body in zip(uids, bodies, strict=True):
-        broker.publish({**body, "uid": uid})
-    return uids
+    """A deployment of the test's own whose upstream has one slot."""
+    return deployment(worker_env, names, llm, name, LLM_MAX_IN_FLIGHT="1", **env)
 
 
 def asked(llm: DevLLM) -> list[str]:
@@ -82,7 +68,7 @@ def test_priority_goes_before_default_and_default_before_flex(
 ) -> None:
     """Over two workers: whatever the order of arrival, the priority requests
     start first, then default (and auto, and none), then flex."""
-    env = deployment(worker_env, names, llm_one, "tiers")
+    env = one_slot(worker_env, names, llm_one, "tiers")
     workers = [own_worker("tier-a", env=env), own_worker("tier-b", env=env)]
     with client_of(env) as broker:
         hog = hog_the_slot(broker, llm_one)
@@ -111,7 +97,7 @@ def test_tenants_take_turns_by_username(
 ) -> None:
     """Alice has eight requests waiting when Bob sends two: Bob's start second
     and fourth, not after Alice's eight."""
-    env = deployment(worker_env, names, llm_one, "fair")
+    env = one_slot(worker_env, names, llm_one, "fair")
     worker = own_worker("fair", env=env)
     with client_of(env) as broker:
         hog = hog_the_slot(broker, llm_one)
@@ -132,7 +118,7 @@ def test_tenants_take_turns_by_api_key(
 ) -> None:
     """With API_KEYS the tenant is the key, whatever the username says: one
     key's six requests under six usernames do not crowd out another key's."""
-    env = deployment(worker_env, names, llm_one, "keys", API_KEYS="key-alice,key-bob")
+    env = one_slot(worker_env, names, llm_one, "keys", API_KEYS="key-alice,key-bob")
     own_worker("keys", env=env)
     web = own_web("keys", env=env)
 
@@ -163,7 +149,7 @@ def test_a_key_s_tier_is_capped(
 ) -> None:
     """A key capped at default asks for priority: served, at default (after a
     priority request of an uncapped key that came later)."""
-    env = deployment(
+    env = one_slot(
         worker_env,
         names,
         llm_one,
@@ -191,33 +177,17 @@ def places(
 ) -> dict[str, tuple[list[tuple[int, float]], float]]:
     """For each of ``uids``, read at once until ``[DONE]``: the places told
     (position, when it came) and when its first chunk came."""
-    told: dict[str, list[tuple[int, float]]] = {uid: [] for uid in uids}
-    first: dict[str, float] = {}
-    open_ = set(uids)
-    channel = broker.connection.channel()
-
-    def on_message(uid: str) -> Any:
-        def handle(ch: Any, method: Any, properties: Any, body: bytes) -> None:
-            now = time.monotonic()
-            if properties.type == "queue":
-                assert "seq" not in (properties.headers or {})
-                status = json.loads(body)
-                assert status["object"] == "queue.status"
-                told[uid].append((status["position"], now))
-            elif properties.type == "chunk":
-                first.setdefault(uid, now)
-            if body == b"[DONE]":
-                open_.discard(uid)
-
-        return handle
-
-    for uid in uids:
-        channel.basic_consume(broker.response_queue(uid), on_message(uid), auto_ack=True)
-    deadline = time.monotonic() + timeout
-    while open_ and time.monotonic() < deadline:
-        broker.connection.process_data_events(time_limit=0.1)
-    channel.close()
-    return {uid: (told[uid], first.get(uid, float("nan"))) for uid in uids}
+    out = {}
+    for uid, answer in collect(broker, uids, timeout).items():
+        told = []
+        for m in answer.messages:
+            if m.kind == "queue":
+                assert "seq" not in (m.properties.headers or {})
+                assert m.json["object"] == "queue.status"
+                told.append((int(m.json["position"]), m.at))
+        first = next((m.at for m in answer.messages if m.kind == "chunk"), float("nan"))
+        out[uid] = (told, first)
+    return out
 
 
 def test_positions_count_the_starts_before_each_request(
@@ -226,7 +196,7 @@ def test_positions_count_the_starts_before_each_request(
     """Six requests wait behind a long answer, nothing else arrives: each one's
     positions never rise, end at 0 when its call starts, and each position
     told is the number of requests that start before it, plus one."""
-    env = deployment(worker_env, names, llm_one, "places")
+    env = one_slot(worker_env, names, llm_one, "places")
     worker = own_worker("places", env=env)
     with client_of(env) as broker:
         hog = hog_the_slot(broker, llm_one)
@@ -256,7 +226,7 @@ def test_places_go_to_amqp_and_websocket_clients_that_ask_only(
     """``queue_updates: true`` brings ``queue`` messages (no ``seq``) on AMQP
     and ``queue.status`` frames on the WebSocket; without it, a client sees
     only the numbered messages of its answer, as before."""
-    env = deployment(worker_env, names, llm_one, "ask")
+    env = one_slot(worker_env, names, llm_one, "ask")
     own_worker("ask", env=env)
     web = own_web("ask", env=env)
     with client_of(env) as broker:
@@ -295,7 +265,7 @@ def test_the_dispatcher_killed_loses_nothing_and_keeps_the_order(
     """kill -9 of the worker that dispatches, with ten requests waiting: the
     other worker gets the baton, and every request is answered, in the order
     they came."""
-    env = deployment(worker_env, names, llm_one, "baton")
+    env = one_slot(worker_env, names, llm_one, "baton")
     first = own_worker("baton-1", env=env)
     second = own_worker("baton-2", env=env)
     with client_of(env) as broker:
@@ -333,7 +303,7 @@ def test_service_tier_reaches_only_the_upstreams_that_take_it(
             for name, forward in (("cloud", "true"), ("local", "false"))
         )
     )
-    env = deployment(worker_env, names, llm_one, "forward", UPSTREAMS_FILE=str(path))
+    env = one_slot(worker_env, names, llm_one, "forward", UPSTREAMS_FILE=str(path))
     own_worker("forward", env=env)
     with client_of(env) as broker:
         uids = send(
@@ -354,7 +324,7 @@ def test_the_order_is_the_same_on_quorum_queues(
 ) -> None:
     """With RABBITMQ_QUEUE_TYPE=quorum (no priorities on RabbitMQ 3.10's quorum
     queues): the tiers order the starts all the same."""
-    env = deployment(worker_env, names, llm_one, "quorum", RABBITMQ_QUEUE_TYPE="quorum")
+    env = one_slot(worker_env, names, llm_one, "quorum", RABBITMQ_QUEUE_TYPE="quorum")
     worker = own_worker("quorum", env=env)
     with client_of(env) as broker:
         hog = hog_the_slot(broker, llm_one)
