@@ -80,7 +80,6 @@ import statistics
 import subprocess
 import tempfile
 import time
-import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -92,12 +91,11 @@ from typing import TYPE_CHECKING, Any
 import openai
 import pika
 import pika.exceptions
-import psutil
 
 from bench import run as bench_run
 from bench.bench_worker import AmqpClient, Reading
 from bench.peer import LiteLLM, PeerUnavailable, install_litellm, litellm_version
-from bench.tools import CpuMeter, log_kinds, median, ms, say, secs
+from bench.tools import CpuMeter, broker_pid, log_kinds, median, ms, say, secs
 from chatqueue_testing.harness import (
     ROOT,
     Process,
@@ -404,16 +402,6 @@ def line_built(bench: Bench, dep: Deployment) -> bool:
             depth[parts[0]] = (int(parts[1]), int(parts[2]))
     input_ready, input_unacked = depth.get(s.rabbitmq_queue, (0, 0))
     return input_ready + input_unacked == 0 and depth.get(s.waiting_queue, (0, 0))[0] == 0
-
-
-def broker_pid(url: str) -> int | None:
-    """The process that listens on the broker's port: the shared broker (other
-    ``beam.smp`` run beside it: private nodes of tests, ``rabbitmqctl``)."""
-    port = urllib.parse.urlsplit(url.split(";", maxsplit=1)[0]).port or 5672
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-            return int(conn.pid) if conn.pid is not None else None
-    return None
 
 
 def drain(dep: Deployment, seconds: float) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import amqp
 
-from bench.tools import cpu_seconds, find_pid, format_table, median
+from bench.tools import broker_pid, cpu_seconds, format_table, median
 
 DIRECT = "amq.rabbitmq.reply-to"
 URL_HOST = "localhost:5672"
@@ -72,8 +72,8 @@ def one_round(kind: str, messages: int) -> tuple[float, float]:
     out = writer.channel()
     if kind == "direct reply-to":
         queue = _direct_name(inbox)
-    broker = find_pid("beam.smp")
-    assert broker is not None, "no RabbitMQ (beam.smp) on this machine"
+    broker = broker_pid(f"amqp://{URL_HOST}/")
+    assert broker is not None, f"no RabbitMQ listens at {URL_HOST} on this machine"
     bodies = [chunk(i) for i in range(messages)]
     started, cpu = time.monotonic(), cpu_seconds(broker)
     for i, body in enumerate(bodies):

@@ -67,7 +67,7 @@ from bench.peer import LiteLLM, PeerUnavailable, install_litellm, litellm_versio
 from bench.tools import (
     CpuMeter,
     RunVhost,
-    find_pid,
+    broker_pid,
     format_table,
     log_kinds,
     median,
@@ -306,7 +306,7 @@ class Bench:
             "web": list(self.web.children()) if self.web else [],
             "LiteLLM": self.peer.pids() if self.peer else [],
             "dev LLM": [self.dev.pid],
-            "rabbitmq (shared)": [find_pid("beam.smp")],
+            "rabbitmq (shared)": [broker_pid(self.base_url)],
             "bench client": [os.getpid()],
         }
         return CpuMeter(groups)

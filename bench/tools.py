@@ -177,14 +177,6 @@ def rss_mib(pid: int) -> float:
         return math.nan
 
 
-def find_pid(name: str) -> int | None:
-    """The pid of a process named ``name`` (e.g. ``beam.smp``, the broker)."""
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] == name:
-            return int(proc.pid)
-    return None
-
-
 class CpuMeter:
     """CPU seconds used by groups of processes between :meth:`start` and :meth:`stop`."""
 
@@ -277,3 +269,13 @@ def say(*args: object) -> None:
     """``print``, flushed, that never fails (stdout may be a closed pipe by then)."""
     with contextlib.suppress(OSError, ValueError):
         print(*args, flush=True)
+
+
+def broker_pid(url: str) -> int | None:
+    """The process that listens on the broker's port: the shared broker (other
+    ``beam.smp`` run beside it: private nodes of tests, ``rabbitmqctl``)."""
+    port = urllib.parse.urlsplit(url.split(";", maxsplit=1)[0]).port or 5672
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            return int(conn.pid) if conn.pid is not None else None
+    return None
