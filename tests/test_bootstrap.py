@@ -104,6 +104,7 @@ def test_a_user_who_is_not_root_is_given_the_one_command(checkout: Checkout) -> 
     assert not (root / ".venv").exists()
 
 
+@pytest.mark.slow  # over 8 s
 def test_a_second_run_skips_what_is_done_and_a_changed_pyproject_is_installed(
     checkout: Checkout,
 ) -> None:

@@ -79,6 +79,7 @@ def test_the_limit_holds_over_two_workers(
     assert traffic["max_in_flight"] == 3
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_run_gives_its_slots_back(
     own_worker: WorkerFactory,
     worker_env: dict[str, str],
@@ -130,6 +131,7 @@ def test_queue_timeout_ends_a_request_that_waited_too_long(
     assert [b["messages"][0]["content"] for b in bodies] == ["hog"]
 
 
+@pytest.mark.slow
 def test_a_request_cancelled_while_it_waits_never_reaches_the_llm(
     own_worker: WorkerFactory,
     own_web: WebFactory,
@@ -160,6 +162,7 @@ def test_a_request_cancelled_while_it_waits_never_reaches_the_llm(
     assert "cancelled while waiting" in worker.output()
 
 
+@pytest.mark.slow
 def test_a_429_pauses_the_upstream_for_every_worker(
     own_worker: WorkerFactory,
     worker_env: dict[str, str],
@@ -205,6 +208,7 @@ max_in_flight = 4
 """
 
 
+@pytest.mark.slow
 def test_routing_by_model_model_not_found_and_fallback_on_503(
     own_worker: WorkerFactory,
     worker_env: dict[str, str],
@@ -276,6 +280,7 @@ def test_the_limit_holds_across_a_broker_restart(
     assert slow_llm.traffic()["max_in_flight"] <= 2
 
 
+@pytest.mark.slow
 def test_rpm_spaces_the_starts_over_every_worker(
     own_worker: WorkerFactory,
     worker_env: dict[str, str],

@@ -170,6 +170,7 @@ def test_no_queue_is_left_after_a_request_once_its_ttl_passed(
     assert status == 200
 
 
+@pytest.mark.slow  # over 8 s
 def test_a_reader_waits_for_the_worker_to_accept_its_request(
     start_web: WebFactory, start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
 ) -> None:
@@ -201,6 +202,7 @@ def test_a_reader_waits_for_the_worker_to_accept_its_request(
     assert 0.5 <= time.monotonic() - started < 10  # it waited, then gave up
 
 
+@pytest.mark.slow  # over 8 s
 def test_a_reader_waits_for_a_request_just_taken_from_the_backlog(names: dict[str, str]) -> None:
     """A request taken from the input queue leaves its backlog before its
     hand-off commits and its queue exists: a reader that saw a backlog waits
@@ -246,6 +248,7 @@ def _wait_across_a_backlog_that_empties(accepted: Accepted) -> None:
     assert 1.0 <= time.monotonic() - began < 3.0
 
 
+@pytest.mark.slow  # over 8 s
 def test_a_reader_waits_while_an_intake_holds_its_request(
     start_web: WebFactory, start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
 ) -> None:

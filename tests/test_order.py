@@ -92,6 +92,7 @@ def test_priority_goes_before_default_and_default_before_flex(
     ]
 
 
+@pytest.mark.slow
 def test_tenants_take_turns_by_username(
     own_worker: WorkerFactory, worker_env: dict[str, str], names: dict[str, str], llm_one: DevLLM
 ) -> None:
@@ -109,6 +110,7 @@ def test_tenants_take_turns_by_username(
     assert order[:5] == ["alice-0", "bob-0", "alice-1", "bob-1", "alice-2"]
 
 
+@pytest.mark.slow
 def test_tenants_take_turns_by_api_key(
     own_worker: WorkerFactory,
     own_web: WebFactory,
@@ -140,6 +142,7 @@ def test_tenants_take_turns_by_api_key(
     assert asked(llm_one)[1:4] == ["alice-0", "bob-0", "alice-1"]
 
 
+@pytest.mark.slow
 def test_a_key_s_tier_is_capped(
     own_worker: WorkerFactory,
     own_web: WebFactory,
@@ -190,6 +193,7 @@ def places(
     return out
 
 
+@pytest.mark.slow
 def test_positions_count_the_starts_before_each_request(
     own_worker: WorkerFactory, worker_env: dict[str, str], names: dict[str, str], llm_one: DevLLM
 ) -> None:
@@ -216,6 +220,7 @@ def test_positions_count_the_starts_before_each_request(
             assert started_since == position - 1, (uid, position, started_since)
 
 
+@pytest.mark.slow
 def test_places_go_to_amqp_and_websocket_clients_that_ask_only(
     own_worker: WorkerFactory,
     own_web: WebFactory,
@@ -259,6 +264,7 @@ def test_places_go_to_amqp_and_websocket_clients_that_ask_only(
     assert not [f for f in quiet_frames if f.get("object") == "queue.status"]
 
 
+@pytest.mark.slow
 def test_the_dispatcher_killed_loses_nothing_and_keeps_the_order(
     own_worker: WorkerFactory, worker_env: dict[str, str], names: dict[str, str], llm_one: DevLLM
 ) -> None:
@@ -286,6 +292,7 @@ def test_the_dispatcher_killed_loses_nothing_and_keeps_the_order(
     assert waited == [f"in line {i}" for i in range(10)]
 
 
+@pytest.mark.slow
 def test_service_tier_reaches_only_the_upstreams_that_take_it(
     own_worker: WorkerFactory,
     worker_env: dict[str, str],
@@ -319,6 +326,7 @@ def test_service_tier_reaches_only_the_upstreams_that_take_it(
     assert "service_tier" not in sent["local-1"]
 
 
+@pytest.mark.slow
 def test_the_order_is_the_same_on_quorum_queues(
     own_worker: WorkerFactory, worker_env: dict[str, str], names: dict[str, str], llm_one: DevLLM
 ) -> None:

@@ -59,6 +59,7 @@ def cancelled_so_far(llm: DevLLM) -> int:
     return int(llm.stats()["streams_cancelled"])
 
 
+@pytest.mark.slow  # over 8 s
 def test_a_dropped_stream_resumes_with_last_event_id(start_web: WebFactory, llm: DevLLM) -> None:
     web = start_web("resume", WEB_RESUME_GRACE="5")
     cancelled = cancelled_so_far(llm)
@@ -124,6 +125,7 @@ def test_a_resume_waits_for_the_reader_it_replaces(start_web: WebFactory) -> Non
     assert "".join(e.content for e in first) + rest.content == expected(prompt, tokens)
 
 
+@pytest.mark.slow  # over 8 s
 def test_a_client_that_does_not_come_back_is_cancelled_after_the_grace(
     start_web: WebFactory, llm: DevLLM
 ) -> None:

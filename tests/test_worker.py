@@ -192,6 +192,7 @@ def test_flower_sees_each_request_as_a_task_named_by_its_uid(
     assert "messages=1" in received["args"] and "joke" not in received["args"]
 
 
+@pytest.mark.slow  # over 8 s
 def test_response_queue_expires_when_nobody_reads_it(
     start_worker: Any, worker_env: dict[str, str], names: dict[str, str]
 ) -> None:
