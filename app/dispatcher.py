@@ -194,7 +194,9 @@ class Dispatcher:
             except Exception:
                 logger.exception("dispatcher: unexpected error; reconnecting")
             if self.leading:
-                logger.warning("dispatcher: no longer dispatching (another worker takes over)")
+                # Another worker takes over: news after a lost connection, not at a stop.
+                log = logger.info if self.should_stop else logger.warning
+                log("dispatcher: no longer dispatching (another worker takes over)")
                 metrics.capacity({})
             self._reset()
             self.ready.clear()
