@@ -144,7 +144,7 @@ class RequestConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
 class Read:
     """One input message as the intake read it: a request and its upstream, or why not."""
 
-    __slots__ = ("error", "message", "request", "upstream")
+    __slots__ = ("came", "error", "message", "request", "upstream")
 
     def __init__(
         self,
@@ -157,6 +157,10 @@ class Read:
         self.request = request
         self.error = error
         self.upstream = upstream
+        # When the intake read it (wall clock): its place in the line. Each
+        # intake reads the input queue in its order, so over several intakes
+        # the places follow the arrivals, not which batch committed first.
+        self.came = time.time()
 
     @property
     def uid(self) -> str | None:
@@ -409,10 +413,9 @@ class Intake(ConsumerMixin):
                     exchange=self.settings.accepted_exchange,
                     routing_key="",
                 )
-            at = time.time()
             for r in reads:
                 if r.request is not None:
-                    self._send_task(r.request, r.upstream, at)
+                    self._send_task(r.request, r.upstream, r.came)
                 elif r.error is not None:
                     self._refuse(r.message, r.error)
                 r.message.ack()
