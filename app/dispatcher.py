@@ -162,7 +162,6 @@ class Dispatcher:
         self.publish = publish  # a response message to a client (a lane of the process)
         self.should_stop = False
         self.leading = False
-        self.ready = threading.Event()  # set once it consumes the baton queue
         self._reset()
 
     def _reset(self) -> None:
@@ -199,7 +198,6 @@ class Dispatcher:
                 log("dispatcher: no longer dispatching (another worker takes over)")
                 metrics.capacity({})
             self._reset()
-            self.ready.clear()
             time.sleep(RECONNECT_PAUSE)
 
     def _run(self, connection: amqp.Connection) -> None:
@@ -214,7 +212,6 @@ class Dispatcher:
         channel.tx_commit()
         channel.basic_qos(0, 0, False)
         channel.basic_consume(settings.dispatcher_queue, callback=self._on_baton)
-        self.ready.set()
         while not self.should_stop:
             try:
                 connection.drain_events(timeout=TICK)
@@ -223,7 +220,7 @@ class Dispatcher:
             except TimeoutError:
                 pass
             if self.leading:
-                self._tick(connection)
+                self._tick()
 
     # --- leading -----------------------------------------------------------------------------
 
@@ -422,7 +419,7 @@ class Dispatcher:
 
     # --- each tick ---------------------------------------------------------------------------
 
-    def _tick(self, connection: amqp.Connection) -> None:
+    def _tick(self) -> None:
         now = time.time()
         self._expire(now)
         for state in self.states.values():
