@@ -204,7 +204,10 @@ def test_positions_count_the_starts_before_each_request(
     worker = own_worker("places", env=env)
     with client_of(env) as broker:
         hog = hog_the_slot(broker, llm_one)
-        uids = send(broker, [chat(f"place-{i}", queue_updates=True, model=HOG) for i in range(6)])
+        half_a_second = "m;tokens=10;delay=0.05"  # starts well apart, for the clocks below
+        uids = send(
+            broker, [chat(f"place-{i}", queue_updates=True, model=half_a_second) for i in range(6)]
+        )
         told = places(broker, uids)
         assert broker.answer(hog).done
     starts = sorted(first for _, first in told.values())
