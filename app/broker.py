@@ -83,6 +83,11 @@ def input_queue(settings: Settings) -> Queue:
     return _queue(settings.rabbitmq_queue, settings)
 
 
+def waiting_queue(settings: Settings) -> Queue:
+    """Accepted requests waiting for a slot of their upstream (app/dispatcher.py)."""
+    return _queue(settings.waiting_queue, settings)
+
+
 def task_queue(settings: Settings) -> Queue:
     """Celery's task queue, ``<ns>.running``: it dead-letters what ends to the free slots."""
     return Queue(

@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kombu import Exchange, Queue
-
+from app.broker import waiting_queue
 from app.dispatcher import (
     H_AT,
     H_DEADLINE,
@@ -46,16 +45,6 @@ class Handoff:
             "tried": list(self.tried),
             "again": self.again,
         }
-
-
-def waiting_queue(settings: Settings) -> Queue:
-    return Queue(
-        settings.waiting_queue,
-        Exchange(""),
-        settings.waiting_queue,
-        durable=True,
-        queue_arguments=settings.queue_arguments or None,
-    )
 
 
 def headers(request: ChatRequest, handoff: Handoff, settings: Settings) -> dict[str, Any]:
